@@ -1,0 +1,43 @@
+"""dpo-trainer: Direct Preference Optimization and its relatives on any accelerator.
+
+The public API for plugin authors::
+
+    import dpo
+
+    class MyLoss(dpo.Loss):
+        name = "my-loss"
+        ...
+
+    @dpo.hookimpl
+    def dpo_register_losses(register):
+        register(MyLoss)
+"""
+
+__version__ = "0.1.0"
+
+from dpo.core.backend import Backend, MemoryStats  # noqa: E402
+from dpo.core.data import DataFormat, PreferencePair  # noqa: E402
+from dpo.core.errors import DataError, DpoError, UsageError  # noqa: E402
+from dpo.core.hookspecs import hookimpl  # noqa: E402
+from dpo.core.loss import Loss, LossOutput, PairLogps  # noqa: E402
+from dpo.core.options import PluginOptions  # noqa: E402
+from dpo.core.stopping import CONTINUE, Decision, StoppingPolicy  # noqa: E402
+
+__all__ = [
+    "Backend",
+    "CONTINUE",
+    "DataError",
+    "DataFormat",
+    "Decision",
+    "DpoError",
+    "Loss",
+    "LossOutput",
+    "MemoryStats",
+    "PairLogps",
+    "PluginOptions",
+    "PreferencePair",
+    "StoppingPolicy",
+    "UsageError",
+    "__version__",
+    "hookimpl",
+]

@@ -1,0 +1,1 @@
+"""Interfaces and machinery of dpo-trainer. Imports no vendor SDK."""

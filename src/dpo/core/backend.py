@@ -1,0 +1,99 @@
+"""The Backend interface: everything that differs between accelerators.
+
+Vendor SDKs (torch_xla, intel_extension_for_pytorch, ...) are imported inside methods, never at
+module import, so that listing backends works on any machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, ContextManager
+
+import torch
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Bytes of memory in use now and at the peak since the last reset (``None``: unknown)."""
+
+    current_bytes: int | None
+    peak_bytes: int | None
+
+
+class Backend(ABC):
+    """A hardware backend plugin.
+
+    Subclasses set ``name`` (the ``--backend`` value), ``collective`` (the torch.distributed
+    backend: gloo, nccl, xccl, xla) and implement the availability probe and device methods.
+    """
+
+    name: ClassVar[str]
+    collective: ClassVar[str] = "gloo"
+
+    # availability ------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """``None`` when usable here; otherwise one human sentence saying why not,
+        e.g. ``"this torch build has no CUDA"``."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return cls.unavailable_reason() is None
+
+    @classmethod
+    @abstractmethod
+    def device_count(cls) -> int:
+        """Devices of this kind visible to this process (0 when unavailable)."""
+
+    # devices and numerics ----------------------------------------------------------------
+    @abstractmethod
+    def device(self, local_rank: int = 0) -> torch.device:
+        """The device this process (local rank) trains on."""
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Compute dtypes this backend can train in (for ``--dtype``)."""
+        return (torch.float32,)
+
+    def default_dtype(self) -> torch.dtype:
+        """What ``--dtype auto`` means here."""
+        return torch.float32
+
+    def autocast(self, dtype: torch.dtype) -> ContextManager[Any]:
+        """Mixed precision context for the forward pass; a no-op for float32."""
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest timings)."""
+
+    def memory_stats(self) -> MemoryStats:
+        return MemoryStats(None, None)
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window (where the backend supports it)."""
+
+    # device RNG, for exact resume ----------------------------------------------------------
+    def rng_state(self) -> Any:
+        """This device's random generator state (``None`` when it has none of its own)."""
+        return None
+
+    def set_rng_state(self, state: Any) -> None:
+        """Restore what ``rng_state`` returned."""
+
+    # hooks into the training step ----------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        """A last optimisation pass over model and optimizer (e.g. Intel's); returns both."""
+        return model, optimizer
+
+    def step_end(self) -> None:
+        """Called after every optimizer step (e.g. XLA's graph cut)."""
+
+    def peak_flops(self, dtype: torch.dtype) -> float | None:
+        """Dense peak FLOP/s of one device in ``dtype``, for MFU; ``None`` when unknown."""
+        return None
+
+    def describe(self) -> str:
+        """A short human description of the device(s), for logs and ``run.json``."""
+        return self.name

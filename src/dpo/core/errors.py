@@ -1,0 +1,47 @@
+"""Errors that reach the user as one line, never as a traceback."""
+
+from __future__ import annotations
+
+
+class DpoError(Exception):
+    """A problem the user can fix. The CLI prints ``str(error)`` on one line and exits with
+    ``exit_code``."""
+
+    exit_code = 1
+
+
+class UsageError(DpoError):
+    """Bad command-line or configuration input (unknown name, bad option value)."""
+
+    exit_code = 2
+
+
+class DataError(DpoError):
+    """A data file that cannot be used. Says file and line when one is known."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
+        super().__init__(f"{where}{message}")
+        self.path, self.line = path, line
+
+
+class UnknownNameError(UsageError):
+    """A name asked for that no installed plugin provides."""
+
+    def __init__(self, kind: str, name: str, available: list[str]):
+        installed = ", ".join(sorted(available)) or "none"
+        super().__init__(f"unknown {kind} {name!r}; installed: {installed}")
+        self.kind, self.name, self.available = kind, name, sorted(available)
+
+
+class DuplicateNameError(DpoError):
+    """Two plugins registered the same name for the same kind of thing."""
+
+    def __init__(self, kind: str, name: str, first: str, second: str):
+        super().__init__(
+            f"{kind} {name!r} is registered twice: by plugin {first!r} and by plugin {second!r}; "
+            f"uninstall one or block it with DPO_DISABLE_PLUGINS"
+        )
+        self.kind, self.name, self.first, self.second = kind, name, first, second

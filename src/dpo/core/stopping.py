@@ -1,0 +1,48 @@
+"""The StoppingPolicy interface: observe metrics, decide whether the run goes on."""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from dpo.core.options import Configurable
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's verdict. ``save=False`` asks the loop not to write a final checkpoint (e.g. the
+    weights are not trustworthy), which leaves the last good checkpoint as the newest one."""
+
+    stop: bool = False
+    reason: str = ""
+    save: bool = True
+
+
+CONTINUE = Decision()
+
+
+class StoppingPolicy(Configurable, ABC):
+    """A stopping policy plugin.
+
+    The loop calls ``on_step`` after every optimizer step with that step's averaged metrics
+    (``loss``, ``rewards/accuracies``, ``grad_norm``, ...) and ``on_eval`` after every evaluation
+    with ``eval/...`` metrics. Any policy returning ``Decision(stop=True)`` ends the run.
+    Policies that keep state implement ``state_dict``/``load_state_dict`` so that a resumed run
+    decides exactly as an uninterrupted one.
+    """
+
+    kind: ClassVar[str] = "stopping policy"
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> Decision:
+        return CONTINUE
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> Decision:
+        return CONTINUE
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")
