@@ -1,0 +1,93 @@
+"""The CPU backend: always available, the reference every other backend is compared with."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from typing import Any, ContextManager
+
+import torch
+
+from dpo.core.backend import Backend, MemoryStats
+from dpo.core.hookspecs import hookimpl
+
+
+class CPUBackend(Backend):
+    """Plain torch on the host CPU; one process, one device."""
+
+    name = "cpu"
+    collective = "gloo"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None
+
+    @classmethod
+    def device_count(cls) -> int:
+        return 1
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        # Every local rank shares the one host; torch.distributed tells the ranks apart.
+        return torch.device("cpu")
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16)
+
+    def default_dtype(self) -> torch.dtype:
+        # bf16 autocast on CPU is only fast with AVX-512 BF16 or AMX; elsewhere (e.g. AVX2-only
+        # machines) it is slower than fp32 and less accurate, so ``auto`` stays fp32.
+        return torch.float32
+
+    def autocast(self, dtype: torch.dtype) -> ContextManager[Any]:
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        if dtype == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        raise ValueError(f"the cpu backend cannot train in {dtype}; use float32 or bfloat16")
+
+    def memory_stats(self) -> MemoryStats:
+        # Current first, then peak: the peak read afterwards can only be larger.
+        current = _current_rss_bytes()
+        peak = _peak_rss_bytes()
+        if current is not None and peak is not None:
+            peak = max(peak, current)
+        return MemoryStats(current, peak)
+
+    # reset_peak_memory stays a no-op: a process's peak RSS (ru_maxrss) cannot be reset.
+
+    def describe(self) -> str:
+        cores = _usable_cores()
+        return f"cpu ({cores} core{'s' if cores != 1 else ''})"
+
+
+def _current_rss_bytes() -> int | None:
+    """Resident set size now, from /proc (Linux); ``None`` where there is no /proc."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (OSError, ValueError):
+        return None
+    # Linux reports KiB, macOS bytes.
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity, unlike cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@hookimpl
+def dpo_register_backends(register):
+    register(CPUBackend)

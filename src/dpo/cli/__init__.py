@@ -1,0 +1,74 @@
+"""The ``dpo`` command line. ``make_app(pm)`` builds the Typer app from a plugin manager, so
+tests build a fresh app per plugin set and nothing is registered at import time."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from dpo.core.errors import DpoError
+from dpo.core.plugins import DpoPluginManager, call_impl, collect, get_plugin_manager, hook_impls
+
+PLUGIN_PANEL = "Plugins"
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line and return the Exit to raise."""
+    err_console.print(f"[red]error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a DpoError into one line on stderr and its exit code, with no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DpoError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; resume with --resume", 130) from None
+
+    return wrapper
+
+
+def make_app(pm: DpoPluginManager) -> typer.Typer:
+    """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
+    from dpo.cli import backends, plugins, run
+
+    app = typer.Typer(
+        name="dpo",
+        help="Align language models with preference pairs: DPO and its relatives, on any accelerator.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    catalog = collect(pm)
+    commands_by_plugin: dict[str, list[str]] = {}  # filled below, read by `dpo plugins`
+    run.register(app, catalog)
+    plugins.register(app, pm, catalog, commands_by_plugin)
+    backends.register(app, catalog)
+    for impl in hook_impls(pm, "dpo_register_commands"):
+        before = len(app.registered_commands)
+        try:
+            call_impl(impl, app=app)
+        except Exception as exc:  # a broken plugin command must not take the CLI down
+            del app.registered_commands[before:]
+            pm.fail(impl.plugin_name, exc)
+            continue
+        added = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands[before:]]
+        if added:
+            commands_by_plugin[impl.plugin_name] = added
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app = make_app(get_plugin_manager())
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="dpo")

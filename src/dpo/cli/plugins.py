@@ -1,0 +1,56 @@
+"""``dpo plugins``: what is loaded, from where, what it registers, and what failed."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpo.core.plugins import REGISTRATION_HOOKS, Catalog, DpoPluginManager
+
+
+def plugin_report(pm: DpoPluginManager, catalog: Catalog, commands: dict[str, list[str]]) -> dict:
+    loaded = []
+    for name, source in pm.sources.items():
+        if not pm.has_plugin(name):
+            continue
+        hooks = dict(catalog.registrations.get(name, {}))
+        if name in commands:
+            hooks["dpo_register_commands"] = commands[name]
+        loaded.append({"name": name, "distribution": source.distribution, "version": source.version,
+                       "builtin": source.builtin, "hooks": hooks})
+    failed = [{"name": f.name, "distribution": f.distribution, "version": f.version,
+               "error": f.error} for f in pm.failures]
+    conflicts = [str(c) for c in catalog.conflicts]
+    return {"plugins": loaded, "failed": failed, "conflicts": conflicts}
+
+
+def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
+             commands: dict[str, list[str]]) -> None:
+    @app.command("plugins")
+    def plugins(
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    ) -> None:
+        """List plugins: distribution and version, what each registers, and any that failed."""
+        report = plugin_report(pm, catalog, commands)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        console = Console()
+        table = Table(title="plugins")
+        for column in ("plugin", "distribution", "registers"):
+            table.add_column(column)
+        short = {h: h.removeprefix("dpo_register_").replace("_", " ") for h in
+                 [*REGISTRATION_HOOKS, "dpo_register_commands"]}
+        for p in report["plugins"]:
+            registers = "; ".join(f"{short[h]}: {', '.join(names)}" for h, names in p["hooks"].items())
+            table.add_row(p["name"], f"{p['distribution']} {p['version']}", registers or "-")
+        console.print(table)
+        for f in report["failed"]:
+            console.print(f"[red]failed:[/] {f['name']} ({f['distribution']} {f['version']}): {f['error']}",
+                          highlight=False)
+        for c in report["conflicts"]:
+            console.print(f"[red]conflict:[/] {c}", highlight=False)

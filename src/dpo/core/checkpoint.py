@@ -1,0 +1,118 @@
+"""Checkpoints that transformers loads as is, plus everything an exact resume needs.
+
+Layout of ``OUTPUT/checkpoint-<step>/``::
+
+    config.json, model.safetensors, tokenizer files   (a normal Hugging Face directory)
+    trainer_state.json   step, data position, stopping-policy state (human-readable)
+    trainer_state.pt     optimizer, scheduler and random generator states
+
+A checkpoint is written under a temporary name and renamed into place, so a crash leaves either
+the previous checkpoint or the new one, never a half-written directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "checkpoint-"
+FINAL = "final"
+_PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically."""
+    _replace_dir(path, lambda tmp: _write_model(tmp, model, tokenizer))
+
+
+def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+
+
+def _replace_dir(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.exists():
+        # Renaming over a non-empty directory is not atomic; move the old one aside first so a
+        # crash between the two renames still leaves a complete copy on disk.
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def rng_states(backend_state: Any) -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "device": backend_state}
+
+
+def restore_rng_states(states: dict[str, Any]) -> Any:
+    """Restore host generators; return the device state for the backend to restore."""
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    return states["device"]
+
+
+def save_checkpoint(
+    output: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    state: dict[str, Any],
+    tensors: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``output/checkpoint-<step>`` and prune all but the newest ``keep`` checkpoints."""
+    path = output / f"{PREFIX}{step}"
+
+    def write(tmp: Path) -> None:
+        _write_model(tmp, model, tokenizer)
+        torch.save(tensors, tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+    _replace_dir(path, write)
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints under ``output``, oldest first."""
+    if not output.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output.iterdir() if (m := _PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    checkpoints = list_checkpoints(output)
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state.json, trainer_state.pt) of a checkpoint directory."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    # weights_only=False: the file holds Python RNG state (tuples) written by this project.
+    tensors = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return state, tensors

@@ -1,0 +1,146 @@
+"""RunConfig: every option of ``dpo run``, resolved as defaults < ``--config`` file < flags."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpo.core.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class RunConfig(BaseModel):
+    """The resolved configuration of one training run (recorded in ``run.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train on
+    model: str = Field("tiny", description="'tiny', a local Hugging Face directory, or a hub id")
+    data: str | None = Field(None, description="training pairs (JSONL or JSONL.gz)")
+    format: str | None = Field(None, description="data format; auto-detected when unset")
+    eval_data: str | None = Field(None, description="held-out pairs for evaluation")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of --data")
+    max_length: int = Field(512, gt=1, description="prompt + completion tokens, at most")
+    max_prompt_length: int = Field(256, gt=0, description="prompt tokens kept (the last ones)")
+
+    # where to run it
+    backend: str = Field("auto", description="cpu, cuda, rocm, xpu, xla, or auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # the objective
+    loss: str = "dpo"
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-plugin options, keyed by plugin name"
+    )
+    stop: list[str] = Field(default_factory=lambda: ["nan-guard"])
+
+    # the optimisation
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 means --epochs decide")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, gt=0, description="pairs per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="used when --warmup-steps is 0")
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = 42
+
+    # output
+    output: str = "out"
+    eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    save_steps: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length}) to leave room for the completion"
+            )
+        if self.eval_data and self.eval_fraction:
+            raise ValueError("give either eval_data or eval_fraction, not both")
+        return self
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        return dict(self.options.get(name, {}))
+
+
+def _normalise_keys(table: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_") if k != "options" else k: v for k, v in table.items()}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file: top-level keys are ``run`` options (``max_steps`` or
+    ``max-steps``); an ``[options]`` table holds loss options, and ``[options.<plugin>]``
+    sub-tables hold any other plugin's options."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    raw = _normalise_keys(raw)
+    unknown = sorted(set(raw) - set(RunConfig.model_fields))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(RunConfig.model_fields))}"
+        )
+    return raw
+
+
+def split_options(flat: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:
+    """``{"beta": 0.2, "nan-guard.check_grad_norm": False, "dpo": {...}}`` ->
+    ``{"dpo": {"beta": 0.2}, "nan-guard": {"check_grad_norm": False}}``.
+
+    Unqualified keys belong to the loss; ``plugin.key`` keys and sub-tables to that plugin."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+            continue
+        plugin, dot, option = key.rpartition(".")
+        out.setdefault(plugin if dot else loss, {})[option] = value
+    return out
+
+
+def resolve_config(*layers: dict[str, Any]) -> RunConfig:
+    """Merge layers (later wins) into a validated RunConfig; ``options`` merge per plugin."""
+    merged: dict[str, Any] = {}
+    raw_options: list[dict[str, Any]] = []
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "options":
+                raw_options.append(value)
+            elif value is not None:
+                merged[key] = value
+    loss = merged.get("loss", RunConfig.model_fields["loss"].default)
+    options: dict[str, dict[str, Any]] = {}
+    for layer_options in raw_options:
+        for plugin, values in split_options(layer_options, loss).items():
+            options.setdefault(plugin, {}).update(values)
+    merged["options"] = options
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            raise UsageError(message) from None
+        key = ".".join(str(p) for p in err["loc"]).replace("_", "-")
+        given = merged.get(err["loc"][0])
+        raise UsageError(f"--{key}={given}: {message}") from None

@@ -1,0 +1,300 @@
+"""The training loop: plain Python over resolved objects. It never touches the plugin manager.
+
+One optimizer step:
+  1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward.
+  2. Summed completion log-probs in float32 (``dpo.core.logps``); the reference under no_grad.
+  3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
+     step's gradient is that of the mean loss over all its pairs.
+  4. Clip -> optimizer step -> schedule. A non-finite loss or gradient norm skips the update.
+  5. Metrics averaged over the step's pairs (not per micro-batch), reduced across ranks.
+  6. Stopping policies see every step and every evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dpo.core.backend import Backend
+from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_dir
+from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
+from dpo.core.distributed import DistInfo
+from dpo.core.logps import completion_logps
+from dpo.core.loss import Loss, LossOutput, PairLogps
+from dpo.core.report import Reporter
+from dpo.core.stopping import Decision, StoppingPolicy
+
+# Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic on CPU.
+TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_second",
+                         "samples_per_second", "peak_memory_gb", "memory_gb"})
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done and the position in the data."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Settings:
+    total_steps: int
+    grad_accum: int
+    max_grad_norm: float
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    dtype: torch.dtype
+    batch_size: int
+
+
+@dataclass
+class Trainee:
+    """The resolved objects a run trains with."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: Any
+    backend: Backend
+    device: torch.device
+    loss: Loss
+    policies: dict[str, StoppingPolicy]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    sampler: BatchSampler
+    output: Path
+    dist: DistInfo = field(default_factory=DistInfo)
+
+
+@dataclass
+class Outcome:
+    step: int
+    stopped_by: str | None
+    reason: str
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    saved: bool
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares log-probs of two models; dropout would make both noisy and unequal."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# -- one micro-batch ---------------------------------------------------------------------------
+
+def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
+               backend: Backend, dtype: torch.dtype) -> PairLogps:
+    """Policy (with graph) and reference (without) log-probs of a batch's pairs."""
+    b = batch.num_pairs
+    with backend.autocast(dtype):
+        logps, counts = completion_logps(policy, batch.input_ids, batch.attention_mask,
+                                         batch.completion_mask)
+        ref = None
+        if reference is not None:
+            with torch.no_grad():
+                ref, _ = completion_logps(reference, batch.input_ids, batch.attention_mask,
+                                          batch.completion_mask)
+    return PairLogps(
+        policy_chosen=logps[:b], policy_rejected=logps[b:],
+        chosen_tokens=counts[:b], rejected_tokens=counts[b:],
+        ref_chosen=None if ref is None else ref[:b],
+        ref_rejected=None if ref is None else ref[b:],
+    )
+
+
+def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
+    """Per-batch sums of the TRL-named metrics; divided by the pair count per step."""
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    sums = {
+        "loss": out.losses.detach().sum(),
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        # Strict: a tie (e.g. policy == reference) is not a correct preference.
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "logps/chosen": logps.policy_chosen.detach().sum(),
+        "logps/rejected": logps.policy_rejected.detach().sum(),
+    }
+    n = out.losses.shape[0]
+    for key, value in out.metrics.items():
+        value = value.detach().float()
+        sums[key] = value.sum() if value.ndim else value * n
+    return sums
+
+
+def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+    for key, value in part.items():
+        total[key] = total[key] + value if key in total else value
+
+
+def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo) -> dict[str, float]:
+    """One host sync for all metrics of a step."""
+    keys = list(sums)
+    stacked = torch.stack([sums[k].float() for k in keys] + [torch.tensor(float(count), device=sums[keys[0]].device)])
+    dist.all_reduce_sum(stacked)
+    values = stacked.tolist()
+    total = values[-1]
+    return {k: v / total for k, v in zip(keys, values[:-1])}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
+    """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
+    if not t.eval_pairs:
+        return {}
+    sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                            for p in t.eval_pairs], settings.batch_size, seed=0, shuffle=False,
+                           rank=t.dist.rank, world_size=t.dist.world_size)
+    was_training = t.policy.training
+    t.policy.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad():
+        for indices in sampler.batches(0):
+            batch = collate([t.eval_pairs[i] for i in indices], t.tokenizer.pad_token_id).to(t.device)
+            logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
+            _add(sums, metric_sums(t.loss(logps), logps))
+            count += batch.num_pairs
+    t.policy.train(was_training)
+    return {f"eval/{k}": v for k, v in _averages(sums, count, t.dist).items()}
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy], Decision]
+            ) -> tuple[str, Decision] | None:
+    for name, policy in policies.items():
+        decision = ask(policy)
+        if decision.stop:
+            return name, decision
+    return None
+
+
+def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
+          on_save: Callable[[Path], None] | None = None) -> Outcome:
+    """Run optimizer steps from ``state`` until the step budget or a stopping policy ends it."""
+    params = [p for p in t.policy.parameters() if p.requires_grad]
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = t.sampler.batches(epoch)
+        return epoch_cache[epoch]
+
+    def next_batches(n: int) -> list[list[int]]:
+        # A step may straddle an epoch boundary; the position stays exact for resume.
+        taken: list[list[int]] = []
+        while len(taken) < n:
+            batches = epoch_batches(state.epoch)
+            if state.micro_in_epoch >= len(batches):
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+                continue
+            taken.append(batches[state.micro_in_epoch])
+            state.micro_in_epoch += 1
+        return taken
+
+    def checkpoint() -> None:
+        if not t.dist.is_main:
+            return
+        trainer_state = {"train": state.to_dict(),
+                         "policies": {n: p.state_dict() for n, p in t.policies.items()}}
+        tensors = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                   "rng": rng_states(t.backend.rng_state())}
+        path = save_checkpoint(t.output, state.step, t.policy, t.tokenizer, trainer_state,
+                               tensors, settings.save_total_limit)
+        if on_save:
+            on_save(path)
+
+    t.policy.train()
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    stopped: tuple[str, Decision] | None = None
+    reporter.start(settings.total_steps, state.step)
+    try:
+        while state.step < settings.total_steps:
+            started = time.perf_counter()
+            t.backend.reset_peak_memory()
+            micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
+            step_pairs = sum(len(m) for m in micro)
+            sums: dict[str, torch.Tensor] = {}
+            real_tokens = padded_tokens = 0
+            for pairs in micro:
+                batch = collate(pairs, t.tokenizer.pad_token_id).to(t.device)
+                logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
+                out = t.loss(logps)
+                # Sum over the micro-batch divided by the step's pairs: the accumulated gradient
+                # is the gradient of the mean loss over the whole step, whatever the split.
+                (out.losses.sum() / step_pairs).backward()
+                _add(sums, metric_sums(out, logps))
+                real_tokens += batch.real_tokens
+                padded_tokens += batch.padded_tokens
+
+            max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm) * step_pairs
+            metrics = _averages(sums, step_pairs, t.dist)  # the step's one host sync
+            lr = t.scheduler.get_last_lr()[0]
+            if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+                t.optimizer.step()
+            else:
+                reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update skipped")
+            t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.backend.step_end()
+            state.step += 1
+
+            t.backend.synchronize()
+            elapsed = time.perf_counter() - started
+            memory = t.backend.memory_stats()
+            epoch_len = max(len(epoch_batches(state.epoch)), 1)
+            metrics.update({
+                "lr": lr,
+                "epoch": round(state.epoch + state.micro_in_epoch / epoch_len, 6),
+                "step_time": elapsed,
+                "tokens_per_second": real_tokens * t.dist.world_size / elapsed,
+                "padded_tokens_per_second": padded_tokens * t.dist.world_size / elapsed,
+                "samples_per_second": step_pairs * t.dist.world_size / elapsed,
+            })
+            if memory.peak_bytes is not None:
+                metrics["peak_memory_gb"] = memory.peak_bytes / 2**30
+            train_metrics = metrics
+            reporter.record({"step": state.step, **metrics})
+            reporter.step(state.step, metrics)
+            stopped = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
+
+            last = stopped is not None or state.step >= settings.total_steps
+            if not stopped and (last or (settings.eval_steps and state.step % settings.eval_steps == 0)):
+                eval_metrics = evaluate(t, settings)
+                if eval_metrics:
+                    reporter.record({"step": state.step, **eval_metrics})
+                    stopped = _decide(t.policies, lambda p: p.on_eval(state.step, eval_metrics))
+            if stopped and not stopped[1].save:
+                break
+            if stopped or last or (settings.save_steps and state.step % settings.save_steps == 0):
+                checkpoint()
+            if stopped:
+                break
+    finally:
+        reporter.close()
+
+    saved = not (stopped and not stopped[1].save)
+    if saved and t.dist.is_main:
+        save_model_dir(t.output / FINAL, t.policy, t.tokenizer)
+    name, decision = stopped if stopped else (None, Decision())
+    return Outcome(state.step, name, decision.reason, train_metrics, eval_metrics, saved)

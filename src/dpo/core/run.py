@@ -1,0 +1,235 @@
+"""From a RunConfig and the plugin catalog to a finished run.
+
+Everything that can be wrong with the input (names, options, data, output directory) is checked
+before anything is written, so bad input leaves nothing half-written on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dpo import __version__
+from dpo.core.backend import Backend
+from dpo.core.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint_state,
+    restore_rng_states,
+    write_json_atomic,
+)
+from dpo.core.config import RunConfig
+from dpo.core.dataset import BatchSampler, TokenizedPair, load_pairs, split_eval, tokenize_pairs
+from dpo.core.distributed import DistInfo
+from dpo.core.errors import UsageError
+from dpo.core.loop import Outcome, Settings, Trainee, TrainState, disable_dropout, train
+from dpo.core.models import load_model
+from dpo.core.plugins import Catalog
+from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
+from dpo.core.schedule import build_scheduler
+
+RUN_FILE = "run.json"
+AUTO_BACKENDS = ("cuda", "rocm", "xpu", "cpu")
+
+
+def resolve_backend(name: str, catalog: Catalog) -> Backend:
+    """The backend named ``name`` (``auto``: the first available of cuda, rocm, xpu, cpu)."""
+    if name == "auto":
+        for candidate in AUTO_BACKENDS:
+            if candidate in catalog.backends and catalog.backends.get(candidate).is_available():
+                return catalog.backends.get(candidate)()
+        raise UsageError("--backend auto: no backend is available; see `dpo backends`")
+    cls = catalog.backends.get(name)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise UsageError(f"backend {name!r} is not available here: {reason}")
+    return cls()
+
+
+def resolve_dtype(name: str, backend: Backend) -> torch.dtype:
+    dtype = backend.default_dtype() if name == "auto" else getattr(torch, name)
+    if dtype not in backend.supported_dtypes():
+        names = ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes())
+        raise UsageError(f"--dtype {name}: backend {backend.name!r} supports {names}")
+    return dtype
+
+
+def check_options(config: RunConfig, catalog: Catalog) -> None:
+    """Every ``options`` section must belong to the selected loss, a selected stopping policy,
+    or the selected data format."""
+    selected = {config.loss, *config.stop, *([config.format] if config.format else [])}
+    for plugin in config.options:
+        if plugin not in selected:
+            raise UsageError(
+                f"options given for {plugin!r}, which this run does not use "
+                f"(loss {config.loss!r}, stopping {', '.join(config.stop) or 'none'})"
+            )
+
+
+def _lengths(pairs: list[TokenizedPair]) -> list[int]:
+    return [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+
+
+def _tokenized(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Reporter):
+    if not config.data:
+        raise UsageError("--data is required: a JSONL file of prompt/chosen/rejected pairs")
+    format_options = config.plugin_options(config.format) if config.format else None
+    pairs = load_pairs(config.data, catalog.formats, config.format, format_options)
+    eval_sourced = []
+    if config.eval_data:
+        eval_sourced = load_pairs(config.eval_data, catalog.formats, config.format, format_options)
+    elif config.eval_fraction:
+        pairs, eval_sourced = split_eval(pairs, config.eval_fraction, config.seed)
+    train_pairs, stats = tokenize_pairs(tokenizer, pairs, config.max_length, config.max_prompt_length)
+    eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_sourced, config.max_length,
+                                            config.max_prompt_length) if eval_sourced else ([], None)
+    if not train_pairs:
+        raise UsageError(f"{config.data}: no usable pairs ({stats.as_dict()})")
+    reporter.info(f"data: {len(train_pairs)} training pairs, {len(eval_pairs)} held out; "
+                  + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
+    return train_pairs, eval_pairs, stats, eval_stats
+
+
+def total_steps(config: RunConfig, batches_per_epoch: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
+
+
+def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite: bool = False,
+        reporter: Reporter | None = None,
+        on_save: Callable[[Path], None] | None = None) -> Outcome:
+    """Validate, set up and train. ``resume`` continues from the newest checkpoint in
+    ``config.output``."""
+    dist = DistInfo.from_env()
+    output = Path(config.output)
+    reporter = reporter or Reporter(output, enabled=dist.is_main, progress=config.progress)
+
+    # 1. Names and options: cheap checks first.
+    backend = resolve_backend(config.backend, catalog)
+    dtype = resolve_dtype(config.dtype, backend)
+    check_options(config, catalog)
+    loss = catalog.losses.get(config.loss)(catalog.losses.get(config.loss).parse_options(
+        config.plugin_options(config.loss)))
+    policies = {}
+    for name in config.stop:
+        cls = catalog.stopping.get(name)
+        policies[name] = cls(cls.parse_options(config.plugin_options(name)))
+    if config.format:
+        catalog.formats.get(config.format)
+
+    # 2. The output directory and the checkpoint to resume from.
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(output)
+        if checkpoint is None:
+            raise UsageError(f"{output}: no checkpoint to resume from")
+    elif output.exists() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"{output}: already holds files; resume with --resume {output}, "
+                         "or pass --overwrite to start over there")
+
+    # 3. Model and data (the reference is always re-loaded from --model, never from a checkpoint).
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, config.seed)
+    train_pairs, eval_pairs, stats, eval_stats = _tokenized(config, catalog, tokenizer, reporter)
+    reference = None
+    if loss.requires_reference:
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+    if checkpoint is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+
+    # Nothing is written above this line.
+    if not resume and output.exists() and overwrite:
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    device = backend.device(dist.local_rank)
+    for m in (model, reference):
+        if m is not None:
+            disable_dropout(m)
+            m.to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    model, optimizer = backend.prepare(model, optimizer)
+    sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
+                           rank=dist.rank, world_size=dist.world_size)
+    steps = total_steps(config, len(sampler))
+    warmup = config.warmup_steps or round(config.warmup_ratio * steps)
+    scheduler = build_scheduler(optimizer, config.scheduler, warmup, steps)
+
+    state = TrainState()
+    if checkpoint is not None:
+        saved, tensors = load_checkpoint_state(checkpoint)
+        state = TrainState(**saved["train"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        for name, policy in policies.items():
+            policy.load_state_dict(saved["policies"].get(name, {}))
+        backend.set_rng_state(restore_rng_states(tensors["rng"]))
+        if dist.is_main:
+            truncate_metrics(output / METRICS_FILE, state.step)
+        reporter.info(f"resuming from {checkpoint} (step {state.step})")
+
+    record = {
+        "status": "running",
+        "config": config.model_dump(),
+        "resolved": {"backend": backend.name, "device": backend.describe(), "dtype": str(dtype),
+                     "total_steps": steps, "warmup_steps": warmup, "world_size": dist.world_size,
+                     "reference": ("a frozen copy of --model, re-loaded from it on resume"
+                                   if reference is not None else "none (reference-free loss)")},
+        "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
+        "versions": versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+    if dist.is_main:
+        write_json_atomic(output / RUN_FILE, record)
+    reporter.info(f"training {config.model} on {backend.describe()} ({dtype}), loss {loss.name}, "
+                  f"{steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    trainee = Trainee(policy=model, reference=reference, tokenizer=tokenizer, backend=backend,
+                      device=device, loss=loss, policies=policies, optimizer=optimizer,
+                      scheduler=scheduler, train_pairs=train_pairs, eval_pairs=eval_pairs,
+                      sampler=sampler, output=output, dist=dist)
+    settings = Settings(total_steps=steps, grad_accum=config.grad_accum,
+                        max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
+                        save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+                        dtype=dtype, batch_size=config.batch_size)
+    outcome = train(trainee, settings, state, reporter, on_save=on_save)
+
+    status = f"stopped by {outcome.stopped_by}: {outcome.reason}" if outcome.stopped_by else "completed"
+    record.update({"status": status, "steps": outcome.step, "final": outcome.train_metrics,
+                   "final_eval": outcome.eval_metrics,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if dist.is_main:
+        write_json_atomic(output / RUN_FILE, record)
+    if outcome.stopped_by:
+        reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: {outcome.reason}")
+    reporter.summary(f"{status} after {outcome.step} steps -> {output}", outcome.train_metrics,
+                     outcome.eval_metrics)
+    return outcome
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"dpo-trainer": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def read_run_record(output: Path) -> dict[str, Any]:
+    path = output / RUN_FILE
+    if not path.is_file():
+        raise UsageError(f"{output}: no {RUN_FILE}; is this a dpo run directory?")
+    return json.loads(path.read_text())

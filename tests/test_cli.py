@@ -1,0 +1,201 @@
+"""The command line through Typer's CliRunner: help, listings, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import dpo
+from dpo.cli import make_app
+from dpo.core.plugins import get_plugin_manager, register_plugin
+
+
+def write_pairs(path: Path) -> Path:
+    rows = [{"prompt": f"Say {i}. ", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def app():
+    return make_app(get_plugin_manager(load_entrypoints=False))
+
+
+def invoke(app, *args):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_the_commands(app):
+    result = invoke(app, "--help")
+    assert result.exit_code == 0
+    for command in ("run", "plugins", "backends"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("flag, value, kind, installed", [
+    ("--backend", "tpu9", "backend", "cpu, cuda, rocm, xla, xpu"),
+    ("--loss", "nope", "loss", "cdpo, dpo, ipo"),
+    ("--stop", "never", "stopping policy", "nan-guard"),
+    ("--format", "csv", "data format", "preference"),
+])
+def test_unknown_names_exit_2_listing_what_is_installed(app, tmp_path, flag, value, kind, installed):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    result = invoke(app, "run", "--data", str(data), "--output", str(out), flag, value)
+    assert_one_line_error(result, 2, f"unknown {kind} '{value}'", installed)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["-o", "bta=0.1"], "loss 'dpo': unknown option 'bta' (valid: beta)"),
+    (["--loss", "cdpo", "-o", "eps=0.7"], "loss 'cdpo': option eps=0.7"),
+    (["-o", "beta"], "option 'beta' is not key=value"),
+    (["-o", "nan-guard.check_grad_norm=maybe"], "stopping policy 'nan-guard': option check_grad_norm=maybe"),
+    (["-o", "ipo.beta=0.1"], "options given for 'ipo', which this run does not use"),
+    (["--max-length", "10", "--max-prompt-length", "20"], "max_prompt_length (20) must be below"),
+    (["--lr", "-1"], "--lr=-1.0"),
+])
+def test_bad_options_are_one_line_errors(app, tmp_path, options, fragment):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    result = invoke(app, "run", "--data", str(data), "--output", str(out), *options)
+    assert_one_line_error(result, 2, fragment)
+    assert not out.exists()
+
+
+def test_malformed_data_names_file_and_line_and_writes_nothing(app, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    with data.open("a") as fh:
+        fh.write('{"prompt": "x", "chosen": \n')
+    out = tmp_path / "out"
+    result = invoke(app, "run", "--model", "tiny", "--data", str(data), "--output", str(out))
+    assert_one_line_error(result, 2, f"{data}:9:")
+    assert not out.exists()
+
+
+def test_unavailable_backend_says_why(app, tmp_path):
+    from dpo.backends.cuda import CUDABackend
+
+    if CUDABackend.is_available():
+        pytest.skip("a CUDA device is present")
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    result = invoke(app, "run", "--data", str(data), "--output", str(tmp_path / "o"), "--backend", "cuda")
+    assert_one_line_error(result, 2, "backend 'cuda' is not available here: ",
+                          CUDABackend.unavailable_reason())
+
+
+def test_existing_output_needs_resume_or_overwrite(app, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = invoke(app, "run", "--data", str(data), "--output", str(out))
+    assert_one_line_error(result, 2, "already holds files", "--resume")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert_one_line_error(invoke(app, "run", "--resume", str(tmp_path / "nothing")), 2, "no run.json")
+
+
+def test_config_file_then_flags(app, tmp_path):
+    """The file sets max_steps 3, lr 0.01, beta 0.3 and a nan-guard option; the flag
+    --max-steps 2 wins over the file; run.json records the merged values."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "tiny"\ndata = "{data}"\nmax-steps = 3\nlr = 0.01\nbackend = "cpu"\n'
+        '[options]\nbeta = 0.3\n[options.nan-guard]\ncheck_grad_norm = false\n'
+    )
+    out = tmp_path / "out"
+    result = invoke(app, "run", "--config", str(config), "--max-steps", "2", "--output", str(out),
+                    "--no-progress")
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "run.json").read_text())["config"]
+    assert recorded["max_steps"] == 2 and recorded["lr"] == 0.01 and recorded["batch_size"] == 4
+    assert recorded["options"] == {"dpo": {"beta": 0.3}, "nan-guard": {"check_grad_norm": False}}
+
+
+def test_config_file_errors(app, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_stepz = 3\n")
+    assert_one_line_error(invoke(app, "run", "--config", str(bad)), 2, "unknown key 'max_stepz'")
+    bad.write_text("max_steps = [\n")
+    assert_one_line_error(invoke(app, "run", "--config", str(bad)), 2, "not valid TOML")
+
+
+def test_plugins_json_shows_provenance_and_registrations(app):
+    result = invoke(app, "plugins", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    by_name = {p["name"]: p for p in report["plugins"]}
+    entry = by_name["dpo.plugins.losses.dpo"]
+    assert entry["distribution"] == "dpo-trainer" and entry["version"] == dpo.__version__
+    assert entry["hooks"] == {"dpo_register_losses": ["dpo", "cdpo"]}
+    assert report["failed"] == [] and report["conflicts"] == []
+    table = invoke(app, "plugins")
+    assert table.exit_code == 0 and "dpo.plugins.stopping.nan_guard" in table.output
+
+
+def test_backends_lists_every_backend_with_a_reason(app):
+    result = invoke(app, "backends", "--json")
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["cpu"]["available"] and rows["cpu"]["devices"] == 1 and rows["cpu"]["reason"] == ""
+    for name in ("xla", "rocm", "xpu"):
+        assert rows[name]["available"] or rows[name]["reason"]
+    assert "backend" in invoke(app, "backends").output
+
+
+class CommandPlugin:
+    @dpo.hookimpl
+    def dpo_register_commands(self, app):
+        @app.command("hello", rich_help_panel="Plugins")
+        def hello(name: str = "world") -> None:
+            """Say hello."""
+            typer.echo(f"hello {name}")
+
+
+class BrokenCommandPlugin:
+    @dpo.hookimpl
+    def dpo_register_commands(self, app):
+        raise RuntimeError("cannot build my command")
+
+
+def test_plugin_commands_run_and_are_listed_while_a_broken_one_is_reported():
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, CommandPlugin(), "greeter")
+    register_plugin(pm, BrokenCommandPlugin(), "broken")
+    app = make_app(pm)
+    assert invoke(app, "hello", "--name", "dpo").output == "hello dpo\n"
+    assert "Plugins" in invoke(app, "--help").output
+    report = json.loads(invoke(app, "plugins", "--json").output)
+    assert {p["name"]: p["hooks"] for p in report["plugins"]}["greeter"] == {
+        "dpo_register_commands": ["hello"]}
+    assert [(f["name"], f["error"]) for f in report["failed"]] == [
+        ("broken", "RuntimeError: cannot build my command")]
+
+
+def test_python_dash_m_dpo_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "dpo", "backends", "--json"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "cpu" in {r["name"] for r in json.loads(result.stdout)}
+    script = Path(sys.executable).with_name("dpo")
+    assert script.exists()
+    bad = subprocess.run([str(script), "run", "--backend", "nope"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown backend 'nope'")
+    assert "Traceback" not in bad.stderr

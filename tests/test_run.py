@@ -1,0 +1,171 @@
+"""End-to-end runs of the tiny model through the CLI: outputs, resume, and the NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dpo
+from dpo.cli import make_app
+from dpo.core.loop import TIMING_KEYS
+from dpo.core.plugins import get_plugin_manager, register_plugin
+from dpo.plugins.losses.dpo import DPOLoss
+
+TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "grad_norm", "lr"}
+
+
+def write_pairs(path: Path, n: int = 24) -> Path:
+    """Arithmetic pairs: the chosen answer is right, the rejected one is off by one."""
+    with path.open("w") as fh:
+        for i in range(n):
+            a, b = i % 7 + 1, i % 5 + 2
+            fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
+                                 "rejected": f"{a + b + 1}."}) + "\n")
+    return path
+
+
+class Crash(dpo.StoppingPolicy):
+    """Raises once at a chosen step, like a machine dying mid-run."""
+
+    name = "crash-at"
+    armed_at: int | None = None
+
+    def on_step(self, step, metrics):
+        if step == Crash.armed_at:
+            Crash.armed_at = None
+            raise RuntimeError("simulated crash")
+        return dpo.CONTINUE
+
+
+class NanAt(DPOLoss):
+    """DPO whose loss turns NaN from the third call on (a poisoned batch)."""
+
+    name = "nan-at"
+    calls = 0
+
+    def __call__(self, logps):
+        out = super().__call__(logps)
+        NanAt.calls += 1
+        if NanAt.calls >= 3:
+            out.losses = out.losses * float("nan")
+        return out
+
+
+class TestPlugin:
+    @dpo.hookimpl
+    def dpo_register_stopping_policies(self, register):
+        register(Crash)
+
+    @dpo.hookimpl
+    def dpo_register_losses(self, register):
+        register(NanAt)
+
+
+@pytest.fixture
+def invoke():
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, TestPlugin(), "test-plugin")
+    app = make_app(pm)
+
+    def call(*args: str):
+        return CliRunner().invoke(app, ["run", "--no-progress", *args])
+
+    return call
+
+
+def base_args(tmp_path: Path, out: str, steps: int) -> list[str]:
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    return ["--model", "tiny", "--data", str(data), "--backend", "cpu", "--loss", "dpo",
+            "--max-steps", str(steps), "--lr", "1e-3", "--batch-size", "4",
+            "--output", str(tmp_path / out)]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_a_loadable_model_metrics_and_run_record(tmp_path, invoke):
+    """At step 1 the policy equals the reference, so h = 0 for every pair and the DPO loss is
+    -log sigma(0) = ln 2 = 0.693147..., with zero rewards and margins and accuracy 0 (ties are
+    not counted as correct)."""
+    result = invoke(*base_args(tmp_path, "out", 20), "--eval-fraction", "0.25")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+
+    steps = [r for r in records(out) if "loss" in r]
+    evals = [r for r in records(out) if "eval/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert TRL_KEYS <= set(steps[0]) and {"tokens_per_second", "samples_per_second"} <= set(steps[0])
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[0]["rewards/accuracies"] == 0.0
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.05  # the tiny model learns the pattern
+    assert len(evals) == 1 and evals[0]["step"] == 20 and "eval/rewards/accuracies" in evals[0]
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["steps"] == 20
+    assert run["config"]["seed"] == 42 and run["config"]["max_steps"] == 20
+    assert run["resolved"]["backend"] == "cpu" and run["versions"]["torch"] == torch.__version__
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    ids = tokenizer("What is 2 plus 3? ", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+    # The final checkpoint directory is a loadable Hugging Face model too, with the same weights.
+    again = AutoModelForCausalLM.from_pretrained(out / "checkpoint-20")
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def deterministic(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, invoke):
+    common = ["--save-steps", "3", "--stop", "crash-at", "--grad-accum", "2", "--scheduler", "cosine",
+              "--warmup-steps", "2"]
+    assert invoke(*base_args(tmp_path, "straight", 8), *common).exit_code == 0
+
+    Crash.armed_at = 5  # dies after the checkpoint at step 3, before the one at step 6
+    crashed = invoke(*base_args(tmp_path, "resumed", 8), *common)
+    assert isinstance(crashed.exception, RuntimeError)
+    out = tmp_path / "resumed"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
+    assert max(r["step"] for r in records(out)) == 5
+
+    resumed = invoke("--resume", str(out))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-3")
+
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert deterministic(records(out)) == deterministic(records(tmp_path / "straight"))
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, invoke):
+    NanAt.calls = 0
+    args = base_args(tmp_path, "out", 10)
+    args[args.index("--loss") + 1] = "nan-at"
+    result = invoke(*args, "--save-steps", "2", "--stop", "nan-guard")
+    assert result.exit_code == 1
+    assert "stopped by nan-guard at step 3" in result.output
+    out = tmp_path / "out"
+    assert [p.name for p in sorted(out.iterdir()) if p.name.startswith("checkpoint")] == ["checkpoint-2"]
+    assert not (out / "final").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"].startswith("stopped by nan-guard") and run["steps"] == 3
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")  # intact and loadable
