@@ -1,0 +1,159 @@
+"""An opt-in pytest plugin for testing dpo plugins (and dpo itself).
+
+Enable it in the ``conftest.py`` at the root of your tests::
+
+    pytest_plugins = ["dpo.testing"]
+
+or for one run with ``pytest -p dpo.testing``. It adds:
+
+* the marker ``@pytest.mark.backend(name)`` (or ``requires_backend(name)``): the test runs only
+  where that backend is registered and available, and is skipped with the backend's own reason
+  otherwise (``cuda: this torch build has no CUDA``). A name no installed plugin registers fails
+  the test, so a typo cannot silently skip it forever. Works under ``--strict-markers``.
+* fixtures: ``dpo_plugin_manager``, ``dpo_catalog``, ``dpo_register``, ``tiny_tokenizer`` and
+  ``tiny_model`` (see each one's docstring).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import pytest
+
+from dpo.core.errors import DpoError
+from dpo.core.plugins import Catalog, DpoPluginManager, collect, get_plugin_manager, register_plugin
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from dpo.core.backend import Backend
+
+MARKER = "backend"
+
+# Per pytest session: building the catalog imports every plugin, and some probes (XLA's) are slow.
+_catalog_key = pytest.StashKey[Catalog]()
+_reasons_key = pytest.StashKey[dict[str, "str | None"]]()
+_error_key = pytest.StashKey[str]()  # on an item whose marker is wrong: why
+
+
+def requires_backend(name: str) -> pytest.MarkDecorator:
+    """``@requires_backend("cuda")`` is ``@pytest.mark.backend("cuda")``."""
+    return pytest.mark.backend(name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(name): needs the named dpo backend to be available here; skipped with the "
+        "backend's own reason otherwise (dpo.testing)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Decided at collection and turned into an ordinary skip mark, so that the report points
+    # at the test (as skipif does), not at this plugin.
+    for item in items:
+        for mark in item.iter_markers(name=MARKER):
+            if len(mark.args) != 1 or not isinstance(mark.args[0], str) or mark.kwargs:
+                item.stash[_error_key] = (
+                    f"@pytest.mark.{MARKER} takes one backend name, e.g. "
+                    f"@pytest.mark.{MARKER}('cuda'); got args={mark.args!r} kwargs={mark.kwargs!r}")
+                break
+            name = mark.args[0]
+            try:
+                reason = _unavailable_reason(config, name)
+            except DpoError as exc:  # unknown, or registered by two plugins
+                item.stash[_error_key] = f"@pytest.mark.{MARKER}({name!r}): {exc}"
+                break
+            except Exception as exc:  # reported on the marked tests, not as a crashed session
+                item.stash[_error_key] = (f"@pytest.mark.{MARKER}({name!r}): cannot load the dpo "
+                                          f"plugins: {type(exc).__name__}: {exc}")
+                break
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before fixtures are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    error = item.stash.get(_error_key, None)
+    if error is not None:
+        pytest.fail(error, pytrace=False)
+
+
+def _unavailable_reason(config: pytest.Config, name: str) -> str | None:
+    """The backend's own reason, asked once per session; raises for unknown names."""
+    reasons = config.stash.setdefault(_reasons_key, {})
+    if name not in reasons:
+        if _catalog_key not in config.stash:
+            config.stash[_catalog_key] = collect(get_plugin_manager())
+        backend: type[Backend] = config.stash[_catalog_key].backends.get(name)
+        reasons[name] = backend.unavailable_reason()
+    return reasons[name]
+
+
+@pytest.fixture
+def dpo_plugin_manager() -> DpoPluginManager:
+    """A fresh plugin manager, as ``get_plugin_manager()`` builds it for the CLI: built-ins,
+    installed entry points, ``DPO_DISABLE_PLUGINS`` honoured. Nothing leaks between tests."""
+    return get_plugin_manager()
+
+
+@pytest.fixture
+def dpo_catalog(dpo_plugin_manager: DpoPluginManager) -> Catalog:
+    """``collect(dpo_plugin_manager)``: every class the plugins registered, by kind and name.
+
+    Collected when first requested; after registering more plugins with ``dpo_register``, call
+    ``collect(dpo_plugin_manager)`` again (or request ``dpo_register`` first)."""
+    return collect(dpo_plugin_manager)
+
+
+@pytest.fixture
+def dpo_register(dpo_plugin_manager: DpoPluginManager) -> Iterator[Callable[..., str]]:
+    """``dpo_register(plugin, name=None) -> name`` registers a module or object with
+    ``@dpo.hookimpl`` functions into ``dpo_plugin_manager`` (validated like an installed plugin)
+    and unregisters it after the test, pass or fail. ``name`` defaults to a module's
+    ``__name__``, else the object's class name and id; a name already taken is refused."""
+    registered: list[str] = []
+
+    def register(plugin: Any, name: str | None = None) -> str:
+        if name is None:
+            name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+        if dpo_plugin_manager.has_plugin(name):
+            # Checked here so that cleanup can never unregister a plugin this fixture did not add.
+            raise ValueError(f"a plugin named {name!r} is already registered; pass another name=")
+        try:
+            register_plugin(dpo_plugin_manager, plugin, name, distribution="dpo.testing")
+        except BaseException:
+            _unregister(dpo_plugin_manager, name)  # registered, then refused by validation
+            raise
+        registered.append(name)
+        return name
+
+    try:
+        yield register
+    finally:
+        for name in reversed(registered):
+            _unregister(dpo_plugin_manager, name)
+
+
+def _unregister(pm: DpoPluginManager, name: str) -> None:
+    if pm.has_plugin(name):
+        pm.unregister(name=name)
+    pm.sources.pop(name, None)
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The ``--model tiny`` tokenizer (byte-level BPE, ChatML chat template), built offline."""
+    from dpo.core.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A fresh two-layer tiny Llama on the CPU in float32, identical weights in every test
+    (seed 0), so tests may train or mutate it freely."""
+    from dpo.core.tiny import build_tiny_model
+
+    return build_tiny_model(tiny_tokenizer)

@@ -1,0 +1,418 @@
+"""Built-in backends, their availability probes and messages, and dpo.testing's marker and
+fixtures. Hardware that this machine lacks is simulated by patching torch's own probes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpo
+from dpo.backends.cpu import CPUBackend
+from dpo.backends.cuda import CUDABackend
+from dpo.backends.rocm import ROCmBackend
+from dpo.backends.xla import NOT_INSTALLED, XLABackend
+from dpo.backends.xpu import XPUBackend
+from dpo.core.errors import UsageError
+from dpo.core.plugins import collect
+
+pytest_plugins = ["pytester"]
+
+BUILTIN = {"cpu": CPUBackend, "cuda": CUDABackend, "rocm": ROCmBackend, "xpu": XPUBackend,
+           "xla": XLABackend}
+MiB = 1 << 20
+
+
+def test_builtin_plugins_register_all_five_backends(dpo_catalog):
+    for name, cls in BUILTIN.items():
+        assert dpo_catalog.backends.get(name) is cls
+        assert dpo_catalog.backends.providers[name] == f"dpo.backends.{name}"
+    assert {n: c.collective for n, c in BUILTIN.items()} == {
+        "cpu": "gloo", "cuda": "nccl", "rocm": "nccl", "xpu": "xccl", "xla": "xla"}
+
+
+def test_cpu_backend_devices_dtypes_and_autocast():
+    backend = CPUBackend()
+    assert CPUBackend.is_available() and CPUBackend.device_count() == 1
+    assert backend.device(0) == backend.device(3) == torch.device("cpu")
+    assert backend.supported_dtypes() == (torch.float32, torch.bfloat16)
+    assert backend.default_dtype() == torch.float32
+    a = torch.randn(8, 8)
+    with backend.autocast(torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+    with backend.autocast(torch.float32):
+        assert (a @ a).dtype == torch.float32
+    with pytest.raises(ValueError, match="float16"):
+        backend.autocast(torch.float16)
+    assert backend.rng_state() is None
+    assert backend.describe().startswith("cpu (") and "core" in backend.describe()
+
+
+def test_cpu_memory_stats_are_resident_bytes_with_peak_at_least_current():
+    held = torch.ones(16 * MiB // 4)  # 16 MiB, written, so resident
+    stats = CPUBackend().memory_stats()
+    assert stats.current_bytes is not None and stats.current_bytes >= held.nbytes
+    assert stats.peak_bytes is not None and stats.peak_bytes >= stats.current_bytes
+    CPUBackend().reset_peak_memory()  # cannot reset a process's peak RSS; must not fail
+
+
+def test_cpu_memory_stats_without_proc(monkeypatch):
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/statm")
+
+    monkeypatch.setattr("dpo.backends.cpu.open", no_proc, raising=False)
+    stats = CPUBackend().memory_stats()
+    assert stats.current_bytes is None and stats.peak_bytes > 0
+
+
+def test_tiny_model_fixture_under_cpu_autocast(tiny_model, tiny_tokenizer):
+    backend = CPUBackend()
+    ids = tiny_tokenizer("hello world", return_tensors="pt").input_ids.to(backend.device())
+    with torch.no_grad(), backend.autocast(torch.bfloat16):
+        logits = tiny_model(ids).logits
+    assert logits.dtype == torch.bfloat16 and logits.shape[:2] == ids.shape
+
+
+def test_cuda_unavailable_here_with_its_reason():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; test_cuda_backend_on_a_gpu covers it")
+    reason = CUDABackend.unavailable_reason()
+    if torch.version.cuda is None and not torch.version.hip:
+        assert reason == "this torch build has no CUDA"
+    assert reason and not CUDABackend.is_available() and CUDABackend.device_count() == 0
+    with pytest.raises(UsageError, match="not available"):
+        CUDABackend().device(0)
+    assert CUDABackend().memory_stats() == dpo.MemoryStats(None, None)
+    assert CUDABackend().describe() == f"cuda (unavailable: {reason})"
+
+
+def test_rocm_refuses_a_torch_build_without_hip():
+    if torch.version.hip:
+        pytest.skip("this is a ROCm build of torch")
+    expected = ("this torch build is for CUDA, not ROCm; install a ROCm build of torch"
+                if torch.version.cuda else "this torch build has no ROCm (HIP) support")
+    assert ROCmBackend.unavailable_reason() == expected
+    assert ROCmBackend.device_count() == 0
+
+
+@pytest.fixture
+def build(monkeypatch):
+    """Pretend torch was built for ``cuda``/``hip`` (version strings, or None)."""
+
+    def pretend(cuda: str | None = None, hip: str | None = None) -> None:
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        monkeypatch.setattr(torch.version, "hip", hip)
+
+    return pretend
+
+
+def test_build_mismatch_reasons(build, monkeypatch):
+    build(hip="6.2.41133")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert CUDABackend.unavailable_reason() == "this is a ROCm build of torch; use --backend rocm"
+    assert ROCmBackend.unavailable_reason() is None
+
+    build(cuda="12.8")
+    assert CUDABackend.unavailable_reason() is None
+    assert ROCmBackend.unavailable_reason() == (
+        "this torch build is for CUDA, not ROCm; install a ROCm build of torch")
+
+    build()
+    assert CUDABackend.unavailable_reason() == "this torch build has no CUDA"
+    assert ROCmBackend.unavailable_reason() == "this torch build has no ROCm (HIP) support"
+
+
+@pytest.fixture
+def cuda_build_without_gpu(build, monkeypatch):
+    build(cuda="12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_cuda_reason_names_the_visibility_variable(cuda_build_without_gpu, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert CUDABackend.unavailable_reason() == 'no CUDA device is visible (CUDA_VISIBLE_DEVICES="")'
+
+
+def test_cuda_reason_passes_on_the_driver_error(cuda_build_without_gpu, monkeypatch):
+    def no_driver() -> None:
+        raise RuntimeError("Found no NVIDIA driver on your system. Please check that you have an "
+                           "NVIDIA GPU and installed a driver\nfrom http://www.nvidia.com")
+
+    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    assert CUDABackend.unavailable_reason() == (
+        "no CUDA device is visible: Found no NVIDIA driver on your system. Please check that "
+        "you have an NVIDIA GPU and installed a driver")
+
+
+def test_cuda_reason_keeps_torchs_warning_instead_of_leaking_it(cuda_build_without_gpu,
+                                                                monkeypatch):
+    def old_driver() -> bool:
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old "
+                      "(found version 11040).", UserWarning)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", old_driver)
+    assert CUDABackend.unavailable_reason() == (
+        "no CUDA device is visible: The NVIDIA driver on your system is too old "
+        "(found version 11040).")
+
+
+def test_cuda_reason_without_any_clue_gives_a_hint(cuda_build_without_gpu):
+    assert CUDABackend.unavailable_reason() == (
+        "no CUDA device is visible (is a GPU attached and its driver loaded? `nvidia-smi` "
+        "should list it)")
+
+
+def test_xpu_reasons(monkeypatch):
+    if torch.xpu.is_available():
+        pytest.skip("an Intel XPU is present")
+    if not torch.xpu._is_compiled():
+        assert XPUBackend.unavailable_reason() == "this torch build has no XPU support"
+    monkeypatch.setattr(torch.xpu, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "init", lambda: None)
+    monkeypatch.setenv("ZE_AFFINITY_MASK", "7")
+    monkeypatch.delenv("ONEAPI_DEVICE_SELECTOR", raising=False)
+    assert XPUBackend.unavailable_reason() == (
+        'no Intel XPU device is visible (ZE_AFFINITY_MASK="7")')
+    model = torch.nn.Linear(2, 2)
+    assert XPUBackend().prepare(model, None) == (model, None)
+
+
+@pytest.mark.parametrize(("device_name", "dtype", "expected"), [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+    ("NVIDIA H200", torch.bfloat16, 989e12),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, 19.5e12),
+    ("NVIDIA L4", torch.float16, 121e12),
+    ("NVIDIA L40S", torch.bfloat16, 362e12),
+    ("Tesla V100-SXM2-16GB", torch.float16, 125e12),
+    ("Tesla V100-SXM2-16GB", torch.bfloat16, None),
+    ("NVIDIA A10G", torch.bfloat16, None),
+    ("NVIDIA GeForce GTX 1080", torch.bfloat16, None),
+])
+def test_cuda_peak_flops_table(monkeypatch, device_name, dtype, expected):
+    monkeypatch.setattr(CUDABackend, "unavailable_reason", classmethod(lambda cls: None))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: device_name)
+    assert CUDABackend().peak_flops(dtype) == expected
+
+
+def test_rocm_peak_flops_table(monkeypatch):
+    monkeypatch.setattr(ROCmBackend, "unavailable_reason", classmethod(lambda cls: None))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "AMD Instinct MI300X")
+    assert ROCmBackend().peak_flops(torch.bfloat16) == 1307.4e12
+
+
+@pytest.mark.backend("cuda")
+def test_cuda_backend_on_a_gpu():
+    backend = CUDABackend()
+    device = backend.device(0)
+    assert device == torch.device("cuda", 0) and torch.cuda.current_device() == 0
+    assert CUDABackend.device_count() >= 1
+    assert torch.float16 in backend.supported_dtypes()
+    assert backend.default_dtype() in backend.supported_dtypes()
+
+    backend.reset_peak_memory()
+    before = backend.memory_stats()
+    a = torch.randn(512, 512, device=device)
+    low = backend.default_dtype()
+    with backend.autocast(low):
+        product = a @ a
+    backend.synchronize()
+    assert product.dtype == low
+    after = backend.memory_stats()
+    assert after.current_bytes >= before.current_bytes + a.nbytes
+    assert after.peak_bytes >= after.current_bytes
+
+    state = backend.rng_state()
+    first = torch.rand(16, device=device)
+    backend.set_rng_state(state)
+    assert torch.equal(first, torch.rand(16, device=device))
+
+    assert torch.cuda.get_device_name(0) in backend.describe()
+    peak = backend.peak_flops(torch.bfloat16)
+    assert peak is None or peak > 1e13
+
+
+def test_xla_reason_when_torch_xla_is_absent(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch_xla", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert XLABackend.unavailable_reason() == NOT_INSTALLED
+    assert XLABackend.device_count() == 0
+    assert XLABackend().describe() == f"xla (unavailable: {NOT_INSTALLED})"
+
+
+def test_xla_reason_when_torch_xla_does_not_load(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_xla", None)  # makes `import torch_xla` raise
+    reason = XLABackend.unavailable_reason()
+    assert reason.startswith(f"torch_xla is installed but does not load with torch "
+                             f"{torch.__version__} (ModuleNotFoundError: ")
+    assert reason.endswith("; install the matching torch-xla")
+
+
+FAKE_TORCH_XLA = {
+    "__init__.py": """
+        import torch
+        SYNCS = []
+        def device():
+            return torch.device("xla", 0)
+        def sync():
+            SYNCS.append(1)
+    """,
+    "runtime.py": """
+        def device_type():
+            return "CPU"
+    """,
+}
+
+LAZINESS_CHECK = """
+    import sys
+    import dpo.backends.xla as xla
+    assert "torch_xla" not in sys.modules, "importing dpo.backends.xla imported torch_xla"
+    assert xla.XLABackend.unavailable_reason() is None
+    assert "torch_xla" in sys.modules
+    backend = xla.XLABackend()
+    assert backend.device() == __import__("torch").device("xla", 0)
+    backend.step_end()
+    assert sys.modules["torch_xla"].SYNCS == [1]
+    print(backend.describe())
+"""
+
+
+def test_importing_xla_backend_does_not_import_torch_xla(tmp_path):
+    """In a fresh interpreter with an importable stand-in torch_xla: the module import leaves it
+    alone; the probe, device() and step_end() use it."""
+    package = tmp_path / "torch_xla"
+    package.mkdir()
+    for filename, source in FAKE_TORCH_XLA.items():
+        (package / filename).write_text(textwrap.dedent(source))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LAZINESS_CHECK)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "xla (CPU)"
+
+
+def test_backend_marker_skips_with_the_backends_own_reason(pytester, monkeypatch):
+    monkeypatch.setattr(XLABackend, "unavailable_reason",
+                        classmethod(lambda cls: "simulated: no TPU here"))
+    pytester.makepyfile("""
+        import pytest
+        from dpo.testing import requires_backend
+
+        @pytest.mark.backend("xla")
+        def test_needs_xla():
+            raise AssertionError("must not run")
+
+        @requires_backend("xla")
+        def test_needs_xla_too():
+            raise AssertionError("must not run")
+
+        @pytest.mark.backend("cpu")
+        def test_runs_on_cpu():
+            pass
+    """)
+    result = pytester.runpytest("-p", "dpo.testing", "--strict-markers", "-rs")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines([
+        "SKIPPED [[]1[]] test_backend_marker_skips*.py:4: xla: simulated: no TPU here",
+        "SKIPPED [[]1[]] test_backend_marker_skips*.py:8: xla: simulated: no TPU here",
+    ])
+
+
+def test_backend_marker_uses_the_real_probe(pytester):
+    reason = CUDABackend.unavailable_reason()
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.backend("cuda")
+        def test_needs_cuda():
+            pass
+    """)
+    result = pytester.runpytest("-p", "dpo.testing", "-rs")
+    if reason is None:
+        result.assert_outcomes(passed=1)
+    else:
+        result.assert_outcomes(skipped=1)
+        result.stdout.fnmatch_lines([f"SKIPPED*cuda: {reason}"])
+
+
+def test_backend_marker_with_unknown_name_or_bad_arguments_errors(pytester):
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.backend("tpu9")
+        def test_typo():
+            pass
+
+        @pytest.mark.backend()
+        def test_no_name():
+            pass
+    """)
+    result = pytester.runpytest("-p", "dpo.testing", "--strict-markers")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines([
+        "*@pytest.mark.backend('tpu9'): unknown backend 'tpu9'; installed: *cpu*",
+        "*@pytest.mark.backend takes one backend name*",
+    ])
+
+
+def test_dpo_register_unregisters_after_the_test_even_when_it_fails(pytester):
+    pytester.makepyfile("""
+        import dpo
+        from dpo.backends.cpu import CPUBackend
+        from dpo.core.plugins import collect
+
+        class FakeBackend(CPUBackend):
+            name = "fake"
+
+        class Plugin:
+            @dpo.hookimpl
+            def dpo_register_backends(self, register):
+                register(FakeBackend)
+
+        managers = []
+
+        def test_register(dpo_register, dpo_plugin_manager):
+            assert dpo_register(Plugin(), name="fake-plugin") == "fake-plugin"
+            assert collect(dpo_plugin_manager).backends.providers["fake"] == "fake-plugin"
+            managers.append(dpo_plugin_manager)
+            raise AssertionError("failing after registering")
+
+        def test_gone_afterwards():
+            pm = managers[0]
+            assert not pm.has_plugin("fake-plugin") and "fake-plugin" not in pm.sources
+            assert "fake" not in collect(pm).backends
+            assert pm.has_plugin("dpo.backends.cpu")
+    """)
+    result = pytester.runpytest("-p", "dpo.testing")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*failing after registering*"])
+
+
+def test_dpo_register_refuses_taken_names_and_cleans_up_refused_plugins(dpo_register,
+                                                                         dpo_plugin_manager):
+    class Typo:
+        @dpo.hookimpl
+        def dpo_register_backend(self, register):  # missing "s": no such hook
+            pass
+
+    with pytest.raises(ValueError, match="unknown hook 'dpo_register_backend'"):
+        dpo_register(Typo(), name="typo")
+    assert not dpo_plugin_manager.has_plugin("typo") and "typo" not in dpo_plugin_manager.sources
+
+    with pytest.raises(ValueError, match="already registered"):
+        dpo_register(Typo(), name="dpo.backends.cpu")
+    assert "cpu" in collect(dpo_plugin_manager).backends
