@@ -1,0 +1,85 @@
+"""The DPO family: DPO's sigmoid loss and conservative DPO (label smoothing)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from dpo.core.hookspecs import hookimpl
+from dpo.core.loss import Loss, LossOutput, PairLogps
+from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+
+
+def dpo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss -log sigma(beta h).
+
+    Args:
+        h: [B] log-ratio margins r_w - r_l.
+        beta: inverse temperature, > 0.
+    Returns:
+        [B] losses.
+    """
+    # log sigma(z) = -softplus(-z): finite for any z, unlike log(sigmoid(z)).
+    return -F.logsigmoid(beta * h)  # Rafailov et al. 2023, arXiv:2305.18290, Eq. 7
+
+
+def cdpo_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
+    """Per-pair conservative DPO loss -(1-eps) log sigma(beta h) - eps log sigma(-beta h):
+    DPO trained on labels assumed flipped with probability eps.
+
+    Args:
+        h: [B] log-ratio margins r_w - r_l.
+        beta: inverse temperature, > 0.
+        eps: label-noise rate in (0, 0.5).
+    Returns:
+        [B] losses.
+    """
+    z = beta * h
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)  # Mitchell 2023, Eq. 3
+
+
+class DPOLoss(Loss):
+    """Direct Preference Optimization, the "sigmoid" loss (Rafailov et al. 2023, Eq. 7)."""
+
+    name = "dpo"
+    requires_reference = True
+
+    class Options(BetaOptions):
+        pass
+
+    options: Options
+
+    def __call__(self, logps: PairLogps) -> LossOutput:
+        r_w, r_l = log_ratios(logps, self.name)
+        beta = self.options.beta
+        return reward_output(dpo_loss(r_w - r_l, beta), r_w, r_l, beta)
+
+
+class ConservativeDPOLoss(Loss):
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences", Eq. 3): DPO with
+    label smoothing eps. Its gradient vanishes at sigma(beta h) = 1 - eps, so the margin stops
+    growing there instead of being pushed to infinity."""
+
+    name = "cdpo"
+    requires_reference = True
+
+    class Options(BetaOptions):
+        eps: float = Field(
+            0.1, gt=0, lt=0.5,
+            description="assumed probability that a preference label is flipped, in (0, 0.5); "
+                        "the loss drives sigma(beta h) towards 1 - eps",
+        )
+
+    options: Options
+
+    def __call__(self, logps: PairLogps) -> LossOutput:
+        r_w, r_l = log_ratios(logps, self.name)
+        beta = self.options.beta
+        return reward_output(cdpo_loss(r_w - r_l, beta, self.options.eps), r_w, r_l, beta)
+
+
+@hookimpl
+def dpo_register_losses(register):
+    register(DPOLoss)
+    register(ConservativeDPOLoss)
