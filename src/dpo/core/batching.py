@@ -1,0 +1,141 @@
+"""Token ids to padded tensors, and the order of batches: deterministic, resumable, per rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from dpo.core.tokenization import TokenizedPair
+
+
+@dataclass(frozen=True)
+class Batch:
+    """B pairs as 2B right-padded rows: rows 0..B-1 are the chosen sequences, rows B..2B-1 the
+    rejected ones of the same pairs in the same order, so one forward serves both sides.
+
+    ``completion_mask[i, t]`` is True where token t of row i is a completion token (EOS
+    included); its log-probability is read from the logits at t - 1. Prompt and padding are False.
+    """
+
+    input_ids: torch.Tensor  # [2B, T] int64
+    attention_mask: torch.Tensor  # [2B, T] int64, 1 for real tokens
+    completion_mask: torch.Tensor  # [2B, T] bool
+    # Counted on the host when collated, so reading them later costs no device sync.
+    _real_tokens: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def real_tokens(self) -> int:
+        if self._real_tokens is None:
+            return int(self.attention_mask.sum())
+        return self._real_tokens
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device | str) -> Batch:
+        return replace(self, input_ids=self.input_ids.to(device),
+                       attention_mask=self.attention_mask.to(device),
+                       completion_mask=self.completion_mask.to(device))
+
+
+def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int = 1) -> Batch:
+    """Right-pad the chosen and rejected sequences of ``pairs`` into one Batch.
+
+    The width is the longest row, rounded up to ``pad_to_multiple_of`` (steadier shapes for
+    compiled or tensor-core kernels).
+    """
+    if not pairs:
+        raise ValueError("collate needs at least one pair")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    rows = ([(*p.prompt_ids, *p.chosen_ids) for p in pairs]
+            + [(*p.prompt_ids, *p.rejected_ids) for p in pairs])
+    prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
+    lengths = [len(r) for r in rows]
+    width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.tensor([[*r, *(pad_token_id,) * (width - len(r))] for r in rows],
+                             dtype=torch.long)
+    positions = torch.arange(width)
+    real = positions < torch.tensor(lengths)[:, None]
+    completion = real & (positions >= torch.tensor(prompt_lengths)[:, None])
+    return Batch(input_ids, real.long(), completion, _real_tokens=sum(lengths))
+
+
+class BatchSampler:
+    """Which pairs go into which batch, for one rank, as a pure function of (seed, epoch).
+
+    Nothing is stateful and the global RNG is never used, so a resumed run only needs the epoch
+    and the position within it to see exactly the batches an uninterrupted run would.
+
+    One epoch:
+      1. A permutation from a ``torch.Generator`` seeded with ``seed + epoch`` (file order when
+         ``shuffle`` is False).
+      2. Making the count fit the ranks. Several ranks: the order is padded by repeating its
+         first indices until the count divides ``world_size`` (at most ``world_size - 1``
+         repeats, as torch's DistributedSampler does). ``drop_last``: the tail that would make a
+         short step is dropped instead, so every batch is full.
+      3. Length grouping: within mega-chunks of ``mega_batches`` steps, indices are sorted by
+         length, longest first, so a step holds similar lengths and little padding; then the
+         order of steps is shuffled with the same generator so lengths do not trend over the epoch.
+      4. Cut into steps of ``batch_size * world_size`` indices (the last may be shorter, but
+         its size divides ``world_size``); rank r takes every ``world_size``-th index of each
+         step from the r-th. Every rank gets the same number of batches, of the same sizes and
+         of similar lengths, so no rank waits long for another.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True,
+                 group_by_length: bool = True, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False, mega_batches: int = 50):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if mega_batches < 1:
+            raise ValueError(f"mega_batches must be >= 1, got {mega_batches}")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed = batch_size, seed
+        self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.rank, self.world_size = rank, world_size
+        self.drop_last, self.mega_batches = drop_last, mega_batches
+
+    @property
+    def step_size(self) -> int:
+        """Indices consumed across all ranks per batch."""
+        return self.batch_size * self.world_size
+
+    def _count(self) -> int:
+        """How many indices an epoch uses after padding or dropping."""
+        n = len(self.lengths)
+        if self.drop_last:
+            return n - n % self.step_size
+        return n + (-n) % self.world_size
+
+    def __len__(self) -> int:
+        return -(-self._count() // self.step_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The index batches of ``epoch`` for this rank, in order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+        count = self._count()
+        if count <= n:
+            order = order[:count]
+        else:
+            order = (order * -(-count // n))[:count] if n else []
+        if self.group_by_length:
+            chunk = self.mega_batches * self.step_size
+            order = [i for start in range(0, len(order), chunk)
+                     for i in sorted(order[start:start + chunk], key=lambda i: -self.lengths[i])]
+        steps = [order[i:i + self.step_size] for i in range(0, len(order), self.step_size)]
+        if self.group_by_length and self.shuffle:
+            steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+        return [step[self.rank::self.world_size] for step in steps]

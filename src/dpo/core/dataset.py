@@ -1,0 +1,156 @@
+"""Preference data from JSONL files to batches: reading, format detection and the held-out split.
+
+The rest of the path lives in two sibling modules, re-exported here so callers import one place:
+``dpo.core.tokenization`` (text or chat messages -> token ids, truncation, drops) and
+``dpo.core.batching`` (padding into tensors, the deterministic per-rank batch order).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TypeVar
+
+import torch
+
+from dpo.core.batching import Batch, BatchSampler, collate
+from dpo.core.data import DataFormat, PreferencePair
+from dpo.core.errors import DataError, UsageError
+from dpo.core.registry import Registry
+from dpo.core.tokenization import DataStats, TokenizedPair, tokenize_pairs
+
+__all__ = [
+    "Batch",
+    "BatchSampler",
+    "DataStats",
+    "SourcedPair",
+    "TokenizedPair",
+    "collate",
+    "load_pairs",
+    "read_records",
+    "split_eval",
+    "tokenize_pairs",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SourcedPair:
+    """A parsed pair and where it came from, so later errors and drops can name the line."""
+
+    pair: PreferencePair
+    path: str
+    line: int
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, record) for each non-blank line of a JSONL file (``.gz``: gzip).
+
+    Streams line by line. A missing file fails here, at the call; a bad line fails when reached.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError("no such file; check the path given to --data", str(path))
+    if not p.is_file():
+        raise DataError("not a file; --data takes a .jsonl or .jsonl.gz file", str(path))
+    return _records(p, str(path))
+
+
+def _records(p: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    opener = gzip.open if p.suffix == ".gz" else open
+    line = 0
+    try:
+        # Bytes, decoded line by line, so an encoding error names its exact line.
+        with opener(p, "rb") as handle:
+            for line, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise DataError("not UTF-8 text; save the file as UTF-8", shown, line) from None
+                if not text.strip():
+                    continue
+                yield line, _parse_line(text, shown, line)
+    except (OSError, EOFError) as exc:  # unreadable, or a corrupt or truncated gzip stream
+        where = f" after line {line}" if line else ""
+        kind = "gzip" if opener is gzip.open else "text"
+        raise DataError(f"cannot read it{where} ({exc}); is it a complete, readable {kind} file?",
+                        shown) from None
+
+
+def _parse_line(text: str, path: str, line: int) -> dict[str, Any]:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg}, column {exc.colno}); each line must hold "
+                        "exactly one JSON object", path, line) from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}; each line must "
+                        'hold one object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
+                        path, line)
+    return record
+
+
+def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str | None = None,
+               options: dict[str, Any] | None = None) -> list[SourcedPair]:
+    """Every record of ``path`` parsed into a PreferencePair.
+
+    The format is ``format_name`` when given, otherwise the first format (by name) whose
+    ``detect`` accepts the file's first record; one format serves the whole file. ``options``
+    are the format's ``-o`` values. Any record the format rejects fails with its file and line.
+    """
+    shown = str(path)
+    forced = formats.get(format_name) if format_name else None  # unknown names fail first
+    fmt: DataFormat | None = None
+    pairs: list[SourcedPair] = []
+    for line, record in read_records(path):
+        if fmt is None:
+            cls = forced or _detect(formats, record, shown, line)
+            fmt = cls(cls.parse_options(dict(options or {})))
+        try:
+            pair = fmt.parse(record)
+        except KeyError as exc:
+            raise DataError(f"{fmt.name} format: missing field {exc}", shown, line) from None
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{fmt.name} format: {exc}", shown, line) from None
+        pairs.append(SourcedPair(pair, shown, line))
+    if not pairs:
+        raise DataError("no records: the file is empty or holds only blank lines", shown)
+    return pairs
+
+
+def _detect(formats: Registry[DataFormat], record: dict[str, Any], path: str,
+            line: int) -> type[DataFormat]:
+    for _, cls in formats:  # sorted by name, so detection does not depend on install order
+        if cls.detect(record):
+            return cls
+    keys = ", ".join(sorted(record)) or "none"
+    installed = ", ".join(formats.names()) or "none"
+    raise DataError(f"no installed data format recognises this record (keys: {keys}); "
+                    f"installed: {installed}; pick one with --format", path, line)
+
+
+# Offsets the split's generator from the sampler's (seed + epoch), so the held-out choice and
+# the first epoch's shuffle are unrelated streams.
+_SPLIT_SEED_OFFSET = 1_000_003
+
+
+def split_eval(pairs: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, eval): a deterministic random ``fraction`` of ``pairs`` held out.
+
+    At least one pair is held out when ``fraction > 0`` and at least two pairs exist, and at
+    least one is always left for training. Both parts keep the file order.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"eval fraction {fraction} must be in [0, 1)")
+    n = len(pairs)
+    if fraction == 0.0 or n < 2:
+        return list(pairs), []
+    k = min(n - 1, max(1, round(fraction * n)))
+    generator = torch.Generator().manual_seed(seed + _SPLIT_SEED_OFFSET)
+    held = set(torch.randperm(n, generator=generator)[:k].tolist())
+    train = [p for i, p in enumerate(pairs) if i not in held]
+    held_out = [p for i, p in enumerate(pairs) if i in held]
+    return train, held_out

@@ -1,0 +1,44 @@
+"""The ``preference`` data format: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` as text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpo.core.data import DataFormat, PreferencePair
+from dpo.core.hookspecs import hookimpl
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PreferenceFormat(DataFormat):
+    """One JSON object per pair with string fields ``prompt``, ``chosen`` and ``rejected``
+    (the completions without the prompt). Other keys are ignored."""
+
+    name = "preference"
+
+    @classmethod
+    def detect(cls, record: dict[str, Any]) -> bool:
+        return all(isinstance(record.get(key), str) for key in FIELDS)
+
+    def parse(self, record: dict[str, Any]) -> PreferencePair:
+        for key in FIELDS:
+            if key not in record:
+                raise ValueError(f"missing field {key!r} (a {self.name} record needs "
+                                 f"{', '.join(FIELDS)})")
+            value = record[key]
+            if not isinstance(value, str):
+                raise ValueError(f"field {key!r} must be a string, got {_json_type(value)}")
+        return PreferencePair(record["prompt"], record["chosen"], record["rejected"])
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, as the user wrote it in the file."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+@hookimpl
+def dpo_register_data_formats(register):
+    register(PreferenceFormat)
