@@ -57,10 +57,31 @@ class NanAt(DPOLoss):
         return out
 
 
+class QAFormat(dpo.DataFormat):
+    """A third-party record shape: ``{"question", "good", "bad"}``, with an optional prefix."""
+
+    name = "qa"
+
+    class Options(dpo.PluginOptions):
+        prefix: str = ""
+
+    @classmethod
+    def detect(cls, record):
+        return {"question", "good", "bad"} <= set(record)
+
+    def parse(self, record):
+        return dpo.PreferencePair(self.options.prefix + record["question"], record["good"],
+                                  record["bad"])
+
+
 class TestPlugin:
     @dpo.hookimpl
     def dpo_register_stopping_policies(self, register):
         register(Crash)
+
+    @dpo.hookimpl
+    def dpo_register_data_formats(self, register):
+        register(QAFormat)
 
     @dpo.hookimpl
     def dpo_register_losses(self, register):
@@ -105,11 +126,12 @@ def test_tiny_run_writes_a_loadable_model_metrics_and_run_record(tmp_path, invok
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert steps[0]["rewards/accuracies"] == 0.0
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.05  # the tiny model learns the pattern
     assert len(evals) == 1 and evals[0]["step"] == 20 and "eval/rewards/accuracies" in evals[0]
 
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["steps"] == 20
+    # --eval-fraction 0.25 holds out a quarter of the 24 pairs: 18 train, 6 held out.
+    assert run["data"]["train"]["pairs_kept"] == 18 and run["data"]["eval"]["pairs_kept"] == 6
     assert run["config"]["seed"] == 42 and run["config"]["max_steps"] == 20
     assert run["resolved"]["backend"] == "cpu" and run["versions"]["torch"] == torch.__version__
 
@@ -123,6 +145,39 @@ def test_tiny_run_writes_a_loadable_model_metrics_and_run_record(tmp_path, invok
     again = AutoModelForCausalLM.from_pretrained(out / "checkpoint-20")
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_tiny_model_learns_its_training_pairs(tmp_path, invoke):
+    """Evaluating on the training pairs themselves removes batch-to-batch noise: the eval loss
+    starts at ln 2 = 0.6931 (policy == reference) and must fall well below it as the policy
+    learns to prefer the right sums. beta=0.5 goes through -o to the loss's Options."""
+    data = str(write_pairs(tmp_path / "pairs.jsonl"))
+    result = invoke(*base_args(tmp_path, "out", 20), "--eval-data", data, "--eval-steps", "10",
+                    "--lr", "3e-3", "-o", "beta=0.5")
+    assert result.exit_code == 0, result.output
+    evals = [r for r in records(tmp_path / "out") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[-1]["eval/loss"] < math.log(2) - 0.05
+    assert evals[-1]["eval/rewards/accuracies"] > 0.5
+    assert evals[-1]["eval/rewards/margins"] > 0.0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["resolved"]["options"]["dpo"]["beta"] == 0.5  # validated and typed
+
+
+def test_a_plugin_data_format_is_detected_or_forced_with_its_options(tmp_path, invoke):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} + 1 = ", "good": f"{i + 1}",
+                                        "bad": f"{i + 2}"}) + "\n" for i in range(8)))
+    args = ["--model", "tiny", "--data", str(data), "--backend", "cpu", "--max-steps", "2",
+            "--batch-size", "4"]
+    detected = invoke(*args, "--output", str(tmp_path / "a"))
+    assert detected.exit_code == 0, detected.output
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train"]["pairs_kept"] == 8
+    forced = invoke(*args, "--output", str(tmp_path / "b"), "--format", "qa", "-o", "qa.prefix=Q: ")
+    assert forced.exit_code == 0, forced.output
+    bad = invoke(*args, "--output", str(tmp_path / "c"), "--format", "qa", "-o", "qa.suffix=x")
+    assert bad.exit_code == 2 and "unknown option 'suffix'" in bad.output
+    assert not (tmp_path / "c").exists()
 
 
 def deterministic(rows: list[dict]) -> list[dict]:

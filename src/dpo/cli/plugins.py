@@ -41,8 +41,9 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
             return
         console = Console()
         table = Table(title="plugins")
-        for column in ("plugin", "distribution", "registers"):
-            table.add_column(column)
+        table.add_column("plugin", no_wrap=True)
+        table.add_column("distribution", no_wrap=True)
+        table.add_column("registers", overflow="fold")
         short = {h: h.removeprefix("dpo_register_").replace("_", " ") for h in
                  [*REGISTRATION_HOOKS, "dpo_register_commands"]}
         for p in report["plugins"]:

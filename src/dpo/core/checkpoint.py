@@ -40,8 +40,17 @@ def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
 
 
 def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any) -> None:
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws its own shard-writing bar; ours already shows the run's progress.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _replace_dir(path: Path, write) -> None:

@@ -186,6 +186,8 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         "config": config.model_dump(),
         "resolved": {"backend": backend.name, "device": backend.describe(), "dtype": str(dtype),
                      "total_steps": steps, "warmup_steps": warmup, "world_size": dist.world_size,
+                     "options": {loss.name: loss.options.model_dump(mode="json"),
+                                 **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "reference": ("a frozen copy of --model, re-loaded from it on resume"
                                    if reference is not None else "none (reference-free loss)")},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
