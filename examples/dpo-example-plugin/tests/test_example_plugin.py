@@ -55,3 +55,20 @@ def test_plugin_command_runs(dpo_plugin_manager):
     result = CliRunner().invoke(make_app(dpo_plugin_manager), ["hinge-table", "--beta", "0.1"])
     assert result.exit_code == 0, result.output
     assert "h=20 loss=0" in result.output and "h=0 loss=1" in result.output
+
+
+def test_a_run_trains_with_the_plugin_loss(dpo_plugin_manager, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "chosen": f"{i + 1}",
+                                        "rejected": f"{i + 2}"}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(make_app(dpo_plugin_manager), [
+        "run", "--no-progress", "--model", "tiny", "--data", str(data), "--backend", "cpu",
+        "--loss", "example-hinge", "-o", "beta=0.5", "--max-steps", "3", "--batch-size", "4",
+        "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Step 1: policy == reference, so h = 0 and the hinge loss is max(0, 1 - 0) = 1.
+    assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["loss"] == "example-hinge" and run["status"] == "completed"
