@@ -126,7 +126,9 @@ def test_tiny_run_writes_a_loadable_model_metrics_and_run_record(tmp_path, invok
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert steps[0]["rewards/accuracies"] == 0.0
-    assert len(evals) == 1 and evals[0]["step"] == 20 and "eval/rewards/accuracies" in evals[0]
+    # The baseline evaluation at step 0 (policy == reference: ln 2 again), then the final one.
+    assert [r["step"] for r in evals] == [0, 20] and "eval/rewards/accuracies" in evals[1]
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["steps"] == 20
@@ -156,7 +158,7 @@ def test_tiny_model_learns_its_training_pairs(tmp_path, invoke):
                     "--lr", "3e-3", "-o", "beta=0.5")
     assert result.exit_code == 0, result.output
     evals = [r for r in records(tmp_path / "out") if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [10, 20]
+    assert [r["step"] for r in evals] == [0, 10, 20]
     assert evals[-1]["eval/loss"] < math.log(2) - 0.05
     assert evals[-1]["eval/rewards/accuracies"] > 0.5
     assert evals[-1]["eval/rewards/margins"] > 0.0

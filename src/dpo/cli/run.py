@@ -23,6 +23,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     @one_line_errors
     def run_command(
         model: Annotated[Optional[str], typer.Option(help="'tiny', a local Hugging Face model directory, or a hub id.")] = None,
+        ref_model: Annotated[Optional[str], typer.Option(help="Reference model (same kinds as --model). [default: a frozen copy of --model]")] = None,
         data: Annotated[Optional[str], typer.Option(help="Training pairs: JSONL or JSONL.gz.", rich_help_panel=DATA)] = None,
         format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).", rich_help_panel=DATA)] = None,
         eval_data: Annotated[Optional[str], typer.Option(help="Held-out pairs for evaluation.", rich_help_panel=DATA)] = None,
@@ -47,6 +48,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 42]", rich_help_panel=OPTIM)] = None,
         output: Annotated[Optional[str], typer.Option(help="Run directory. [default: out]", rich_help_panel=OUT)] = None,
         eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (0: at the end).", rich_help_panel=OUT)] = None,
+        eval_at_start: Annotated[Optional[bool], typer.Option("--eval-at-start/--no-eval-at-start", help="Evaluate once before training: the baseline. [default: on]", rich_help_panel=OUT)] = None,
         save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end). [default: 100]", rich_help_panel=OUT)] = None,
         save_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]", rich_help_panel=OUT)] = None,
         progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar.", rich_help_panel=OUT)] = None,
@@ -60,14 +62,15 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         run.json, metrics.jsonl, checkpoint-N/ and final/ (a Hugging Face model directory).
         """
         flags = {
-            "model": model, "data": data, "format": format, "eval_data": eval_data,
+            "model": model, "ref_model": ref_model, "data": data, "format": format, "eval_data": eval_data,
             "eval_fraction": eval_fraction, "max_length": max_length,
             "max_prompt_length": max_prompt_length, "backend": backend, "dtype": dtype,
             "loss": loss, "stop": stop, "max_steps": max_steps, "epochs": epochs,
             "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps,
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "max_grad_norm": max_grad_norm,
-            "seed": seed, "output": output, "eval_steps": eval_steps, "save_steps": save_steps,
+            "seed": seed, "output": output, "eval_steps": eval_steps,
+            "eval_at_start": eval_at_start, "save_steps": save_steps,
             "save_total_limit": save_total_limit, "progress": progress,
             "options": parse_assignments(option or []),
         }

@@ -34,9 +34,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically."""
-    _replace_dir(path, lambda tmp: _write_model(tmp, model, tokenizer))
+def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically, with ``extra``
+    JSON files (file name -> content) beside them."""
+    def write(tmp: Path) -> None:
+        _write_model(tmp, model, tokenizer)
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+    _replace_dir(path, write)
 
 
 def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any) -> None:

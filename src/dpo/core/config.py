@@ -25,6 +25,7 @@ class RunConfig(BaseModel):
 
     # what to train on
     model: str = Field("tiny", description="'tiny', a local Hugging Face directory, or a hub id")
+    ref_model: str | None = Field(None, description="reference model; default: a frozen copy of --model")
     data: str | None = Field(None, description="training pairs (JSONL or JSONL.gz)")
     format: str | None = Field(None, description="data format; auto-detected when unset")
     eval_data: str | None = Field(None, description="held-out pairs for evaluation")
@@ -59,6 +60,7 @@ class RunConfig(BaseModel):
     # output
     output: str = "out"
     eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_at_start: bool = Field(True, description="evaluate once before training (the baseline)")
     save_steps: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     progress: bool = True

@@ -12,6 +12,7 @@ One optimizer step:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ class Settings:
     save_total_limit: int
     dtype: torch.dtype
     batch_size: int
+    eval_at_start: bool = True
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Outcome:
     train_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     saved: bool
+    initial_eval: dict[str, float] = field(default_factory=dict)  # at step 0, before training
+    restored_step: int | None = None  # final weights are those of this step's evaluation
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -178,12 +182,43 @@ def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
 # -- the loop ----------------------------------------------------------------------------------
 
 def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy], Decision]
-            ) -> tuple[str, Decision] | None:
+            ) -> tuple[tuple[str, Decision] | None, bool]:
+    """Every policy sees the metrics (so each one's state stays exact); the first one to stop
+    wins. Also says whether a policy that restores its best weights marked these as best."""
+    stopped, keep_best = None, False
     for name, policy in policies.items():
         decision = ask(policy)
-        if decision.stop:
-            return name, decision
-    return None
+        keep_best = keep_best or (decision.best and policy.restores_best())
+        if decision.stop and stopped is None:
+            stopped = (name, decision)
+    return stopped, keep_best
+
+
+BEST = "best"
+BEST_RECORD = "dpo_best.json"
+
+
+def save_best(t: Trainee, step: int, metrics: dict[str, float]) -> None:
+    """Keep these weights as the run's best (``best/``, a Hugging Face directory), with the step
+    and the evaluation that made them best."""
+    if not t.dist.is_main:
+        return
+    save_model_dir(t.output / BEST, t.policy, t.tokenizer,
+                   extra={BEST_RECORD: {"step": step, "metrics": metrics}})
+
+
+def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
+    """Load the weights kept in ``best/`` into the policy; (step, its evaluation) or None."""
+    record_path = t.output / BEST / BEST_RECORD
+    if not record_path.is_file():
+        return None
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads(record_path.read_text())
+    best = AutoModelForCausalLM.from_pretrained(t.output / BEST, dtype=torch.float32)
+    with torch.no_grad():
+        t.policy.load_state_dict(best.state_dict())
+    return int(record["step"]), record["metrics"]
 
 
 def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
@@ -225,10 +260,20 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
     t.policy.train()
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
+    initial_eval: dict[str, float] = {}
     stopped: tuple[str, Decision] | None = None
     reporter.start(settings.total_steps, state.step)
     try:
-        while state.step < settings.total_steps:
+        if state.step == 0 and settings.eval_at_start and t.eval_pairs:
+            # The baseline: policy == reference here unless --ref-model names another model.
+            initial_eval = eval_metrics = evaluate(t, settings)
+            reporter.record({"step": 0, **initial_eval})
+            stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, initial_eval))
+            if keep_best:
+                save_best(t, 0, initial_eval)
+            if stopped and stopped[1].save:
+                checkpoint()
+        while state.step < settings.total_steps and not stopped:
             started = time.perf_counter()
             t.backend.reset_peak_memory()
             micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
@@ -276,14 +321,19 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             train_metrics = metrics
             reporter.record({"step": state.step, **metrics})
             reporter.step(state.step, metrics)
-            stopped = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
+            stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
+            if keep_best:
+                save_best(t, state.step, metrics)
 
             last = stopped is not None or state.step >= settings.total_steps
             if not stopped and (last or (settings.eval_steps and state.step % settings.eval_steps == 0)):
                 eval_metrics = evaluate(t, settings)
                 if eval_metrics:
                     reporter.record({"step": state.step, **eval_metrics})
-                    stopped = _decide(t.policies, lambda p: p.on_eval(state.step, eval_metrics))
+                    stopped, keep_best = _decide(
+                        t.policies, lambda p: p.on_eval(state.step, eval_metrics))
+                    if keep_best:
+                        save_best(t, state.step, eval_metrics)
             if stopped and not stopped[1].save:
                 break
             if stopped or last or (settings.save_steps and state.step % settings.save_steps == 0):
@@ -294,7 +344,14 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
         reporter.close()
 
     saved = not (stopped and not stopped[1].save)
+    restored_step = None
+    if saved and any(p.restores_best() for p in t.policies.values()):
+        best = restore_best(t)
+        if best is not None:
+            restored_step, eval_metrics = best
+            reporter.info(f"final weights: the best evaluation's, from step {restored_step}")
     if saved and t.dist.is_main:
         save_model_dir(t.output / FINAL, t.policy, t.tokenizer)
     name, decision = stopped if stopped else (None, Decision())
-    return Outcome(state.step, name, decision.reason, train_metrics, eval_metrics, saved)
+    return Outcome(state.step, name, decision.reason, train_metrics, eval_metrics, saved,
+                   initial_eval, restored_step)

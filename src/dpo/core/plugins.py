@@ -38,6 +38,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.plugins.losses.dpo",
     "dpo.plugins.losses.ipo",
     "dpo.plugins.stopping.nan_guard",
+    "dpo.plugins.stopping.early_stopping",
+    "dpo.plugins.stopping.target",
     "dpo.plugins.formats.preference",
 )
 

@@ -111,12 +111,17 @@ class Reporter:
                       f"margin {_fmt(metrics.get('rewards/margins'))}")
             self._progress.update(self._task, completed=step, status=status)
 
-    def summary(self, title: str, train: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> None:
+    def summary(self, title: str, train: dict[str, Any] | None, evaluation: dict[str, Any] | None,
+                before: dict[str, Any] | None = None, eval_label: str = "eval") -> None:
+        """The closing table: the last step's training metrics, then the held-out metrics
+        before training (step 0) and at the end, side by side."""
         if not self.enabled:
             return
         table = Table(title=title)
         table.add_column("metric")
-        columns = [("train", train or {}), ("eval", {k[5:]: v for k, v in (evaluation or {}).items()})]
+        columns = [("train (last step)", train or {}),
+                   ("eval (step 0)", {k[5:]: v for k, v in (before or {}).items()}),
+                   (eval_label, {k[5:]: v for k, v in (evaluation or {}).items()})]
         columns = [(name, values) for name, values in columns if values]
         for name, _ in columns:
             table.add_column(name, justify="right")

@@ -28,9 +28,9 @@ from dpo.core.checkpoint import (
 from dpo.core.config import RunConfig
 from dpo.core.dataset import BatchSampler, TokenizedPair, load_pairs, split_eval, tokenize_pairs
 from dpo.core.distributed import DistInfo
-from dpo.core.errors import UsageError
+from dpo.core.errors import DpoError, UsageError
 from dpo.core.loop import Outcome, Settings, Trainee, TrainState, disable_dropout, train
-from dpo.core.models import load_model
+from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
 from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
 from dpo.core.schedule import build_scheduler
@@ -124,6 +124,15 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         policies[name] = cls(cls.parse_options(config.plugin_options(name)))
     if config.format:
         catalog.formats.get(config.format)
+    watched = [m for p in policies.values() for m in p.watches() if m.startswith("eval/")]
+    if watched and not (config.eval_data or config.eval_fraction):
+        raise UsageError(f"stopping on {watched[0]} needs held-out pairs: give --eval-data or "
+                         "--eval-fraction")
+    if config.ref_model and not loss.requires_reference:
+        raise UsageError(f"--ref-model given, but loss {loss.name!r} uses no reference model")
+    sources = {"model": resolve_source(config.model).describe()}
+    if config.ref_model:
+        sources["ref_model"] = resolve_source(config.ref_model).describe()
 
     # 2. The output directory and the checkpoint to resume from.
     checkpoint = None
@@ -140,7 +149,11 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     model, tokenizer = load_model(config.model, config.seed)
     train_pairs, eval_pairs, stats, eval_stats = _tokenized(config, catalog, tokenizer, reporter)
     reference = None
-    if loss.requires_reference:
+    if loss.requires_reference and config.ref_model:
+        reference, ref_tokenizer = load_model(config.ref_model, config.seed)
+        check_same_tokenizer(tokenizer, ref_tokenizer, config)
+        reference.requires_grad_(False).eval()
+    elif loss.requires_reference:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
@@ -188,8 +201,10 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
                      "total_steps": steps, "warmup_steps": warmup, "world_size": dist.world_size,
                      "options": {loss.name: loss.options.model_dump(mode="json"),
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
-                     "reference": ("a frozen copy of --model, re-loaded from it on resume"
-                                   if reference is not None else "none (reference-free loss)")},
+                     "models": sources,
+                     "reference": ("none (reference-free loss)" if reference is None else
+                                   f"--ref-model {config.ref_model}, frozen" if config.ref_model
+                                   else "a frozen copy of --model, re-loaded from it on resume")},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -207,20 +222,40 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     settings = Settings(total_steps=steps, grad_accum=config.grad_accum,
                         max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-                        dtype=dtype, batch_size=config.batch_size)
-    outcome = train(trainee, settings, state, reporter, on_save=on_save)
+                        dtype=dtype, batch_size=config.batch_size,
+                        eval_at_start=config.eval_at_start)
+    try:
+        outcome = train(trainee, settings, state, reporter, on_save=on_save)
+    except DpoError as exc:
+        # A problem found mid-run (e.g. a stopping policy's metric is never reported): the run
+        # directory says so, and its checkpoints stay valid for --resume once it is fixed.
+        if dist.is_main:
+            record.update({"status": f"failed: {exc}",
+                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            write_json_atomic(output / RUN_FILE, record)
+        raise
 
     status = f"stopped by {outcome.stopped_by}: {outcome.reason}" if outcome.stopped_by else "completed"
     record.update({"status": status, "steps": outcome.step, "final": outcome.train_metrics,
-                   "final_eval": outcome.eval_metrics,
+                   "final_eval": outcome.eval_metrics, "initial_eval": outcome.initial_eval or None,
+                   "restored_best_from_step": outcome.restored_step,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if dist.is_main:
         write_json_atomic(output / RUN_FILE, record)
     if outcome.stopped_by:
         reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: {outcome.reason}")
+    final_label = (f"eval (best, step {outcome.restored_step})" if outcome.restored_step is not None
+                   else f"eval (step {outcome.step})")
     reporter.summary(f"{status} after {outcome.step} steps -> {output}", outcome.train_metrics,
-                     outcome.eval_metrics)
+                     outcome.eval_metrics, before=outcome.initial_eval, eval_label=final_label)
     return outcome
+
+
+def check_same_tokenizer(policy: Any, reference: Any, config: RunConfig) -> None:
+    """Policy and reference score the same token ids, so they must share a vocabulary."""
+    if policy.get_vocab() != reference.get_vocab():
+        raise UsageError(f"--ref-model {config.ref_model}: its tokenizer differs from that of "
+                         f"--model {config.model}; the reference must use the same vocabulary")
 
 
 def versions() -> dict[str, str]:

@@ -12,11 +12,14 @@ from dpo.core.options import Configurable
 @dataclass(frozen=True)
 class Decision:
     """A policy's verdict. ``save=False`` asks the loop not to write a final checkpoint (e.g. the
-    weights are not trustworthy), which leaves the last good checkpoint as the newest one."""
+    weights are not trustworthy), which leaves the last good checkpoint as the newest one.
+    ``best=True`` (from ``on_eval``) says this evaluation is the best so far by the policy's
+    measure: the loop keeps a copy of these weights in the run's ``best/`` directory."""
 
     stop: bool = False
     reason: str = ""
     save: bool = True
+    best: bool = False
 
 
 CONTINUE = Decision()
@@ -33,6 +36,16 @@ class StoppingPolicy(Configurable, ABC):
     """
 
     kind: ClassVar[str] = "stopping policy"
+
+    def watches(self) -> list[str]:
+        """Metric names this policy decides on. A name starting with ``eval/`` makes the run
+        refuse to start without held-out data, and every name must be reported by the first
+        evaluation (or step) or the run stops with a clear error."""
+        return []
+
+    def restores_best(self) -> bool:
+        """Whether the run's final weights should be those of this policy's best evaluation."""
+        return False
 
     def on_step(self, step: int, metrics: dict[str, float]) -> Decision:
         return CONTINUE
