@@ -160,23 +160,34 @@ def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo) -> di
 
 def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
     """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
-    if not t.eval_pairs:
+    return preference_metrics(t.policy, t.reference, t.tokenizer, t.loss, t.eval_pairs,
+                              t.backend, t.device, settings.dtype, settings.batch_size, t.dist)
+
+
+def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, tokenizer: Any,
+                       loss: Loss, pairs: list[TokenizedPair], backend: Backend,
+                       device: torch.device, dtype: torch.dtype, batch_size: int,
+                       dist: DistInfo | None = None) -> dict[str, float]:
+    """The loss and TRL-named metrics of ``policy`` against ``reference`` on ``pairs``, averaged
+    over pairs (and ranks), under ``eval/`` names; empty when there are no pairs."""
+    if not pairs:
         return {}
+    dist = dist or DistInfo()
     sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-                            for p in t.eval_pairs], settings.batch_size, seed=0, shuffle=False,
-                           rank=t.dist.rank, world_size=t.dist.world_size)
-    was_training = t.policy.training
-    t.policy.eval()
+                            for p in pairs], batch_size, seed=0, shuffle=False,
+                           rank=dist.rank, world_size=dist.world_size)
+    was_training = policy.training
+    policy.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad():
         for indices in sampler.batches(0):
-            batch = collate([t.eval_pairs[i] for i in indices], t.tokenizer.pad_token_id).to(t.device)
-            logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
-            _add(sums, metric_sums(t.loss(logps), logps))
+            batch = collate([pairs[i] for i in indices], tokenizer.pad_token_id).to(device)
+            logps = pair_logps(policy, reference, batch, backend, dtype)
+            _add(sums, metric_sums(loss(logps), logps))
             count += batch.num_pairs
-    t.policy.train(was_training)
-    return {f"eval/{k}": v for k, v in _averages(sums, count, t.dist).items()}
+    policy.train(was_training)
+    return {f"eval/{k}": v for k, v in _averages(sums, count, dist).items()}
 
 
 # -- the loop ----------------------------------------------------------------------------------

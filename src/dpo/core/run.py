@@ -151,7 +151,7 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     reference = None
     if loss.requires_reference and config.ref_model:
         reference, ref_tokenizer = load_model(config.ref_model, config.seed)
-        check_same_tokenizer(tokenizer, ref_tokenizer, config)
+        check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
         reference.requires_grad_(False).eval()
     elif loss.requires_reference:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
@@ -251,11 +251,12 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     return outcome
 
 
-def check_same_tokenizer(policy: Any, reference: Any, config: RunConfig) -> None:
+def check_same_tokenizer(policy: Any, reference: Any, model: str, ref: str,
+                         flag: str = "--ref-model") -> None:
     """Policy and reference score the same token ids, so they must share a vocabulary."""
     if policy.get_vocab() != reference.get_vocab():
-        raise UsageError(f"--ref-model {config.ref_model}: its tokenizer differs from that of "
-                         f"--model {config.model}; the reference must use the same vocabulary")
+        raise UsageError(f"{flag} {ref}: its tokenizer differs from that of --model {model}; "
+                         "the reference must use the same vocabulary")
 
 
 def versions() -> dict[str, str]:

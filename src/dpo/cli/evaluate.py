@@ -1,0 +1,55 @@
+"""``dpo eval``: preference metrics of a trained policy against its reference."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpo.cli import one_line_errors
+from dpo.core.evaluation import EvalRequest, evaluate_request
+from dpo.core.options import parse_assignments
+from dpo.core.plugins import Catalog
+from dpo.core.report import SUMMARY_KEYS, _fmt
+
+
+def register(app: typer.Typer, catalog: Catalog) -> None:
+    @app.command("eval")
+    @one_line_errors
+    def eval_command(
+        model: Annotated[str, typer.Option(help="The policy: a run directory, a model directory, a .gguf file, a hub id or 'tiny'.")],
+        data: Annotated[str, typer.Option(help="Held-out pairs (JSONL or JSONL.gz, any installed format).")],
+        ref: Annotated[Optional[str], typer.Option(help="The reference model. [default: the run's starting model, when --model is a run directory]")] = None,
+        loss: Annotated[Optional[str], typer.Option(help="Loss whose rewards are reported. [default: the run's, else dpo]")] = None,
+        option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Loss option key=value (e.g. -o beta=0.1). [default: the run's]")] = None,
+        format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).")] = None,
+        backend: Annotated[str, typer.Option(help="cpu, cuda, rocm, xpu, xla or auto.")] = "auto",
+        dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+        batch_size: Annotated[int, typer.Option(min=1, help="Pairs per forward pass.")] = 8,
+        max_length: Annotated[Optional[int], typer.Option(help="Prompt + completion tokens. [default: the run's, else 512]")] = None,
+        max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept. [default: the run's, else 256]")] = None,
+        strict: Annotated[bool, typer.Option(help="Refuse unusable records instead of dropping them.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    ) -> None:
+        """Preference metrics (rewards/accuracies, margins, chosen and rejected rewards and
+        log-probs) of a policy against its reference on held-out pairs."""
+        request = EvalRequest(model=model, data=data, ref=ref, loss=loss,
+                              options=parse_assignments(option or []), format=format,
+                              backend=backend, dtype=dtype, batch_size=batch_size,
+                              max_length=max_length, max_prompt_length=max_prompt_length,
+                              strict=strict)
+        result = evaluate_request(request, catalog)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        ref_text = f" against {result['ref']}" if result["ref"] else ""
+        table = Table(title=f"{result['model']}{ref_text}, {result['pairs']} pairs")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in SUMMARY_KEYS:
+            if key in result["metrics"]:
+                table.add_row(key, _fmt(result["metrics"][key]))
+        Console().print(table)
