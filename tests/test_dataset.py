@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from tokenizers import processors
 
-from dpo.core.data import DataFormat, PreferencePair
+from dpo.core.data import DataFormat, PreferencePair, UnusableRecord
 from dpo.core.dataset import (
     Batch,
     BatchSampler,
@@ -112,11 +114,18 @@ def test_read_records_refuses_a_line_that_is_not_an_object(tmp_path):
         list(read_records(path))
 
 
-def test_read_records_names_a_missing_file_at_the_call(tmp_path):
+@pytest.fixture
+def no_datasets(monkeypatch):
+    """The optional ``datasets`` package as if not installed (None in sys.modules: ImportError)."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+
+
+def test_read_records_names_a_missing_file_at_the_call(tmp_path, no_datasets):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DataError) as info:
         read_records(missing)  # no iteration needed
-    assert str(info.value) == f"{missing}: no such file; check the path given to --data"
+    assert str(info.value) == (f"{missing}: no such file; check the path given to --data (or "
+                               "install dpo-trainer[datasets] to read a hub dataset by name)")
 
 
 def test_read_records_names_the_line_with_bad_utf8(tmp_path):
@@ -133,6 +142,62 @@ def test_read_records_reports_a_truncated_gzip(tmp_path):
     cut.write_bytes(whole.read_bytes()[:200])
     with pytest.raises(DataError, match=r"cut\.jsonl\.gz: cannot read it"):
         list(read_records(cut))
+
+
+# -- hub datasets (a fake ``datasets`` module) --------------------------------------------------
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A stand-in for the ``datasets`` package: ``load_dataset`` records its calls and returns
+    the rows of ``hub.rows[(name, split)]`` (a missing entry fails as the real one does)."""
+    fake = types.ModuleType("datasets")
+    fake.calls, fake.rows = [], {}
+
+    def load_dataset(name, split):
+        fake.calls.append((name, split))
+        if (name, split) not in fake.rows:
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be "
+                                    "accessed.\nMore lines.")
+        return fake.rows[(name, split)]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    return fake
+
+
+def test_a_missing_path_is_read_as_a_hub_dataset_with_rows_numbered_from_1(hub):
+    hub.rows[("org/pairs", "train")] = [pair("p1", "c1", "r1"), pair("p2", "c2", "r2")]
+    hub.rows[("org/pairs", "test[:1]")] = [pair("p3", "c3", "r3")]
+    pairs = load_pairs("org/pairs", registry(PreferenceFormat))
+    assert pairs == [SourcedPair(PreferencePair("p1", "c1", "r1"), "org/pairs", 1),
+                     SourcedPair(PreferencePair("p2", "c2", "r2"), "org/pairs", 2)]
+    assert list(read_records("org/pairs:test[:1]")) == [(1, pair("p3", "c3", "r3"))]
+    assert hub.calls == [("org/pairs", "train"), ("org/pairs", "test[:1]")]
+
+
+def test_hub_rows_name_their_row_in_errors(hub):
+    hub.rows[("org/pairs", "train")] = [pair(), pair(chosen=3)]
+    with pytest.raises(DataError) as info:
+        load_pairs("org/pairs", registry(PreferenceFormat))
+    assert str(info.value) == ("org/pairs:2: preference format: field 'chosen' must be a string, "
+                               "got number")
+
+
+def test_a_dataset_that_cannot_be_loaded_is_one_line(hub):
+    with pytest.raises(DataError) as info:
+        read_records("org/nope:dev")
+    assert str(info.value) == (
+        "org/nope:dev: no such file, and no Hugging Face dataset 'org/nope' with split 'dev' "
+        "could be loaded (Dataset 'org/nope' doesn't exist on the Hub or cannot be accessed.); "
+        "check the path or the dataset name")
+
+
+@pytest.mark.parametrize("name", ["data/train.jsonl", "pairs.jsonl.gz", "/abs/pairs"])
+def test_a_missing_local_file_is_not_looked_up_on_the_hub(hub, name):
+    with pytest.raises(DataError) as info:
+        read_records(name)
+    assert str(info.value) == f"{name}: no such file; check the path given to --data"
+    assert hub.calls == []
 
 
 # -- load_pairs --------------------------------------------------------------------------------
@@ -186,6 +251,81 @@ def test_an_empty_file_is_an_error(tmp_path, lines):
     path = write_jsonl(tmp_path / "d.jsonl", lines)
     with pytest.raises(DataError, match="no records"):
         load_pairs(path, registry(PreferenceFormat))
+
+
+class PickyFormat(DataFormat):
+    """question/good/bad; a record without "good" is unusable, with a non-string "good"
+    malformed."""
+
+    name = "picky"
+
+    @classmethod
+    def detect(cls, record):
+        return "question" in record
+
+    def parse(self, record):
+        if "good" not in record:
+            raise UnusableRecord("no_good_answer", "there is no good answer")
+        if not isinstance(record["good"], str):
+            raise ValueError("field 'good' must be a string")
+        if record["good"] == record["bad"]:
+            raise UnusableRecord("identical", "good and bad are the same")
+        return PreferencePair(record["question"], record["good"], record["bad"])
+
+
+PICKY_LINES = [
+    {"question": "q1", "good": "g", "bad": "b"},
+    {"question": "q2", "bad": "b"},
+    {"question": "q3", "good": "x", "bad": "x"},
+    {"question": "q4", "bad": "b"},
+    {"question": "q5", "good": "g", "bad": "b"},
+]
+
+
+def test_unusable_record_is_public_a_value_error_and_checks_its_reason():
+    import pickle
+
+    import dpo
+
+    exc = dpo.UnusableRecord("no_good_answer", "there is no good answer")
+    assert isinstance(exc, ValueError) and exc.reason == "no_good_answer"
+    copy = pickle.loads(pickle.dumps(exc))
+    assert (copy.reason, str(copy)) == ("no_good_answer", "there is no good answer")
+    with pytest.raises(ValueError, match="must be lower_case_words"):
+        dpo.UnusableRecord("No good answer", "m")
+
+
+def test_unusable_records_are_dropped_and_counted_per_reason(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", PICKY_LINES)
+    stats = DataStats()
+    pairs = load_pairs(path, registry(PickyFormat), stats=stats)
+    assert [p.line for p in pairs] == [1, 5]
+    assert stats.drops() == {"identical": 1, "no_good_answer": 2}
+    assert stats.as_dict()["dropped_no_good_answer"] == 2 and stats.pairs_read == 0
+    assert load_pairs(path, registry(PickyFormat)) == pairs  # counting is optional
+
+
+def test_strict_stops_at_the_first_unusable_record(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", PICKY_LINES)
+    with pytest.raises(DataError) as info:
+        load_pairs(path, registry(PickyFormat), strict=True)
+    assert str(info.value) == (f"{path}:2: picky format: there is no good answer; fix or remove "
+                               "the record, or run without --strict")
+
+
+def test_a_malformed_record_is_an_error_even_without_strict(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [*PICKY_LINES, {"question": "q", "good": 1}])
+    with pytest.raises(DataError, match=r"d\.jsonl:6: picky format: field 'good' must be a string$"):
+        load_pairs(path, registry(PickyFormat))
+
+
+def test_a_file_with_only_unusable_records_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [PICKY_LINES[1], PICKY_LINES[2]])
+    with pytest.raises(DataError) as info:
+        load_pairs(path, registry(PickyFormat))
+    assert str(info.value) == (f"{path}: no usable records: all 2 were dropped (identical 1, "
+                               "no_good_answer 1); run with --strict to stop at the first one and "
+                               "see why")
 
 
 def test_format_options_are_validated(tmp_path):

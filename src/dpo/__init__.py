@@ -16,7 +16,7 @@ The public API for plugin authors::
 __version__ = "0.1.0"
 
 from dpo.core.backend import Backend, MemoryStats  # noqa: E402
-from dpo.core.data import DataFormat, PreferencePair  # noqa: E402
+from dpo.core.data import DataFormat, PreferencePair, UnusableRecord  # noqa: E402
 from dpo.core.errors import DataError, DpoError, UsageError  # noqa: E402
 from dpo.core.hookspecs import hookimpl  # noqa: E402
 from dpo.core.loss import Loss, LossOutput, PairLogps  # noqa: E402
@@ -37,6 +37,7 @@ __all__ = [
     "PluginOptions",
     "PreferencePair",
     "StoppingPolicy",
+    "UnusableRecord",
     "UsageError",
     "__version__",
     "hookimpl",

@@ -1,4 +1,5 @@
-"""Preference data from JSONL files to batches: reading, format detection and the held-out split.
+"""Preference data from JSONL files (or hub datasets) to batches: reading, format detection,
+dropping unusable records and the held-out split.
 
 The rest of the path lives in two sibling modules, re-exported here so callers import one place:
 ``dpo.core.tokenization`` (text or chat messages -> token ids, truncation, drops) and
@@ -11,15 +12,16 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
 from dpo.core.batching import Batch, BatchSampler, collate
-from dpo.core.data import DataFormat, PreferencePair
+from dpo.core.data import DataFormat, PreferencePair, UnusableRecord
 from dpo.core.errors import DataError, UsageError
 from dpo.core.registry import Registry
-from dpo.core.tokenization import DataStats, TokenizedPair, tokenize_pairs
+from dpo.core.tokenization import STRICT_HINT, DataStats, TokenizedPair, tokenize_pairs
 
 __all__ = [
     "Batch",
@@ -46,14 +48,22 @@ class SourcedPair:
     line: int
 
 
+NO_SUCH_FILE = "no such file; check the path given to --data"
+# Suffixes that say the user meant a local file, so a missing one is not looked up on the hub.
+FILE_SUFFIXES = (".jsonl", ".json", ".gz")
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, record) for each non-blank line of a JSONL file (``.gz``: gzip).
 
     Streams line by line. A missing file fails here, at the call; a bad line fails when reached.
+    A ``path`` that does not exist is read as a Hugging Face dataset name (``name`` or
+    ``name:split``, split ``train`` by default) when the optional ``datasets`` package is
+    installed: its rows are the records, numbered from 1.
     """
     p = Path(path)
     if not p.exists():
-        raise DataError("no such file; check the path given to --data", str(path))
+        return _hub_records(str(path))
     if not p.is_file():
         raise DataError("not a file; --data takes a .jsonl or .jsonl.gz file", str(path))
     return _records(p, str(path))
@@ -80,6 +90,35 @@ def _records(p: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
                         shown) from None
 
 
+def _hub_records(value: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of the hub dataset ``name[:split]``; loaded (downloaded) here, at the call."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{NO_SUCH_FILE} (or install dpo-trainer[datasets] to read a hub "
+                        "dataset by name)", value) from None
+    if Path(value).is_absolute() or value.endswith(FILE_SUFFIXES):
+        raise DataError(NO_SUCH_FILE, value)
+    name, _, split = value.partition(":")  # hub names have no ":"; a split may ("train[:10%]")
+    split = split or "train"
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name or split, gated, ...: all one line to the user
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"no such file, and no Hugging Face dataset {name!r} with split {split!r} "
+                        f"could be loaded ({reason}); check the path or the dataset name",
+                        value) from None
+    return _rows(rows, value)
+
+
+def _rows(rows: Any, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"expected a row of named columns, got {type(row).__name__}",
+                            shown, line)
+        yield line, row
+
+
 def _parse_line(text: str, path: str, line: int) -> dict[str, Any]:
     try:
         record = json.loads(text)
@@ -94,29 +133,54 @@ def _parse_line(text: str, path: str, line: int) -> dict[str, Any]:
 
 
 def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str | None = None,
-               options: dict[str, Any] | None = None) -> list[SourcedPair]:
-    """Every record of ``path`` parsed into a PreferencePair.
+               options: dict[str, Any] | None = None, *, strict: bool = False,
+               stats: DataStats | None = None,
+               options_by_format: Mapping[str, dict[str, Any]] | None = None) -> list[SourcedPair]:
+    """Every usable record of ``path`` parsed into a PreferencePair.
 
     The format is ``format_name`` when given, otherwise the first format (by name) whose
     ``detect`` accepts the file's first record; one format serves the whole file. ``options``
-    are the format's ``-o`` values. Any record the format rejects fails with its file and line.
+    are the format's ``-o`` values; ``options_by_format`` (format name -> values) serves instead
+    when the format is detected, so each format takes its own.
+
+    A malformed record (a missing field, a wrong type) fails with its file and line. A record the
+    format finds unusable (``UnusableRecord``) is dropped and counted per reason in ``stats``
+    (pass a DataStats to see the counts, then hand it to ``tokenize_pairs``); with ``strict`` it
+    fails with its file and line instead.
     """
     shown = str(path)
     forced = formats.get(format_name) if format_name else None  # unknown names fail first
     fmt: DataFormat | None = None
+    dropped = DataStats()
     pairs: list[SourcedPair] = []
     for line, record in read_records(path):
         if fmt is None:
             cls = forced or _detect(formats, record, shown, line)
-            fmt = cls(cls.parse_options(dict(options or {})))
+            values = options if options is not None else (options_by_format or {}).get(cls.name)
+            fmt = cls(cls.parse_options(dict(values or {})))
         try:
             pair = fmt.parse(record)
+        except UnusableRecord as exc:
+            if strict:
+                raise DataError(f"{fmt.name} format: {exc}; fix or remove the record, "
+                                f"{STRICT_HINT}", shown, line) from None
+            dropped.drop(exc.reason)
+            continue
         except KeyError as exc:
             raise DataError(f"{fmt.name} format: missing field {exc}", shown, line) from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{fmt.name} format: {exc}", shown, line) from None
         pairs.append(SourcedPair(pair, shown, line))
+    drops = dropped.drops()
+    if stats is not None:
+        for reason, count in drops.items():
+            stats.drop(reason, count)
     if not pairs:
+        if drops:
+            counts = ", ".join(f"{reason} {n}" for reason, n in drops.items())
+            raise DataError(f"no usable records: all {sum(drops.values())} were dropped "
+                            f"({counts}); run with --strict to stop at the first one and see why",
+                            shown)
         raise DataError("no records: the file is empty or holds only blank lines", shown)
     return pairs
 

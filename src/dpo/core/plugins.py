@@ -40,6 +40,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.plugins.stopping.nan_guard",
     "dpo.plugins.stopping.early_stopping",
     "dpo.plugins.stopping.target",
+    "dpo.plugins.formats.chat",
+    "dpo.plugins.formats.hh",
     "dpo.plugins.formats.preference",
 )
 

@@ -2,12 +2,14 @@
 
 The prompt and each completion are tokenised separately, so the prompt/completion boundary is
 exact at the token level: the completion's first token is the first token the model is asked to
-predict, never one merged across the boundary.
+predict, never one merged across the boundary. For chat messages the boundary is also checked:
+the whole rendered conversation must tokenise to exactly the prompt's tokens followed by the
+completion's, or the pair is refused (the template's boundary falls inside a token).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from dpo.core.data import Text
@@ -15,6 +17,8 @@ from dpo.core.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     from dpo.core.dataset import SourcedPair
+
+STRICT_HINT = "or run without --strict"
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,14 @@ class TokenizedPair:
 
 @dataclass
 class DataStats:
-    """What tokenisation did to the data; logged and written to run.json."""
+    """What reading and tokenisation did to the data; logged and written to run.json.
 
-    pairs_read: int = 0
+    Every drop is counted under a reason: the fixed ``dropped_*`` fields below, and any other
+    reason a data format gives (``UnusableRecord.reason``) in ``other_drops``; ``as_dict`` shows
+    them all as ``dropped_<reason>``.
+    """
+
+    pairs_read: int = 0  # pairs given to tokenize_pairs (records a format dropped not included)
     pairs_kept: int = 0
     prompts_truncated: int = 0
     completions_truncated: int = 0  # chosen and rejected counted separately
@@ -39,9 +48,28 @@ class DataStats:
     dropped_empty_prompt: int = 0  # nothing precedes the completion to predict its first token
     dropped_identical: int = 0  # chosen == rejected: no preference to learn
     dropped_identical_after_truncation: int = 0  # both cut to the same tokens
+    other_drops: dict[str, int] = field(default_factory=dict)  # reason -> records
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` records dropped for ``reason`` (``"empty"`` -> ``dropped_empty``...)."""
+        name = f"dropped_{reason}"
+        if name in _FIXED_DROPS:
+            setattr(self, name, getattr(self, name) + count)
+        else:
+            self.other_drops[reason] = self.other_drops.get(reason, 0) + count
+
+    def drops(self) -> dict[str, int]:
+        """reason -> records dropped, for the reasons that dropped any."""
+        fixed = {name.removeprefix("dropped_"): getattr(self, name) for name in _FIXED_DROPS}
+        return {reason: n for reason, n in {**fixed, **self.other_drops}.items() if n}
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other_drops"}
+        out.update((f"dropped_{reason}", n) for reason, n in sorted(self.other_drops.items()))
+        return out
+
+
+_FIXED_DROPS = tuple(f.name for f in fields(DataStats) if f.name.startswith("dropped_"))
 
 
 @dataclass(frozen=True)
@@ -56,16 +84,24 @@ class _Rendered:
 
 
 def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
-                   max_prompt_length: int) -> tuple[list[TokenizedPair], DataStats]:
+                   max_prompt_length: int, *, strict: bool = False,
+                   stats: DataStats | None = None) -> tuple[list[TokenizedPair], DataStats]:
     """Tokenise, truncate and filter ``pairs``; the survivors keep their order.
 
     Text pairs: prompt ids are the prompt's tokens (with the BOS only if the tokenizer adds one
     by itself); completion ids are the completion's tokens plus one EOS. Chat-message pairs are
-    rendered with the tokenizer's chat template (see ``_render_chat``).
+    rendered with the tokenizer's chat template (see ``_render_chat``) and their boundary is
+    checked token by token (see ``_check_boundary``).
 
     Truncation: the prompt keeps its last ``max_prompt_length`` tokens (a leading BOS is kept in
     front of them); then chosen and rejected are both cut to ``max_length - len(prompt)`` tokens
     from their start, so the two sides are always cut by the same rule.
+
+    Pairs that cannot be used (an empty completion or prompt, chosen identical to rejected, before
+    or after truncation) are dropped and counted in the returned stats; with ``strict`` each is a
+    DataError naming its file and line instead, and so is a prompt longer than
+    ``max_prompt_length`` (otherwise cut and counted). ``stats``, when given, is counted on (for
+    example the one ``load_pairs`` counted the format's drops in) and returned.
     """
     if not 0 < max_prompt_length < max_length:
         raise UsageError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and smaller "
@@ -79,24 +115,34 @@ def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
     prompts = _encode(tokenizer, [r.prompt for r in rendered])
     chosens = _encode(tokenizer, [r.chosen for r in rendered])
     rejecteds = _encode(tokenizer, [r.rejected for r in rendered])
+    _check_chat_boundaries(tokenizer, pairs, rendered, prompts, chosens, rejecteds)
 
-    stats = DataStats(pairs_read=len(pairs))
+    stats = stats if stats is not None else DataStats()
+    stats.pairs_read += len(pairs)
     out: list[TokenizedPair] = []
     for sp, r, prompt, chosen, rejected in zip(pairs, rendered, prompts, chosens, rejecteds):
         if r.empty or not chosen or not rejected:
-            stats.dropped_empty += 1
+            _unusable(stats, strict, sp, "empty",
+                      "chosen or rejected is empty: there is no completion to learn")
             continue
         if bos is not None and prompt[:1] != [bos]:
             prompt = [bos, *prompt]
         if not prompt:
-            stats.dropped_empty_prompt += 1
+            _unusable(stats, strict, sp, "empty_prompt",
+                      "the prompt is empty: nothing precedes the completions")
             continue
         chosen, rejected = _end_with_eos(chosen, eos, r.chat), _end_with_eos(rejected, eos, r.chat)
         if chosen == rejected:
-            stats.dropped_identical += 1
+            _unusable(stats, strict, sp, "identical",
+                      "chosen and rejected are identical: no preference to learn")
             continue
 
         if len(prompt) > max_prompt_length:
+            if strict:
+                raise DataError(f"the prompt has {len(prompt)} tokens, more than "
+                                f"max_prompt_length {max_prompt_length}; raise "
+                                f"--max-prompt-length, shorten or remove the record, "
+                                f"{STRICT_HINT}", sp.path, sp.line)
             keep_bos = bos is not None and prompt[0] == bos
             head = prompt[:1] if keep_bos else []
             prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)):]
@@ -107,12 +153,60 @@ def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
             stats.completions_truncated += cut
             chosen, rejected = chosen[:budget], rejected[:budget]
             if chosen == rejected:
-                stats.dropped_identical_after_truncation += 1
+                _unusable(stats, strict, sp, "identical_after_truncation",
+                          f"chosen and rejected are identical once cut to the {budget} tokens "
+                          f"that max_length {max_length} leaves after the prompt",
+                          "raise --max-length, fix or remove the record")
                 continue
         out.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected),
                                  f"{sp.path}:{sp.line}"))
-    stats.pairs_kept = len(out)
+    stats.pairs_kept += len(out)
     return out, stats
+
+
+def _unusable(stats: DataStats, strict: bool, sp: SourcedPair, reason: str, problem: str,
+              remedy: str = "fix or remove the record") -> None:
+    """Count the pair as dropped for ``reason``, or refuse it under ``strict``."""
+    if strict:
+        raise DataError(f"{problem}; {remedy}, {STRICT_HINT}", sp.path, sp.line)
+    stats.drop(reason)
+
+
+def _check_chat_boundaries(tokenizer: Any, pairs: list[SourcedPair], rendered: list[_Rendered],
+                           prompts: list[list[int]], chosens: list[list[int]],
+                           rejecteds: list[list[int]]) -> None:
+    """Each chat pair's whole conversation must tokenise to prompt ids + completion ids.
+
+    Checked on the raw ids, before BOS, EOS and truncation handling, which only ever add or cut
+    whole tokens at the ends. A template whose generation prompt ends inside what the tokenizer
+    treats as one token (``"assistant: "`` before ``"the"``, where ``" the"`` is one token) would
+    otherwise train the completion from a boundary the model never sees at generation time.
+    """
+    chat = [i for i, r in enumerate(rendered) if r.chat]
+    if not chat:
+        return
+    for name, completions in (("chosen", chosens), ("rejected", rejecteds)):
+        texts = [rendered[i].prompt + getattr(rendered[i], name) for i in chat]
+        for i, whole in zip(chat, _encode(tokenizer, texts)):
+            apart = prompts[i] + completions[i]
+            if whole != apart:
+                raise DataError(_boundary_problem(tokenizer, name, whole, apart, len(prompts[i])),
+                                pairs[i].path, pairs[i].line)
+
+
+def _boundary_problem(tokenizer: Any, name: str, whole: list[int], apart: list[int],
+                      prompt_tokens: int) -> str:
+    at = next((k for k, (a, b) in enumerate(zip(whole, apart)) if a != b),
+              min(len(whole), len(apart)))
+
+    def shown(ids: list[int]) -> str:
+        return repr(tokenizer.convert_ids_to_tokens(ids[at])) if at < len(ids) else "the end"
+
+    return (f"chat template: the prompt/completion boundary of {name!r} falls inside a token: "
+            f"the whole conversation and the prompt ({prompt_tokens} tokens) + completion "
+            f"tokenised apart first differ at token {at} ({shown(whole)} vs {shown(apart)}), so "
+            "the completion would start at a shifted token; use a chat template whose generation "
+            "prompt ends at a token boundary (a newline or a special token)")
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
