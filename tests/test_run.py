@@ -226,3 +226,32 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, invoke):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")  # intact and loadable
+
+
+def test_unusable_records_are_counted_or_refused_under_strict(tmp_path, invoke):
+    """HH lines: line 2 has no assistant turn in common (rejected does not start with the
+    chosen's prompt), line 3 has identical chosen and rejected. Without --strict both are
+    dropped and counted per reason in run.json; with --strict the first one stops the run with
+    its file and line, before anything is written."""
+    good = {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}
+    lines = [good,
+             {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},
+             {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: y"},
+             good, good, good]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = ["--model", "tiny", "--data", str(data), "--backend", "cpu", "--max-steps", "1",
+            "--batch-size", "2", "-o", "hh.render=chat"]
+    kept = invoke(*args, "--output", str(tmp_path / "a"))
+    assert kept.exit_code == 0, kept.output
+    counts = json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train"]
+    assert counts["pairs_kept"] == 4 and counts["dropped_identical"] == 1
+    assert counts["dropped_no_shared_prompt"] == 1
+
+    strict = invoke(*args, "--output", str(tmp_path / "b"), "--strict")
+    assert strict.exit_code == 2 and f"{data}:2: hh format" in strict.output
+    assert not (tmp_path / "b").exists()
+
+    bad_option = invoke(*args[:-2], "-o", "hh.render=fancy", "--output", str(tmp_path / "c"))
+    assert bad_option.exit_code == 2 and "option render=fancy" in bad_option.output
+    assert not (tmp_path / "c").exists()

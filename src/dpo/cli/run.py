@@ -30,6 +30,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         eval_fraction: Annotated[Optional[float], typer.Option(help="Hold out this share of --data instead.", rich_help_panel=DATA)] = None,
         max_length: Annotated[Optional[int], typer.Option(help="Prompt + completion tokens, at most. [default: 512]", rich_help_panel=DATA)] = None,
         max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept (the last ones). [default: 256]", rich_help_panel=DATA)] = None,
+        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse unusable records (empty or identical completions, over-long prompts, ...) with file:line instead of dropping and counting them.", rich_help_panel=DATA)] = None,
         backend: Annotated[Optional[str], typer.Option(help="cpu, cuda, rocm, xpu, xla or auto (see `dpo backends`). [default: auto]")] = None,
         dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16. [default: auto]")] = None,
         loss: Annotated[Optional[str], typer.Option(help="Preference loss (see `dpo plugins`). [default: dpo]")] = None,
@@ -64,7 +65,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         flags = {
             "model": model, "ref_model": ref_model, "data": data, "format": format, "eval_data": eval_data,
             "eval_fraction": eval_fraction, "max_length": max_length,
-            "max_prompt_length": max_prompt_length, "backend": backend, "dtype": dtype,
+            "max_prompt_length": max_prompt_length, "strict": strict, "backend": backend, "dtype": dtype,
             "loss": loss, "stop": stop, "max_steps": max_steps, "epochs": epochs,
             "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps,

@@ -32,6 +32,7 @@ class RunConfig(BaseModel):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of --data")
     max_length: int = Field(512, gt=1, description="prompt + completion tokens, at most")
     max_prompt_length: int = Field(256, gt=0, description="prompt tokens kept (the last ones)")
+    strict: bool = Field(False, description="refuse unusable records instead of dropping them")
 
     # where to run it
     backend: str = Field("auto", description="cpu, cuda, rocm, xpu, xla, or auto")

@@ -26,7 +26,14 @@ from dpo.core.checkpoint import (
     write_json_atomic,
 )
 from dpo.core.config import RunConfig
-from dpo.core.dataset import BatchSampler, TokenizedPair, load_pairs, split_eval, tokenize_pairs
+from dpo.core.dataset import (
+    BatchSampler,
+    DataStats,
+    TokenizedPair,
+    load_pairs,
+    split_eval,
+    tokenize_pairs,
+)
 from dpo.core.distributed import DistInfo
 from dpo.core.errors import DpoError, UsageError
 from dpo.core.loop import Outcome, Settings, Trainee, TrainState, disable_dropout, train
@@ -36,6 +43,7 @@ from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
 from dpo.core.schedule import build_scheduler
 
 RUN_FILE = "run.json"
+DEMO_DATA = "demo"  # --data demo: the built-in demo dataset (dpo.core.demo)
 AUTO_BACKENDS = ("cuda", "rocm", "xpu", "cpu")
 
 
@@ -63,14 +71,20 @@ def resolve_dtype(name: str, backend: Backend) -> torch.dtype:
 
 def check_options(config: RunConfig, catalog: Catalog) -> None:
     """Every ``options`` section must belong to the selected loss, a selected stopping policy,
-    or the selected data format."""
-    selected = {config.loss, *config.stop, *([config.format] if config.format else [])}
+    or a data format (the forced one, or any installed one when the format is detected)."""
+    formats = [config.format] if config.format else catalog.formats.names()
+    selected = {config.loss, *config.stop, *formats}
     for plugin in config.options:
         if plugin not in selected:
             raise UsageError(
                 f"options given for {plugin!r}, which this run does not use "
-                f"(loss {config.loss!r}, stopping {', '.join(config.stop) or 'none'})"
+                f"(loss {config.loss!r}, stopping {', '.join(config.stop) or 'none'}, "
+                f"format {config.format or 'detected'})"
             )
+    for name in formats:  # validate format options now, before anything is written
+        if name in config.options:
+            cls = catalog.formats.get(name)
+            cls.parse_options(config.plugin_options(name))
 
 
 def _lengths(pairs: list[TokenizedPair]) -> list[int]:
@@ -80,21 +94,38 @@ def _lengths(pairs: list[TokenizedPair]) -> list[int]:
 def _tokenized(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Reporter):
     if not config.data:
         raise UsageError("--data is required: a JSONL file of prompt/chosen/rejected pairs")
-    format_options = config.plugin_options(config.format) if config.format else None
-    pairs = load_pairs(config.data, catalog.formats, config.format, format_options)
+    data, eval_data = config.data, config.eval_data
+    if data == DEMO_DATA:
+        from dpo.core.demo import demo_files
+
+        data, demo_eval = (str(p) for p in demo_files())
+        if not eval_data and not config.eval_fraction:
+            eval_data = str(demo_eval)
+    load = dict(strict=config.strict, **format_options(config, catalog))
+    stats, eval_stats = DataStats(), DataStats()
+    pairs = load_pairs(data, catalog.formats, config.format, stats=stats, **load)
     eval_sourced = []
-    if config.eval_data:
-        eval_sourced = load_pairs(config.eval_data, catalog.formats, config.format, format_options)
+    if eval_data:
+        eval_sourced = load_pairs(eval_data, catalog.formats, config.format, stats=eval_stats, **load)
     elif config.eval_fraction:
         pairs, eval_sourced = split_eval(pairs, config.eval_fraction, config.seed)
-    train_pairs, stats = tokenize_pairs(tokenizer, pairs, config.max_length, config.max_prompt_length)
-    eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_sourced, config.max_length,
-                                            config.max_prompt_length) if eval_sourced else ([], None)
+    lengths = (config.max_length, config.max_prompt_length)
+    train_pairs, stats = tokenize_pairs(tokenizer, pairs, *lengths, strict=config.strict, stats=stats)
+    eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_sourced, *lengths, strict=config.strict,
+                                            stats=eval_stats) if eval_sourced else ([], None)
     if not train_pairs:
         raise UsageError(f"{config.data}: no usable pairs ({stats.as_dict()})")
     reporter.info(f"data: {len(train_pairs)} training pairs, {len(eval_pairs)} held out; "
-                  + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items()))
+                  + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items() if v))
     return train_pairs, eval_pairs, stats, eval_stats
+
+
+def format_options(config: RunConfig, catalog: Catalog) -> dict[str, Any]:
+    """``load_pairs`` keywords: the forced format's options, or every format's for detection."""
+    if config.format:
+        return {"options": config.plugin_options(config.format)}
+    return {"options_by_format": {name: config.plugin_options(name)
+                                  for name in catalog.formats.names() if name in config.options}}
 
 
 def total_steps(config: RunConfig, batches_per_epoch: int) -> int:
