@@ -255,3 +255,23 @@ def test_unusable_records_are_counted_or_refused_under_strict(tmp_path, invoke):
     bad_option = invoke(*args[:-2], "-o", "hh.render=fancy", "--output", str(tmp_path / "c"))
     assert bad_option.exit_code == 2 and "option render=fancy" in bad_option.output
     assert not (tmp_path / "c").exists()
+
+
+def test_without_data_the_run_uses_the_demo_and_its_preset(tmp_path, invoke, monkeypatch):
+    """No --data: the built-in demo (320 training questions, 64 held out, chat records) with the
+    demo's preset (lr 1e-4, batch 8, evaluation every 10 steps) for whatever no flag sets."""
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    result = invoke("--model", "tiny", "--backend", "cpu", "--max-steps", "2",
+                    "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["config"]["data"] == "demo"
+    assert (run["config"]["lr"], run["config"]["batch_size"], run["config"]["eval_steps"]) == (1e-4, 8, 10)
+    assert run["data"]["train"]["pairs_kept"] == 320 and run["data"]["eval"]["pairs_kept"] == 64
+    assert run["config"]["max_steps"] == 2  # a flag wins over the preset
+
+    other = invoke("--model", "tiny", "--backend", "cpu", "--max-steps", "1",
+                   "--data", str(write_pairs(tmp_path / "pairs.jsonl")), "--output", str(tmp_path / "b"))
+    assert other.exit_code == 0, other.output
+    config = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert (config["lr"], config["batch_size"]) == (1e-6, 4)  # no preset for other data

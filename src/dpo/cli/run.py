@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dpo.cli import one_line_errors
-from dpo.core.config import read_config_file, resolve_config
+from dpo.core.config import read_config_file, resolve_config, with_preset
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
 from dpo.core.run import read_run_record, run
@@ -22,9 +22,9 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     @app.command("run")
     @one_line_errors
     def run_command(
-        model: Annotated[Optional[str], typer.Option(help="'tiny', a local Hugging Face model directory, or a hub id.")] = None,
+        model: Annotated[Optional[str], typer.Option(help="SmolLM2-135M-Instruct (the default), a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'.")] = None,
         ref_model: Annotated[Optional[str], typer.Option(help="Reference model (same kinds as --model). [default: a frozen copy of --model]")] = None,
-        data: Annotated[Optional[str], typer.Option(help="Training pairs: JSONL or JSONL.gz.", rich_help_panel=DATA)] = None,
+        data: Annotated[Optional[str], typer.Option(help="Training pairs: JSONL or JSONL.gz, a datasets name, or 'demo' (the default: the built-in demo task, with its own held-out split and preset hyperparameters).", rich_help_panel=DATA)] = None,
         format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).", rich_help_panel=DATA)] = None,
         eval_data: Annotated[Optional[str], typer.Option(help="Held-out pairs for evaluation.", rich_help_panel=DATA)] = None,
         eval_fraction: Annotated[Optional[float], typer.Option(help="Hold out this share of --data instead.", rich_help_panel=DATA)] = None,
@@ -83,6 +83,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             flags["output"] = str(resume)
         if config is not None:
             layers.append(read_config_file(config))
+        layers = layers if resume is not None else with_preset([*layers, flags])[:-1]
         outcome = run(resolve_config(*layers, flags), catalog, resume=resume is not None,
                       overwrite=overwrite)
         if not outcome.saved:

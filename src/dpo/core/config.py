@@ -24,9 +24,11 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what to train on
-    model: str = Field("tiny", description="'tiny', a local Hugging Face directory, or a hub id")
+    model: str = Field("SmolLM2-135M-Instruct", description="the default model, a .gguf file, a local "
+                       "Hugging Face directory, a hub id, or 'tiny'")
     ref_model: str | None = Field(None, description="reference model; default: a frozen copy of --model")
-    data: str | None = Field(None, description="training pairs (JSONL or JSONL.gz)")
+    data: str = Field("demo", description="training pairs (JSONL or JSONL.gz), a datasets name, or "
+                      "'demo' (the built-in demo dataset)")
     format: str | None = Field(None, description="data format; auto-detected when unset")
     eval_data: str | None = Field(None, description="held-out pairs for evaluation")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of --data")
@@ -119,6 +121,20 @@ def split_options(flat: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:
         plugin, dot, option = key.rpartition(".")
         out.setdefault(plugin if dot else loss, {})[option] = value
     return out
+
+
+def with_preset(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``layers`` behind the demo's preset when the run trains on the demo dataset: the preset
+    fills what no layer sets."""
+    data = RunConfig.model_fields["data"].default
+    for layer in layers:
+        if layer.get("data") is not None:
+            data = layer["data"]
+    if data != "demo":
+        return layers
+    from dpo.core.demo import DEMO_PRESET
+
+    return [DEMO_PRESET, *layers]
 
 
 def resolve_config(*layers: dict[str, Any]) -> RunConfig:
