@@ -214,12 +214,16 @@ def test_rocm_peak_flops_table(monkeypatch):
     assert ROCmBackend().peak_flops(torch.bfloat16) == 1307.4e12
 
 
-@pytest.mark.backend("cuda")
-def test_cuda_backend_on_a_gpu():
-    backend = CUDABackend()
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.backend(n))
+                                  for n in ("cuda", "rocm", "xpu")])
+def test_gpu_backend_on_its_device(name):
+    """Runs where such a GPU is present (the backend's probe says so); skipped elsewhere with
+    the probe's reason, e.g. ``cuda: this torch build has no CUDA``."""
+    backend = BUILTIN[name]()
+    module = getattr(torch, "xpu" if name == "xpu" else "cuda")
     device = backend.device(0)
-    assert device == torch.device("cuda", 0) and torch.cuda.current_device() == 0
-    assert CUDABackend.device_count() >= 1
+    assert device == torch.device("xpu" if name == "xpu" else "cuda", 0)
+    assert module.current_device() == 0 and type(backend).device_count() >= 1
     assert torch.float16 in backend.supported_dtypes()
     assert backend.default_dtype() in backend.supported_dtypes()
 
@@ -240,9 +244,14 @@ def test_cuda_backend_on_a_gpu():
     backend.set_rng_state(state)
     assert torch.equal(first, torch.rand(16, device=device))
 
-    assert torch.cuda.get_device_name(0) in backend.describe()
+    assert module.get_device_name(0) in backend.describe()
     peak = backend.peak_flops(torch.bfloat16)
     assert peak is None or peak > 1e13
+    model = torch.nn.Linear(8, 8).to(device)
+    optimizer = torch.optim.AdamW(model.parameters())
+    prepared, prepared_optimizer = backend.prepare(model, optimizer, low)
+    prepared(torch.randn(2, 8, device=device)).sum().backward()
+    prepared_optimizer.step()
 
 
 def test_xla_reason_when_torch_xla_is_absent(monkeypatch):
@@ -274,6 +283,22 @@ FAKE_TORCH_XLA = {
         def device_type():
             return "CPU"
     """,
+    "core/__init__.py": "",
+    "core/xla_model.py": """
+        REDUCED = []
+        def reduce_gradients(optimizer):
+            REDUCED.append(optimizer)
+    """,
+    "debug/__init__.py": "",
+    "debug/metrics.py": """
+        COMPILES = [2]
+        def metric_data(name):
+            return (COMPILES[0], 1.0, ()) if name == "CompileTime" else None
+        def counter_names():
+            return ["aten::nonzero", "MarkStep"]
+        def counter_value(name):
+            return 3
+    """,
 }
 
 LAZINESS_CHECK = """
@@ -284,18 +309,24 @@ LAZINESS_CHECK = """
     assert "torch_xla" in sys.modules
     backend = xla.XLABackend()
     assert backend.device() == __import__("torch").device("xla", 0)
+    backend.materialize()
     backend.step_end()
-    assert sys.modules["torch_xla"].SYNCS == [1]
+    assert sys.modules["torch_xla"].SYNCS == [1, 1]
+    backend.reduce_gradients("the optimizer")  # PJRT replicas, no torch.distributed here
+    assert sys.modules["torch_xla.core.xla_model"].REDUCED == ["the optimizer"]
+    sys.modules["torch_xla.debug.metrics"].COMPILES[0] = 5  # three compiles since device()
+    assert backend.step_metrics() == {
+        "xla/compiles": 3.0, "xla/host_transfers": 0.0, "xla/cpu_fallbacks": 0.0}
     print(backend.describe())
 """
 
 
 def test_importing_xla_backend_does_not_import_torch_xla(tmp_path):
     """In a fresh interpreter with an importable stand-in torch_xla: the module import leaves it
-    alone; the probe, device() and step_end() use it."""
+    alone; the probe, device(), the graph cuts and the counters (counted from device()) use it."""
     package = tmp_path / "torch_xla"
-    package.mkdir()
     for filename, source in FAKE_TORCH_XLA.items():
+        (package / filename).parent.mkdir(parents=True, exist_ok=True)
         (package / filename).write_text(textwrap.dedent(source))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -416,3 +447,38 @@ def test_dpo_register_refuses_taken_names_and_cleans_up_refused_plugins(dpo_regi
     with pytest.raises(ValueError, match="already registered"):
         dpo_register(Typo(), name="dpo.backends.cpu")
     assert "cpu" in collect(dpo_plugin_manager).backends
+
+
+@pytest.mark.parametrize("name", ["rocm", "xla", "cuda", "xpu"])
+def test_run_on_an_unavailable_backend_is_one_line_exit_2_and_writes_nothing(name, tmp_path):
+    """E.g. --backend rocm on a CUDA or CPU build of torch, --backend xla without torch_xla."""
+    reason = BUILTIN[name].unavailable_reason()
+    if reason is None:
+        pytest.skip(f"{name} is available here")
+    from typer.testing import CliRunner
+
+    from dpo.cli import make_app
+    from dpo.core.plugins import get_plugin_manager
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "1 + 1 = ", "chosen": "2", "rejected": "3"}\n')
+    out = tmp_path / "out"
+    app = make_app(get_plugin_manager(load_entrypoints=False))
+    result = CliRunner().invoke(app, ["run", "--model", "tiny", "--data", str(data),
+                                      "--backend", name, "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"error: backend {name!r} is not available here: {reason}"]
+    assert not out.exists()
+
+
+def test_backends_rows_say_the_auto_dtype_and_the_device_or_why_not(dpo_catalog):
+    from dpo.cli.backends import backend_rows
+
+    rows = {r["name"]: r for r in backend_rows(dpo_catalog)}
+    assert rows["cpu"]["dtype"] == "float32" and rows["cpu"]["device"] == CPUBackend().describe()
+    for row in rows.values():
+        if row["available"]:
+            assert row["device"] and row["dtype"] and not row["reason"]
+        else:
+            assert row["reason"] and not row["device"] and not row["dtype"]

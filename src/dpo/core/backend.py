@@ -82,13 +82,45 @@ class Backend(ABC):
     def set_rng_state(self, state: Any) -> None:
         """Restore what ``rng_state`` returned."""
 
+    # shapes and kernels ---------------------------------------------------------------------
+    def padded_length(self, longest: int) -> int:
+        """The width of a batch whose longest row has ``longest`` tokens. Eager backends pad to
+        the longest row; a compiling backend (XLA) rounds up to a few bucket widths, because
+        each new shape costs a compile."""
+        return longest
+
+    #: Whether tensor shapes must not depend on tensor values: XLA compiles one graph per
+    #: shape, and an op such as ``nonzero`` or boolean-mask indexing would read values on the
+    #: host and give every batch a new shape. The hot path then uses masks instead.
+    static_shapes: ClassVar[bool] = False
+
+    def configure_model(self, model: torch.nn.Module) -> None:
+        """Adapt a loaded model (policy or reference) to this backend in place, before training
+        or evaluation; e.g. XLA switches to eager attention, whose masks need no host reads."""
+
     # hooks into the training step ----------------------------------------------------------
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
-        """A last optimisation pass over model and optimizer (e.g. Intel's); returns both."""
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                dtype: torch.dtype = torch.float32):
+        """A last optimisation pass over model and optimizer for training in ``dtype`` (e.g.
+        Intel's ``ipex.optimize``); returns both. Say what was done in ``describe()``."""
         return model, optimizer
+
+    def materialize(self) -> None:
+        """Run the work queued so far. A no-op for eager backends; XLA cuts the graph here. The
+        loop calls it after each micro-batch's backward and each evaluation batch (so that one
+        graph covers one batch shape) and right before metrics are read on the host (so that
+        reading them runs nothing twice)."""
+
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average gradients over replicas that the backend's own runtime runs (XLA's PJRT
+        processes), before clipping. A no-op where torch.distributed (DDP, FSDP) reduces them."""
 
     def step_end(self) -> None:
         """Called after every optimizer step (e.g. XLA's graph cut)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Backend counters merged into each step's metrics (e.g. ``xla/compiles``)."""
+        return {}
 
     def peak_flops(self, dtype: torch.dtype) -> float | None:
         """Dense peak FLOP/s of one device in ``dtype``, for MFU; ``None`` when unknown."""

@@ -53,11 +53,42 @@ def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any) -> None:
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        host = _host_state_dict(model)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=host)
+        _match_config_dtype(tmp, host if host is not None else model.state_dict())
         tokenizer.save_pretrained(tmp)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _host_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """CPU copies of the weights when they are XLA tensors, which have no host storage for
+    safetensors to read; ``None`` (save as is) otherwise. Tied weights (one Parameter under two
+    names) stay one tensor, so transformers still recognises them as tied."""
+    if not any(p.device.type == "xla" for p in model.parameters()):
+        return None
+    tensors = model.state_dict(keep_vars=True)
+    copies: dict[int, torch.Tensor] = {}
+    for t in tensors.values():
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().cpu()
+    return {name: copies[id(t)] for name, t in tensors.items()}
+
+
+def _match_config_dtype(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """transformers records the dtype of the model's parameters in config.json, and loads in it
+    by default. Under Intel's bf16 training the parameters are bf16 copies while the weights
+    written are the float32 masters: record the dtype actually written."""
+    written = {t.dtype for t in state.values() if t.is_floating_point()}
+    config_path = directory / "config.json"
+    if len(written) != 1 or not config_path.is_file():
+        return
+    dtype = str(written.pop()).removeprefix("torch.")
+    config = json.loads(config_path.read_text())
+    if config.get("dtype", dtype) != dtype:
+        config["dtype"] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(path: Path, write) -> None:

@@ -15,6 +15,7 @@ def completion_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
+    static_shapes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the completion tokens of each row, in float32.
 
@@ -28,8 +29,12 @@ def completion_logps(
         (logps [N] float32, token_counts [N] int64).
 
     Only the positions that predict a completion token go through the output projection, so
-    prompt and padding positions never materialise vocabulary-sized logits.
+    prompt and padding positions never materialise vocabulary-sized logits. That selection has a
+    data-dependent size; with ``static_shapes`` (XLA, see ``Backend.static_shapes``) every
+    position is scored and the mask zeroes the others instead, so shapes follow the batch's.
     """
+    if static_shapes:
+        return _masked_completion_logps(model, input_ids, attention_mask, completion_mask)
     targets_mask = completion_mask[:, 1:]
     targets = input_ids[:, 1:][targets_mask]  # [M]
     rows = torch.nonzero(targets_mask, as_tuple=True)[0]  # [M] row of each target
@@ -50,6 +55,17 @@ def completion_logps(
     logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     counts = targets_mask.sum(dim=1)
     return logps, counts
+
+
+def _masked_completion_logps(model, input_ids, attention_mask, completion_mask):
+    """``completion_logps`` without value-dependent shapes: [N, T-1, V] logits, masked sum."""
+    targets_mask = completion_mask[:, 1:]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:],
+                                   reduction="none")  # [N, T-1]
+    # where, not a product: a padding position's score must not leak in, even as nan * 0.
+    logps = torch.where(targets_mask, token_logps, 0.0).sum(dim=1)
+    return logps, targets_mask.sum(dim=1)
 
 
 def reference_completion_logps(model, input_ids, attention_mask, completion_mask):

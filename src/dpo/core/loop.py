@@ -107,12 +107,12 @@ def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch
     b = batch.num_pairs
     with backend.autocast(dtype):
         logps, counts = completion_logps(policy, batch.input_ids, batch.attention_mask,
-                                         batch.completion_mask)
+                                         batch.completion_mask, backend.static_shapes)
         ref = None
         if reference is not None:
             with torch.no_grad():
                 ref, _ = completion_logps(reference, batch.input_ids, batch.attention_mask,
-                                          batch.completion_mask)
+                                          batch.completion_mask, backend.static_shapes)
     return PairLogps(
         policy_chosen=logps[:b], policy_rejected=logps[b:],
         chosen_tokens=counts[:b], rejected_tokens=counts[b:],
@@ -146,11 +146,15 @@ def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
         total[key] = total[key] + value if key in total else value
 
 
-def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo) -> dict[str, float]:
+def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo,
+              backend: Backend) -> dict[str, float]:
     """One host sync for all metrics of a step."""
     keys = list(sums)
     stacked = torch.stack([sums[k].float() for k in keys] + [torch.tensor(float(count), device=sums[keys[0]].device)])
     dist.all_reduce_sum(stacked)
+    # Run everything queued first (XLA: the step's graph, clipped gradients included), so that
+    # reading the metrics below is a copy, not a second run of part of the step.
+    backend.materialize()
     values = stacked.tolist()
     total = values[-1]
     return {k: v / total for k, v in zip(keys, values[:-1])}
@@ -176,18 +180,23 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
     sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
                             for p in pairs], batch_size, seed=0, shuffle=False,
                            rank=dist.rank, world_size=dist.world_size)
+    for model in (policy, reference):  # idempotent; `dpo eval` loads its models itself
+        if model is not None:
+            backend.configure_model(model)
     was_training = policy.training
     policy.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad():
         for indices in sampler.batches(0):
-            batch = collate([pairs[i] for i in indices], tokenizer.pad_token_id).to(device)
+            batch = collate([pairs[i] for i in indices], tokenizer.pad_token_id,
+                            pad_length=backend.padded_length).to(device)
             logps = pair_logps(policy, reference, batch, backend, dtype)
             _add(sums, metric_sums(loss(logps), logps))
             count += batch.num_pairs
+            backend.materialize()  # one graph per batch shape, not one for the whole set
     policy.train(was_training)
-    return {f"eval/{k}": v for k, v in _averages(sums, count, dist).items()}
+    return {f"eval/{k}": v for k, v in _averages(sums, count, dist, backend).items()}
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -292,7 +301,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             sums: dict[str, torch.Tensor] = {}
             real_tokens = padded_tokens = 0
             for pairs in micro:
-                batch = collate(pairs, t.tokenizer.pad_token_id).to(t.device)
+                batch = collate(pairs, t.tokenizer.pad_token_id,
+                                pad_length=t.backend.padded_length).to(t.device)
                 logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
                 out = t.loss(logps)
                 # Sum over the micro-batch divided by the step's pairs: the accumulated gradient
@@ -301,11 +311,14 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 _add(sums, metric_sums(out, logps))
                 real_tokens += batch.real_tokens
                 padded_tokens += batch.padded_tokens
+                t.backend.materialize()  # one graph per micro-batch shape, however they mix
 
+            t.backend.reduce_gradients(t.optimizer)
             max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm) * step_pairs
-            metrics = _averages(sums, step_pairs, t.dist)  # the step's one host sync
+            metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
             lr = t.scheduler.get_last_lr()[0]
+            # Decided on the host from the values just read, so skipping costs no extra sync.
             if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
                 t.optimizer.step()
             else:
@@ -329,6 +342,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             })
             if memory.peak_bytes is not None:
                 metrics["peak_memory_gb"] = memory.peak_bytes / 2**30
+            metrics.update(t.backend.step_metrics())
             train_metrics = metrics
             reporter.record({"step": state.step, **metrics})
             reporter.step(state.step, metrics)

@@ -201,11 +201,12 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         if m is not None:
             disable_dropout(m)
             m.to(device)
+            backend.configure_model(m)  # before the optimizer sees the parameters
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    model, optimizer = backend.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer, dtype)
     sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
                            rank=dist.rank, world_size=dist.world_size)
     steps = total_steps(config, len(sampler))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Lane intel: torch 2.8.0 with Intel Extension for PyTorch 2.8.0 (which needs torch 2.8.*) on
+# this CPU. With IPEX installed the cpu backend applies ipex.optimize to every run, so the whole
+# suite runs through it; then a tiny `dpo run` in float32 and in bfloat16 that must record it.
+set -euo pipefail
+source "$(dirname "$0")/../lib.sh"
+cd "$CI_ROOT"
+# IPEX 2.8.0 imports transformers.modeling_attn_mask_utils, gone from transformers 5.24.
+timed install lane_venv intel "torch==2.8.0" "intel-extension-for-pytorch==2.8.0" \
+    "transformers==5.23.0" -e ".[test]"
+
+# Called through `timed`, where set -e does not apply: every step returns on failure itself.
+run_tests() {
+    lane_pytest -q tests || return
+    local out dtype
+    out=$(mktemp -d) || return
+    for dtype in float32 bfloat16; do
+        "$LANE_PY" -m dpo run --backend cpu --dtype "$dtype" --model tiny \
+            --data examples/pairs.jsonl --eval-fraction 0.25 --max-steps 10 --no-progress \
+            --output "$out/$dtype" 2>"$out/$dtype.log" || { cat "$out/$dtype.log" >&2; return 1; }
+        "$LANE_PY" - "$out/$dtype" <<'PY' || return
+import json, pathlib, sys
+
+run = json.loads((pathlib.Path(sys.argv[1]) / "run.json").read_text())
+device = run["resolved"]["device"]
+assert run["status"] == "completed", run["status"]
+assert "intel-extension-for-pytorch 2.8" in device and " applied (training" in device, device
+print(f"intel tiny run ({run['resolved']['dtype']}): {device}; final loss "
+      f"{run['final']['loss']:.4f}")
+PY
+    done
+    rm -rf "$out"
+}
+timed tests run_tests
