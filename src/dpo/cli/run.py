@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from dpo.cli import one_line_errors
+from dpo.core import strategy as strat
+from dpo.core.errors import DpoError, UsageError
 from dpo.core.config import read_config_file, resolve_config, with_preset
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
@@ -16,12 +23,18 @@ from dpo.core.run import read_run_record, run
 DATA = "Data"
 OPTIM = "Optimisation"
 OUT = "Output"
+SCALE = "Many processes"
+# Set by the --nproc launcher for its workers: each writes its exit code to DIR/rank-N.
+EXIT_DIR_ENV = "DPO_EXIT_DIR"
+# torchrun's own report once a worker has failed (its log lines, then a traceback).
+_TORCHRUN_TAIL = re.compile(r"torch/distributed/(elastic|run\.py)")
 
 
 def register(app: typer.Typer, catalog: Catalog) -> None:
     @app.command("run")
     @one_line_errors
     def run_command(
+        ctx: typer.Context,
         model: Annotated[Optional[str], typer.Option(help="SmolLM2-135M-Instruct (the default), a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'.")] = None,
         ref_model: Annotated[Optional[str], typer.Option(help="Reference model (same kinds as --model). [default: a frozen copy of --model]")] = None,
         data: Annotated[Optional[str], typer.Option(help="Training pairs: JSONL or JSONL.gz, a datasets name, or 'demo' (the default: the built-in demo task, with its own held-out split and preset hyperparameters).", rich_help_panel=DATA)] = None,
@@ -32,6 +45,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept (the last ones). [default: 256]", rich_help_panel=DATA)] = None,
         strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse unusable records (empty or identical completions, over-long prompts, ...) with file:line instead of dropping and counting them.", rich_help_panel=DATA)] = None,
         backend: Annotated[Optional[str], typer.Option(help="cpu, cuda, rocm, xpu, xla or auto (see `dpo backends`). [default: auto]")] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="Launch N processes with torchrun (one per accelerator device; CPU processes share the host).", rich_help_panel=SCALE)] = None,
+        strategy: Annotated[Optional[str], typer.Option(help="With several processes: ddp (a replica per process) or fsdp (FSDP2: policy and reference sharded). [default: ddp]", rich_help_panel=SCALE)] = None,
         dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16. [default: auto]")] = None,
         loss: Annotated[Optional[str], typer.Option(help="Preference loss (see `dpo plugins`). [default: dpo]")] = None,
         option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Plugin option key=value; plain keys go to the loss, plugin.key=value to another plugin (e.g. -o beta=0.1).")] = None,
@@ -65,7 +80,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         flags = {
             "model": model, "ref_model": ref_model, "data": data, "format": format, "eval_data": eval_data,
             "eval_fraction": eval_fraction, "max_length": max_length,
-            "max_prompt_length": max_prompt_length, "strict": strict, "backend": backend, "dtype": dtype,
+            "max_prompt_length": max_prompt_length, "strict": strict, "backend": backend,
+            "strategy": strategy, "dtype": dtype,
             "loss": loss, "stop": stop, "max_steps": max_steps, "epochs": epochs,
             "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps,
@@ -84,8 +100,95 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         if config is not None:
             layers.append(read_config_file(config))
         layers = layers if resume is not None else with_preset([*layers, flags])[:-1]
-        outcome = run(resolve_config(*layers, flags), catalog, resume=resume is not None,
-                      overwrite=overwrite)
-        if not outcome.saved:
-            # Stopped by a policy that distrusts the weights (e.g. nan-guard): a failed run.
-            raise typer.Exit(1)
+        resolved = resolve_config(*layers, flags)
+        if nproc is not None:
+            raise typer.Exit(launch(nproc, resolved, catalog, ctx))
+        with _exit_code_recorded():
+            outcome = run(resolved, catalog, resume=resume is not None, overwrite=overwrite)
+            if not outcome.saved:
+                # Stopped by a policy that distrusts the weights (e.g. nan-guard): a failed run.
+                raise typer.Exit(1)
+
+
+class _exit_code_recorded:
+    """Under the --nproc launcher, leave this worker's exit code where the launcher reads it;
+    ranks other than 0 stay silent on input errors, which every rank finds alike."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        rank = int(os.environ.get("RANK", 0))
+        code = 0
+        if isinstance(exc, DpoError):
+            code = exc.exit_code
+        elif isinstance(exc, typer.Exit):
+            code = exc.exit_code
+        elif exc is not None:
+            code = 1
+        directory = os.environ.get(EXIT_DIR_ENV)
+        if directory and strat.launched_by_torchrun():
+            Path(directory, f"rank-{rank}").write_text(f"{code}\n")
+        if isinstance(exc, UsageError) and rank != 0:
+            raise typer.Exit(code) from None
+        return False
+
+
+def launch(nproc: int, config: Any, catalog: Catalog, ctx: typer.Context) -> int:
+    """``dpo run --nproc N ARGS``: ``torchrun --nproc-per-node N -m dpo run ARGS``; the exit code
+    is the failing worker's (rank 0's first), else torchrun's."""
+    from dpo.core.run import resolve_backend
+
+    if strat.launched_by_torchrun():
+        raise UsageError("--nproc: this process already runs under torchrun; drop --nproc")
+    backend = resolve_backend(config.backend, catalog)
+    strat.check_launch(nproc, backend.name, backend.device_count(), backend.name != "cpu")
+    args = _command_line_args(ctx, skip={"nproc"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "-m", "dpo", "run", *args]
+    with tempfile.TemporaryDirectory(prefix="dpo-exit-") as exits:
+        env = dict(os.environ, **{EXIT_DIR_ENV: exits})
+        env.setdefault("OMP_NUM_THREADS", "1")
+        if sys.stderr.isatty():  # the workers' output is piped through here: keep it rich
+            env.setdefault("TTY_COMPATIBLE", "1")
+            env.setdefault("TTY_INTERACTIVE", "1")
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        quiet = False
+        assert process.stderr is not None
+        for line in process.stderr:
+            # Once torchrun reports a failed worker, the worker has said what went wrong.
+            quiet = quiet or bool(_TORCHRUN_TAIL.search(line))
+            if not quiet:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        status = process.wait()
+        codes = {}
+        for path in Path(exits).glob("rank-*"):
+            codes[int(path.name.removeprefix("rank-"))] = int(path.read_text() or 1)
+    failed = [codes[r] for r in sorted(codes) if codes[r]]
+    if failed:
+        return failed[0]
+    if status and quiet:
+        print(f"error: torchrun failed (exit {status})", file=sys.stderr)
+    return status
+
+
+def _command_line_args(ctx: typer.Context, skip: set[str]) -> list[str]:
+    """The options given on the command line, as arguments again (for the workers)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.param_type_name != "option" or param.name in skip or param.name is None:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if param.secondary_opts and not value:
+                args.append(param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+            continue
+        for item in (value if param.multiple else [value]):
+            args += [param.opts[0], str(item)]
+    return args

@@ -35,25 +35,28 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any,
-                   extra: dict[str, Any] | None = None) -> None:
+                   extra: dict[str, Any] | None = None,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically, with ``extra``
-    JSON files (file name -> content) beside them."""
+    JSON files (file name -> content) beside them. ``state_dict``: the weights to write instead
+    of the model's own (e.g. gathered from FSDP shards)."""
     def write(tmp: Path) -> None:
-        _write_model(tmp, model, tokenizer)
+        _write_model(tmp, model, tokenizer, state_dict)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
     _replace_dir(path, write)
 
 
-def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     # transformers draws its own shard-writing bar; ours already shows the run's progress.
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        host = _host_state_dict(model)
+        host = state_dict if state_dict is not None else _host_state_dict(model)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=host)
         _match_config_dtype(tmp, host if host is not None else model.state_dict())
         tokenizer.save_pretrained(tmp)
@@ -129,12 +132,13 @@ def save_checkpoint(
     state: dict[str, Any],
     tensors: dict[str, Any],
     keep: int,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``output/checkpoint-<step>`` and prune all but the newest ``keep`` checkpoints."""
     path = output / f"{PREFIX}{step}"
 
     def write(tmp: Path) -> None:
-        _write_model(tmp, model, tokenizer)
+        _write_model(tmp, model, tokenizer, state_dict)
         torch.save(tensors, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
@@ -157,9 +161,13 @@ def latest_checkpoint(output: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state.json, trainer_state.pt) of a checkpoint directory."""
+def load_checkpoint_state(path: Path, tensors: bool = True
+                          ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(trainer_state.json, trainer_state.pt) of a checkpoint directory; ``tensors=False``
+    reads only the JSON part."""
     state = json.loads((path / "trainer_state.json").read_text())
+    if not tensors:
+        return state, None
     # weights_only=False: the file holds Python RNG state (tuples) written by this project.
-    tensors = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    return state, tensors
+    loaded = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return state, loaded

@@ -39,6 +39,8 @@ class RunConfig(BaseModel):
     # where to run it
     backend: str = Field("auto", description="cpu, cuda, rocm, xpu, xla, or auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how several processes share "
+                                             "the model: ddp (replicas) or fsdp (FSDP2 shards)")
 
     # the objective
     loss: str = "dpo"

@@ -29,6 +29,7 @@ from dpo.core.logps import completion_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
 from dpo.core.report import Reporter
 from dpo.core.stopping import Decision, StoppingPolicy
+from dpo.core import strategy as strat
 
 # Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic on CPU.
 TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_second",
@@ -78,6 +79,7 @@ class Trainee:
     sampler: BatchSampler
     output: Path
     dist: DistInfo = field(default_factory=DistInfo)
+    strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
 
 
 @dataclass
@@ -106,19 +108,27 @@ def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch
     """Policy (with graph) and reference (without) log-probs of a batch's pairs."""
     b = batch.num_pairs
     with backend.autocast(dtype):
-        logps, counts = completion_logps(policy, batch.input_ids, batch.attention_mask,
-                                         batch.completion_mask, backend.static_shapes)
+        logps, counts = _logps(policy, batch, backend)
         ref = None
         if reference is not None:
             with torch.no_grad():
-                ref, _ = completion_logps(reference, batch.input_ids, batch.attention_mask,
-                                          batch.completion_mask, backend.static_shapes)
+                ref, _ = _logps(reference, batch, backend)
     return PairLogps(
         policy_chosen=logps[:b], policy_rejected=logps[b:],
         chosen_tokens=counts[:b], rejected_tokens=counts[b:],
         ref_chosen=None if ref is None else ref[:b],
         ref_rejected=None if ref is None else ref[b:],
     )
+
+
+def _logps(model: torch.nn.Module, batch: Batch, backend: Backend
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DDP/FSDP-wrapped ``LogpsModel`` is called (its forward arms the collectives); a plain
+    Hugging Face model goes straight through ``completion_logps``."""
+    if strat.is_logps_module(model):
+        return model(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                            backend.static_shapes)
 
 
 def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
@@ -177,23 +187,35 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
     if not pairs:
         return {}
     dist = dist or DistInfo()
+    # Every pair counts once: the ranks share the first pairs evenly (no padding by repeats),
+    # and the few left over (fewer than the ranks) are scored by every rank, since a sharded
+    # model's forward is collective, but counted by rank 0 alone.
+    tail = len(pairs) % dist.world_size
+    shared = pairs[:len(pairs) - tail]
     sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-                            for p in pairs], batch_size, seed=0, shuffle=False,
+                            for p in shared], batch_size, seed=0, shuffle=False,
                            rank=dist.rank, world_size=dist.world_size)
+    batches = [[shared[i] for i in indices] for indices in sampler.batches(0)]
+    if tail:
+        batches.append(pairs[len(pairs) - tail:])
     for model in (policy, reference):  # idempotent; `dpo eval` loads its models itself
         if model is not None:
-            backend.configure_model(model)
+            backend.configure_model(strat.unwrap(model))
     was_training = policy.training
     policy.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad():
-        for indices in sampler.batches(0):
-            batch = collate([pairs[i] for i in indices], tokenizer.pad_token_id,
+        for i, chunk in enumerate(batches):
+            batch = collate(chunk, tokenizer.pad_token_id,
                             pad_length=backend.padded_length).to(device)
             logps = pair_logps(policy, reference, batch, backend, dtype)
-            _add(sums, metric_sums(loss(logps), logps))
-            count += batch.num_pairs
+            part = metric_sums(loss(logps), logps)
+            if not (tail and i == len(batches) - 1) or dist.is_main:
+                count += batch.num_pairs
+            else:  # the shared tail: the same keys on every rank, rank 0's values only
+                part = {k: torch.zeros_like(v) for k, v in part.items()}
+            _add(sums, part)
             backend.materialize()  # one graph per batch shape, not one for the whole set
     policy.train(was_training)
     return {f"eval/{k}": v for k, v in _averages(sums, count, dist, backend).items()}
@@ -221,10 +243,11 @@ BEST_RECORD = "dpo_best.json"
 def save_best(t: Trainee, step: int, metrics: dict[str, float]) -> None:
     """Keep these weights as the run's best (``best/``, a Hugging Face directory), with the step
     and the evaluation that made them best."""
-    if not t.dist.is_main:
-        return
-    save_model_dir(t.output / BEST, t.policy, t.tokenizer,
-                   extra={BEST_RECORD: {"step": step, "metrics": metrics}})
+    state = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP: every rank
+    if t.dist.is_main:
+        save_model_dir(t.output / BEST, strat.unwrap(t.policy), t.tokenizer,
+                       extra={BEST_RECORD: {"step": step, "metrics": metrics}}, state_dict=state)
+    strat.barrier(t.dist)  # restore_best on any rank reads what rank 0 wrote
 
 
 def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
@@ -236,8 +259,7 @@ def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
 
     record = json.loads(record_path.read_text())
     best = AutoModelForCausalLM.from_pretrained(t.output / BEST, dtype=torch.float32)
-    with torch.no_grad():
-        t.policy.load_state_dict(best.state_dict())
+    strat.load_full_state_dict(t.policy, best.state_dict())
     return int(record["step"]), record["metrics"]
 
 
@@ -266,14 +288,19 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
         return taken
 
     def checkpoint() -> None:
+        # Every rank gathers (FSDP's full state is collective); rank 0 alone writes.
+        weights = strat.full_state_dict(t.policy, t.dist)
+        optimizer_state = strat.optimizer_state(t.policy, t.optimizer, t.dist)
         if not t.dist.is_main:
             return
         trainer_state = {"train": state.to_dict(),
-                         "policies": {n: p.state_dict() for n, p in t.policies.items()}}
-        tensors = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                         "policies": {n: p.state_dict() for n, p in t.policies.items()},
+                         "distributed": {"world_size": t.dist.world_size,
+                                         "strategy": t.strategy}}
+        tensors = {"optimizer": optimizer_state, "scheduler": t.scheduler.state_dict(),
                    "rng": rng_states(t.backend.rng_state())}
-        path = save_checkpoint(t.output, state.step, t.policy, t.tokenizer, trainer_state,
-                               tensors, settings.save_total_limit)
+        path = save_checkpoint(t.output, state.step, strat.unwrap(t.policy), t.tokenizer,
+                               trainer_state, tensors, settings.save_total_limit, weights)
         if on_save:
             on_save(path)
 
@@ -300,14 +327,17 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             step_pairs = sum(len(m) for m in micro)
             sums: dict[str, torch.Tensor] = {}
             real_tokens = padded_tokens = 0
-            for pairs in micro:
+            for i, pairs in enumerate(micro):
                 batch = collate(pairs, t.tokenizer.pad_token_id,
                                 pad_length=t.backend.padded_length).to(t.device)
                 logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
                 out = t.loss(logps)
                 # Sum over the micro-batch divided by the step's pairs: the accumulated gradient
                 # is the gradient of the mean loss over the whole step, whatever the split.
-                (out.losses.sum() / step_pairs).backward()
+                # Several ranks hold equal shares of the step, and DDP/FSDP average gradients
+                # over ranks: the mean over the global step. Only the last micro-batch syncs.
+                with strat.no_sync(t.policy, sync=i == len(micro) - 1):
+                    (out.losses.sum() / step_pairs).backward()
                 _add(sums, metric_sums(out, logps))
                 real_tokens += batch.real_tokens
                 padded_tokens += batch.padded_tokens
@@ -315,7 +345,9 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
 
             t.backend.reduce_gradients(t.optimizer)
             max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm) * step_pairs
+            # The norm is of the global gradient (the same on every rank): weighting it by the
+            # rank's pairs makes the cross-rank average below give it back unchanged.
+            sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_pairs
             metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
             lr = t.scheduler.get_last_lr()[0]
             # Decided on the host from the values just read, so skipping costs no extra sync.
@@ -375,8 +407,11 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
         if best is not None:
             restored_step, eval_metrics = best
             reporter.info(f"final weights: the best evaluation's, from step {restored_step}")
-    if saved and t.dist.is_main:
-        save_model_dir(t.output / FINAL, t.policy, t.tokenizer)
+    if saved:
+        weights = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP
+        if t.dist.is_main:
+            save_model_dir(t.output / FINAL, strat.unwrap(t.policy), t.tokenizer,
+                           state_dict=weights)
     name, decision = stopped if stopped else (None, Decision())
     return Outcome(state.step, name, decision.reason, train_metrics, eval_metrics, saved,
                    initial_eval, restored_step)

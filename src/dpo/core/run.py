@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -41,6 +42,7 @@ from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
 from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
 from dpo.core.schedule import build_scheduler
+from dpo.core import strategy as strat
 
 RUN_FILE = "run.json"
 DEMO_DATA = "demo"  # --data demo: the built-in demo dataset (dpo.core.demo)
@@ -142,9 +144,45 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     dist = DistInfo.from_env()
     output = Path(config.output)
     reporter = reporter or Reporter(output, enabled=dist.is_main, progress=config.progress)
+    try:
+        return _run(config, catalog, dist, output, reporter, resume, overwrite, on_save)
+    finally:
+        strat.destroy_process_group()
+
+
+def check_world(backend: Backend, dist: DistInfo) -> None:
+    """One process per accelerator device on each machine (CPU processes share the host)."""
+    if dist.world_size <= 1 or backend.name == "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    count = backend.device_count()
+    if local > count:
+        raise UsageError(f"{local} processes on this machine, but backend {backend.name!r} has "
+                         f"{count} device(s) here; use at most {count} per machine")
+
+
+def check_resume_world(checkpoint: Path, dist: DistInfo, strategy: str) -> None:
+    """A checkpoint resumes with the world size (and, past one process, the strategy) that wrote
+    it: data shards and optimizer state depend on both."""
+    saved, _ = load_checkpoint_state(checkpoint, tensors=False)
+    recorded = saved.get("distributed", {"world_size": 1, "strategy": "ddp"})
+    if recorded["world_size"] != dist.world_size:
+        raise UsageError(f"{checkpoint} was written by {recorded['world_size']} process(es); "
+                         f"resume it with {recorded['world_size']}, not {dist.world_size}")
+    if dist.world_size > 1 and recorded["strategy"] != strategy:
+        raise UsageError(f"{checkpoint} was written with --strategy {recorded['strategy']}; "
+                         f"resume it with that, not {strategy}")
+
+
+def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, reporter: Reporter,
+         resume: bool, overwrite: bool, on_save: Callable[[Path], None] | None) -> Outcome:
 
     # 1. Names and options: cheap checks first.
     backend = resolve_backend(config.backend, catalog)
+    check_world(backend, dist)
+    device = backend.device(dist.local_rank)
+    # Joined first, so that no rank writes before every rank has checked the input (below).
+    strat.init_process_group(dist, backend.collective, device)
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
     loss = catalog.losses.get(config.loss)(catalog.losses.get(config.loss).parse_options(
@@ -171,6 +209,7 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         checkpoint = latest_checkpoint(output)
         if checkpoint is None:
             raise UsageError(f"{output}: no checkpoint to resume from")
+        check_resume_world(checkpoint, dist, config.strategy)
     elif output.exists() and any(output.iterdir()) and not overwrite:
         raise UsageError(f"{output}: already holds files; resume with --resume {output}, "
                          "or pass --overwrite to start over there")
@@ -190,23 +229,39 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    sharded = dist.world_size > 1 and config.strategy == "fsdp"
+    if sharded:
+        strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
 
     # Nothing is written above this line.
-    if not resume and output.exists() and overwrite:
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    strat.barrier(dist)  # every rank has checked its input
+    if dist.is_main:
+        if not resume and output.exists() and overwrite:
+            shutil.rmtree(output)
+        output.mkdir(parents=True, exist_ok=True)
+    strat.barrier(dist)
 
-    device = backend.device(dist.local_rank)
     for m in (model, reference):
         if m is not None:
             disable_dropout(m)
             m.to(device)
             backend.configure_model(m)  # before the optimizer sees the parameters
+    if dist.world_size > 1:
+        # Wrapped before the optimizer is built: FSDP2 replaces the parameters by shards.
+        static = backend.static_shapes
+        reference = strat.wrap_reference(reference, config.strategy, dist, static)
+        trained = strat.wrap_policy(model, config.strategy, dist, device, static)
+    else:
+        trained = model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    model, optimizer = backend.prepare(model, optimizer, dtype)
+    if dist.world_size > 1:
+        trained, optimizer = backend.prepare(trained, optimizer, dtype)
+    else:
+        model, optimizer = backend.prepare(model, optimizer, dtype)
+        trained = model
     sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
                            rank=dist.rank, world_size=dist.world_size)
     steps = total_steps(config, len(sampler))
@@ -217,7 +272,7 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     if checkpoint is not None:
         saved, tensors = load_checkpoint_state(checkpoint)
         state = TrainState(**saved["train"])
-        optimizer.load_state_dict(tensors["optimizer"])
+        strat.load_optimizer_state(trained, optimizer, tensors["optimizer"])
         scheduler.load_state_dict(tensors["scheduler"])
         for name, policy in policies.items():
             policy.load_state_dict(saved["policies"].get(name, {}))
@@ -231,6 +286,7 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         "config": config.model_dump(),
         "resolved": {"backend": backend.name, "device": backend.describe(), "dtype": str(dtype),
                      "total_steps": steps, "warmup_steps": warmup, "world_size": dist.world_size,
+                     "strategy": config.strategy if dist.world_size > 1 else None,
                      "options": {loss.name: loss.options.model_dump(mode="json"),
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "models": sources,
@@ -247,10 +303,10 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     reporter.info(f"training {config.model} on {backend.describe()} ({dtype}), loss {loss.name}, "
                   f"{steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    trainee = Trainee(policy=model, reference=reference, tokenizer=tokenizer, backend=backend,
+    trainee = Trainee(policy=trained, reference=reference, tokenizer=tokenizer, backend=backend,
                       device=device, loss=loss, policies=policies, optimizer=optimizer,
                       scheduler=scheduler, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                      sampler=sampler, output=output, dist=dist)
+                      sampler=sampler, output=output, dist=dist, strategy=config.strategy)
     settings = Settings(total_steps=steps, grad_accum=config.grad_accum,
                         max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,

@@ -1,0 +1,189 @@
+"""Runs past one process: torchrun with 2 CPU processes over gloo, DDP and FSDP2, against one
+process with the same global batch.
+
+Tolerance: per-step metrics within 1e-5 (relative and absolute) and final weights within 1e-4
+absolute. The runs see the same pairs in each optimizer step (BatchSampler cuts each global step
+first, then deals it to the ranks), so they differ only in floating-point summation order: each
+rank sums its own pairs and the all-reduce adds the ranks' sums, where one process sums all
+pairs at once (and pads each micro-batch to its own longest row). That is about 1 ulp of the
+summed log-probs (~2e-6 measured on values near -20). Adam then divides by sqrt(v): for weights
+whose gradients are nearly zero that rounding is amplified, but an Adam step moves a weight by
+at most about lr (1e-3 here); 1e-4 is a tenth of one step (max measured: about 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dpo.cli import make_app
+from dpo.core.loop import TIMING_KEYS
+from dpo.core.plugins import get_plugin_manager
+
+pytestmark = pytest.mark.distributed
+
+TIMEOUT = 300  # seconds per launched run: a hang fails the test instead of blocking CI
+METRIC_TOL = 1e-5
+WEIGHT_TOL = 1e-4
+# 24 pairs, 6 held out: 18 training pairs, 8 per optimizer step (4 x 2 micro-batches in one
+# process; 2 x 2 micro-batches on each of 2 ranks), so steps of 8, 8 and 2 pairs per epoch.
+COMMON = ["--model", "tiny", "--eval-fraction", "0.25", "--max-steps", "3", "--lr", "1e-3",
+          "--scheduler", "constant", "--grad-accum", "2", "--save-steps", "1",
+          "--no-progress"]
+
+
+def write_pairs(path: Path, n: int = 24) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            a, b = i % 7 + 1, i % 5 + 2
+            fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
+                                 "rejected": f"{a + b + 1}."}) + "\n")
+    return path
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "dpo", "run", *args]
+    return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def dpo_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpo", "run", *args], cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def steps(out: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_metrics_close(a: Path, b: Path) -> float:
+    ra, rb = steps(a), steps(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    worst = 0.0
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=METRIC_TOL, abs=METRIC_TOL), (x["step"], key)
+            worst = max(worst, abs(x[key] - y[key]))
+    return worst
+
+
+def assert_weights_close(a: Path, b: Path, tol: float = WEIGHT_TOL) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= tol, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One single-process run (4 pairs x 2 micro-batches) for the others to match."""
+    root = tmp_path_factory.mktemp("dist")
+    write_pairs(root / "pairs.jsonl")
+    done = dpo_run(*COMMON, "--data", "pairs.jsonl", "--batch-size", "4", "--output", "single",
+                   cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_ddp_via_nproc_matches_one_process(runs):
+    done = dpo_run(*COMMON, "--data", "pairs.jsonl", "--batch-size", "2", "--nproc", "2",
+                   "--output", "ddp", cwd=runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print("ddp metrics max diff", assert_metrics_close(runs / "single", runs / "ddp"))
+    print("ddp weights max diff", assert_weights_close(runs / "single/final", runs / "ddp/final"))
+    run = json.loads((runs / "ddp/run.json").read_text())
+    assert run["status"] == "completed"
+    assert (run["resolved"]["world_size"], run["resolved"]["strategy"]) == (2, "ddp")
+
+
+def test_fsdp_matches_one_process_and_saves_plain_hf(runs):
+    done = torchrun(*COMMON, "--data", "pairs.jsonl", "--batch-size", "2", "--strategy", "fsdp",
+                    "--output", "fsdp", cwd=runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print("fsdp metrics max diff", assert_metrics_close(runs / "single", runs / "fsdp"))
+    print("fsdp weights max diff",
+          assert_weights_close(runs / "single/final", runs / "fsdp/final"))
+    from transformers import AutoModelForCausalLM
+
+    for directory in ("final", "checkpoint-3"):
+        model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / directory)
+        saved = load_file(runs / "fsdp" / directory / "model.safetensors")
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
+    record = json.loads((runs / "fsdp/checkpoint-3/trainer_state.json").read_text())
+    assert record["distributed"] == {"world_size": 2, "strategy": "fsdp"}
+
+
+def test_fsdp_resume_equals_uninterrupted_and_checks_world_size(runs):
+    """Stop at step 2 (as a crash after checkpoint-2 would leave it), resume to step 3: the
+    same weights as the uninterrupted FSDP run, exactly up to the same 2-rank arithmetic."""
+    if not (runs / "fsdp/final").is_dir():
+        pytest.skip("needs test_fsdp_matches_one_process_and_saves_plain_hf's run")
+    args = [*COMMON[:COMMON.index("--max-steps")], *COMMON[COMMON.index("--max-steps") + 2:],
+            "--data", "pairs.jsonl", "--batch-size", "2", "--strategy", "fsdp"]
+    done = torchrun(*args, "--max-steps", "2", "--output", "part", cwd=runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Another world size: one line, exit 2, nothing written (through --nproc and without).
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (runs / "part").rglob("*"))
+    one = dpo_run("--resume", "part", "--max-steps", "3", cwd=runs)
+    assert one.returncode == 2
+    assert "written by 2 process(es); resume it with 2, not 1" in one.stderr
+    assert "Traceback" not in one.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (runs / "part").rglob("*")) == before
+
+    done = torchrun("--resume", "part", "--max-steps", "3", cwd=runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_weights_close(runs / "fsdp/final", runs / "part/final", tol=0.0)
+    train = [r for r in steps(runs / "part") if "grad_norm" in r]
+    assert train == [r for r in steps(runs / "fsdp") if "grad_norm" in r]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "0"], "--nproc 0: give at least 1"),
+    pytest.param(["--nproc", "2", "--backend", "cuda"], "backend 'cuda' is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="cuda is here")),
+])
+def test_bad_launch_is_one_line(tmp_path, args, message):
+    write_pairs(tmp_path / "pairs.jsonl")
+    result = CliRunner().invoke(make_app(get_plugin_manager()),
+                                ["run", "--model", "tiny", "--data", str(tmp_path / "pairs.jsonl"),
+                                 "--output", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2
+    assert message in result.output and not (tmp_path / "out").exists()
+
+
+def test_nproc_under_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    write_pairs(tmp_path / "pairs.jsonl")
+    result = CliRunner().invoke(make_app(get_plugin_manager()),
+                                ["run", "--model", "tiny", "--data", str(tmp_path / "pairs.jsonl"),
+                                 "--output", str(tmp_path / "out"), "--nproc", "2"])
+    assert result.exit_code == 2 and "already runs under torchrun" in result.output
+
+
+def test_check_launch_counts_accelerator_devices():
+    from dpo.core.errors import UsageError
+    from dpo.core.strategy import check_launch, decoder_layers
+
+    check_launch(4, "cpu", 1, on_accelerator=False)  # CPU processes share the host
+    with pytest.raises(UsageError, match="--nproc 4: backend 'cuda' has 2 device"):
+        check_launch(4, "cuda", 2, on_accelerator=True)
+    with pytest.raises(UsageError, match="cannot find the decoder layers of Linear"):
+        decoder_layers(torch.nn.Linear(2, 2))
