@@ -7,9 +7,11 @@ answer ("63") over the other number of the question ("59"). Why this task:
 * chosen and rejected have the same format and length (two-digit numbers, both copied from the
   prompt), so nothing but the question itself tells them apart: no length or style cue;
 * no preference can be learned without reading the question: the right answer is the larger
-  number in exactly half the records and the first-mentioned number in exactly half;
-* SmolLM2-135M-Instruct starts near chance (it prefers the right number in about 55% of the
-  held-out pairs) and DPO teaches it within a few minutes on two CPU cores.
+  number in half the records and the first-mentioned number in half (exactly, in every run
+  of four records);
+* SmolLM2-135M-Instruct starts at chance (its log-probability of the right number beats the
+  other number's in about half the held-out questions) and forty DPO steps of eight pairs teach
+  it (about 97% afterwards), a few minutes on two CPU cores.
 
 The data is generated, not downloaded, and is the same on every machine and every call: all
 4005 unordered pairs of distinct numbers in [10, 99] are shuffled once by ``random.Random(SEED)``;
