@@ -259,14 +259,14 @@ def test_unusable_records_are_counted_or_refused_under_strict(tmp_path, invoke):
 
 def test_without_data_the_run_uses_the_demo_and_its_preset(tmp_path, invoke, monkeypatch):
     """No --data: the built-in demo (320 training questions, 64 held out, chat records) with the
-    demo's preset (lr 1e-4, batch 8, evaluation every 10 steps) for whatever no flag sets."""
+    demo's preset (lr 5e-5, batch 8, evaluation every 10 steps) for whatever no flag sets."""
     monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
     result = invoke("--model", "tiny", "--backend", "cpu", "--max-steps", "2",
                     "--output", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["config"]["data"] == "demo"
-    assert (run["config"]["lr"], run["config"]["batch_size"], run["config"]["eval_steps"]) == (1e-4, 8, 10)
+    assert (run["config"]["lr"], run["config"]["batch_size"], run["config"]["eval_steps"]) == (5e-5, 8, 10)
     assert run["data"]["train"]["pairs_kept"] == 320 and run["data"]["eval"]["pairs_kept"] == 64
     assert run["config"]["max_steps"] == 2  # a flag wins over the preset
 

@@ -154,9 +154,12 @@ def write_demo(directory: str | Path, train_size: int = TRAIN_SIZE,
 
 # The hyperparameters `dpo run` uses on the demo dataset (``--data demo``, the default) for any
 # option not set in a config file or on the command line. Chosen by measuring held-out reward
-# accuracy after a few minutes of CPU training of SmolLM2-135M-Instruct.
+# accuracy after a few minutes of CPU training of SmolLM2-135M-Instruct (with DPO's default
+# beta 0.1): lr 5e-5 reaches 0.97 held-out accuracy in 40 steps and keeps the model's replies
+# sound; lr 1e-4 reaches the same accuracy but pushes the right answer's own log-prob down and
+# greedy replies off the task.
 DEMO_PRESET: dict[str, Any] = {
-    "lr": 1e-4,
+    "lr": 5e-5,
     "max_steps": 40,
     "batch_size": 8,
     "eval_steps": 10,
