@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from dpo.cli import make_app
 from dpo.core.loop import TIMING_KEYS
 from dpo.core.plugins import get_plugin_manager
+from dpo.testing import write_arithmetic_pairs as write_pairs
 
 pytestmark = pytest.mark.distributed
 
@@ -40,13 +41,6 @@ COMMON = ["--model", "tiny", "--eval-fraction", "0.25", "--max-steps", "3", "--l
           "--no-progress"]
 
 
-def write_pairs(path: Path, n: int = 24) -> Path:
-    with path.open("w") as fh:
-        for i in range(n):
-            a, b = i % 7 + 1, i % 5 + 2
-            fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
-                                 "rejected": f"{a + b + 1}."}) + "\n")
-    return path
 
 
 def env() -> dict[str, str]:

@@ -15,19 +15,12 @@ from dpo.cli import make_app
 from dpo.core.loop import TIMING_KEYS
 from dpo.core.plugins import get_plugin_manager, register_plugin
 from dpo.plugins.losses.dpo import DPOLoss
+from dpo.testing import write_arithmetic_pairs as write_pairs
 
 TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "grad_norm", "lr"}
 
 
-def write_pairs(path: Path, n: int = 24) -> Path:
-    """Arithmetic pairs: the chosen answer is right, the rejected one is off by one."""
-    with path.open("w") as fh:
-        for i in range(n):
-            a, b = i % 7 + 1, i % 5 + 2
-            fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
-                                 "rejected": f"{a + b + 1}."}) + "\n")
-    return path
 
 
 class Crash(dpo.StoppingPolicy):

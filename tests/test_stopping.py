@@ -15,6 +15,7 @@ from dpo.core.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
 from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
 from dpo.plugins.stopping.early_stopping import EarlyStopping
 from dpo.plugins.stopping.target import Target
+from dpo.testing import write_arithmetic_pairs as write_pairs
 
 ACC = "eval/rewards/accuracies"
 
@@ -91,13 +92,6 @@ def test_bad_options_and_missing_metrics_are_one_line_errors():
 
 # -- whole runs --------------------------------------------------------------------------------
 
-def write_pairs(path: Path, n: int = 24) -> Path:
-    with path.open("w") as fh:
-        for i in range(n):
-            a, b = i % 7 + 1, i % 5 + 2
-            fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
-                                 "rejected": f"{a + b + 1}."}) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ or for one run with ``pytest -p dpo.testing``. It adds:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
@@ -157,3 +159,14 @@ def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     from dpo.core.tiny import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer)
+
+
+def write_arithmetic_pairs(path: Path, n: int = 24) -> Path:
+    """Write ``n`` preference pairs (``preference`` format) to ``path``: "What is a plus b?",
+    the right sum chosen and the sum plus one rejected. Enough for a tiny-model run to learn."""
+    with path.open("w") as fh:
+        for i in range(n):
+            a, b = i % 7 + 1, i % 5 + 2
+            fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
+                                 "rejected": f"{a + b + 1}."}) + "\n")
+    return path

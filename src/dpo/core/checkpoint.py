@@ -12,13 +12,14 @@ the previous checkpoint or the new one, never a half-written directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -48,21 +49,28 @@ def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any,
     _replace_dir(path, write)
 
 
-def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """Silence transformers' own progress bars (shard writing, weight loading) for a while;
+    a run already shows its progress, and a load is a second or two."""
     from transformers.utils import logging as hf_logging
 
-    # transformers draws its own shard-writing bar; ours already shows the run's progress.
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    with transformers_bars_off():
         host = state_dict if state_dict is not None else _host_state_dict(model)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=host)
         _match_config_dtype(tmp, host if host is not None else model.state_dict())
         tokenizer.save_pretrained(tmp)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _host_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dpo.core.checkpoint import transformers_bars_off
 from dpo.core.errors import UsageError
 from dpo.core.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
 
@@ -113,18 +114,13 @@ def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
 
 def _from_pretrained(location: str, spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        with transformers_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {spec}: could not load it ({_first_line(exc)})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id works, EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -216,26 +212,21 @@ def _convert_gguf(path: Path, out: Path) -> None:
             raise UsageError(f"--model {path}: reading .gguf files needs the {package!r} package; "
                              "pip install 'dpo-trainer[gguf]'")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        kwargs = {"gguf_file": path.name}
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
-        config = loaded.config.to_dict()
-        config.pop("quantization_config", None)
-        model_type = config.pop("model_type")
-        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config),
-                                                 dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict(), strict=True)
-        plain.tie_weights()
-        plain.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        with transformers_bars_off():
+            kwargs = {"gguf_file": path.name}
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+            config = loaded.config.to_dict()
+            config.pop("quantization_config", None)
+            model_type = config.pop("model_type")
+            plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config),
+                                                     dtype=torch.float32)
+            plain.load_state_dict(loaded.state_dict(), strict=True)
+            plain.tie_weights()
+            plain.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UsageError(f"--model {path}: could not convert this GGUF file "
                          f"({_first_line(exc)})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo.core.data import DataFormat, PreferencePair
+from dpo.core.data import DataFormat, PreferencePair, json_type
 from dpo.core.hookspecs import hookimpl
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -27,16 +27,8 @@ class PreferenceFormat(DataFormat):
                                  f"{', '.join(FIELDS)})")
             value = record[key]
             if not isinstance(value, str):
-                raise ValueError(f"field {key!r} must be a string, got {_json_type(value)}")
+                raise ValueError(f"field {key!r} must be a string, got {json_type(value)}")
         return PreferencePair(record["prompt"], record["chosen"], record["rejected"])
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, as the user wrote it in the file."""
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
-            dict: "object"}.get(type(value), type(value).__name__)
 
 
 @hookimpl
