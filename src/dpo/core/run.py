@@ -7,6 +7,7 @@ before anything is written, so bad input leaves nothing half-written on disk.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -145,9 +146,14 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     output = Path(config.output)
     reporter = reporter or Reporter(output, enabled=dist.is_main, progress=config.progress)
     try:
-        return _run(config, catalog, dist, output, reporter, resume, overwrite, on_save)
+        outcome = _run(config, catalog, dist, output, reporter, resume, overwrite, on_save)
+        # Every rank is past its last collective before any rank tears the group down: a rank
+        # that destroys it while another still has gloo work in flight can abort at exit.
+        strat.barrier(dist)
+        return outcome
     finally:
         strat.destroy_process_group()
+        gc.collect()  # wrapped models holding the group go now, not at interpreter exit
 
 
 def check_world(backend: Backend, dist: DistInfo) -> None:
