@@ -47,3 +47,84 @@ def test_padding_does_not_change_a_row(tiny_model):
     alone, _ = completion_logps(tiny_model, input_ids[1:, :4], attention_mask[1:, :4],
                                 completion_mask[1:, :4])
     torch.testing.assert_close(together[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+# -- chunked output projection -----------------------------------------------------------------
+
+def test_head_logps_matches_full_logits_across_chunk_boundaries():
+    """7 rows in chunks of 3 (3 + 3 + 1): values and the gradients of hidden, weight and bias
+    equal those of log_softmax over the full [7, V] logits, for any incoming gradient g
+    (random here, so rows are weighted differently and a chunk mix-up would show)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    g = torch.randn(7, dtype=torch.float64)
+
+    from dpo.core.logps import head_logps
+
+    got = head_logps(hidden, weight, bias, targets, chunk_rows=3)
+    (got * g).sum().backward()
+    grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    full = torch.log_softmax(hidden @ weight.T + bias, dim=-1).gather(1, targets[:, None])[:, 0]
+    (full * g).sum().backward()
+    torch.testing.assert_close(got, full.float(), rtol=1e-6, atol=1e-6)
+    for mine, want in zip(grads, (hidden.grad, weight.grad, bias.grad)):
+        torch.testing.assert_close(mine, want, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_path_with_tied_embeddings_matches_plain(tiny_model, monkeypatch):
+    """The tiny model's completion rows through the projection 2 at a time: log-probs and every
+    parameter's gradient (the tied embedding gets both its input and output gradient) equal the
+    full-logits computation."""
+    import dpo.core.logps as logps_module
+
+    monkeypatch.setattr(logps_module, "CHUNK_ROWS", 2)
+    tiny_model.config.tie_word_embeddings = True
+    tiny_model.tie_weights()
+    assert tiny_model.get_output_embeddings().weight is tiny_model.get_input_embeddings().weight
+    batch = padded_batch()
+    logps, _ = completion_logps(tiny_model, *batch)
+    logps.sum().backward()
+    grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    expected, _ = plain_logps(tiny_model, *batch)
+    expected.sum().backward()
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, (p.grad for p in tiny_model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_every_loss_is_unchanged_by_chunking(tiny_model, dpo_catalog, monkeypatch):
+    """For each built-in loss (IPO's per-token normalisation included: it divides by the
+    completion token counts), the loss and the policy's gradient through chunked log-probs
+    (chunks of 1 row) equal those through full logits."""
+    import dpo.core.logps as logps_module
+    from dpo.core.loss import PairLogps
+
+    input_ids, attention_mask, completion_mask = padded_batch()
+    # 2 pairs: rows 0/1 chosen, 2/3 rejected (rejected = the chosen rows with a changed token).
+    rejected = input_ids.clone()
+    rejected[0, 5], rejected[1, 3] = 20, 21
+    batch = (torch.cat([input_ids, rejected]), torch.cat([attention_mask] * 2),
+             torch.cat([completion_mask] * 2))
+    reference = [v - 0.5 for v in plain_logps(tiny_model, *batch)[0].detach().chunk(2)]
+
+    def run(logps_fn):
+        tiny_model.zero_grad()
+        logps, counts = logps_fn(tiny_model, *batch)
+        out = loss(PairLogps(logps[:2], logps[2:], counts[:2], counts[2:], *reference))
+        out.losses.sum().backward()
+        return out.losses.detach(), [p.grad.clone() for p in tiny_model.parameters()]
+
+    for name in ("dpo", "cdpo", "ipo"):
+        loss = dpo_catalog.losses.get(name)(dpo_catalog.losses.get(name).parse_options({}))
+        monkeypatch.setattr(logps_module, "CHUNK_ROWS", 1)
+        chunked = run(completion_logps)
+        plain = run(plain_logps)
+        torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-6, msg=name)
+        for got, want in zip(chunked[1], plain[1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)

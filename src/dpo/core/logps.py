@@ -29,8 +29,9 @@ def completion_logps(
         (logps [N] float32, token_counts [N] int64).
 
     Only the positions that predict a completion token go through the output projection, so
-    prompt and padding positions never materialise vocabulary-sized logits. That selection has a
-    data-dependent size; with ``static_shapes`` (XLA, see ``Backend.static_shapes``) every
+    prompt and padding positions never materialise vocabulary-sized logits, and those that do
+    go through it in chunks (``head_logps``): at most ``CHUNK_ROWS`` rows of logits exist at a
+    time, in forward and in backward. That selection has a data-dependent size; with ``static_shapes`` (XLA, see ``Backend.static_shapes``) every
     position is scored and the mask zeroes the others instead, so shapes follow the batch's.
     """
     if static_shapes:
@@ -45,16 +46,97 @@ def completion_logps(
     )
     if plain:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        selected = logits[:, :-1][targets_mask]  # [M, V]
+        token_logps = -F.cross_entropy(logits[:, :-1][targets_mask].float(), targets,
+                                       reduction="none")  # [M]
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state[:, :-1][targets_mask]  # [M, H]
-        selected = head(hidden)  # [M, V]
-    token_logps = -F.cross_entropy(selected.float(), targets, reduction="none")  # [M]
+        if isinstance(head, torch.nn.Linear):
+            token_logps = head_logps(hidden, head.weight, head.bias, targets)
+        else:
+            token_logps = -F.cross_entropy(head(hidden).float(), targets, reduction="none")
     n = input_ids.shape[0]
     logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     counts = targets_mask.sum(dim=1)
     return logps, counts
+
+
+# Rows of logits alive at once in ``head_logps``: 1024 x a 50k vocabulary is 200 MB in float32.
+CHUNK_ROWS = 1024
+
+
+def head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[m, targets[m]]`` for each row m, in float32,
+    without ever holding the [M, V] logits or their gradient: rows go through the projection
+    ``chunk_rows`` at a time, and backward recomputes each chunk's logits instead of keeping
+    them. Memory beyond the inputs is one chunk's logits; the cost is one more [chunk, H] x
+    [H, V] product per chunk in backward (the projection's forward, run twice).
+
+    The gradient of log p(y | h) with respect to the logits z is onehot(y) - softmax(z), so
+    with g the incoming gradient of each row: dz = g (onehot - p), dh = dz W, dW = dz^T h,
+    db = sum over rows of dz.
+
+    Under autocast the product runs in the autocast dtype (as ``nn.Linear`` would), the
+    log-softmax in float32.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _HeadLogps.apply(hidden, weight, bias, targets, chunk_rows)
+
+
+def _compute_dtype(tensor: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(tensor.dtype, weight.dtype)
+
+
+class _HeadLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        dtype = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = hidden[start:start + chunk_rows].to(dtype)
+                z = F.linear(h, w, b).float()
+                y = targets[start:start + chunk_rows]
+                out[start:start + chunk_rows] = (z.gather(1, y[:, None]).squeeze(1)
+                                                 - torch.logsumexp(z, dim=1))
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if need_b and bias is not None else None)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = hidden[start:start + chunk_rows].to(dtype)
+                y = targets[start:start + chunk_rows]
+                g = grad_out[start:start + chunk_rows].float()
+                # dz = g * (onehot(y) - softmax(z)), built in place on the chunk's logits.
+                dz = torch.softmax(F.linear(h, w, b).float(), dim=1).mul_(-g[:, None])
+                dz.scatter_add_(1, y[:, None], g[:, None])
+                if grad_h is not None:
+                    grad_h[start:start + chunk_rows] = (dz.to(dtype) @ w).to(hidden.dtype)
+                if grad_w is not None:  # accumulated in float32 whatever the product's dtype
+                    grad_w.add_((dz.to(dtype).t() @ h).float())
+                if grad_b is not None:
+                    grad_b.add_(dz.sum(0))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
 
 def _masked_completion_logps(model, input_ids, attention_mask, completion_mask):
