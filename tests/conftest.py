@@ -2,3 +2,20 @@
 way a plugin author would enable it."""
 
 pytest_plugins = ["dpo.testing"]
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Runs in tests keep converted models and reference log-probs in a cache of their own,
+    not the user's (tests that need a particular cache set DPO_CACHE_DIR themselves)."""
+    previous = os.environ.get("DPO_CACHE_DIR")
+    os.environ["DPO_CACHE_DIR"] = str(tmp_path_factory.mktemp("dpo-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DPO_CACHE_DIR", None)
+    else:
+        os.environ["DPO_CACHE_DIR"] = previous

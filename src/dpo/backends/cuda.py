@@ -167,6 +167,9 @@ class _DeviceModuleBackend(Backend):
         if state is not None:
             self._module().set_rng_state_all(state)
 
+    def optimizer_options(self) -> dict[str, Any]:
+        return {"fused": True}  # one kernel for all of AdamW's parameters
+
     def peak_flops(self, dtype: torch.dtype) -> float | None:
         if not self.is_available():
             return None

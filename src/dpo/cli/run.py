@@ -24,6 +24,7 @@ DATA = "Data"
 OPTIM = "Optimisation"
 OUT = "Output"
 SCALE = "Many processes"
+SPEED = "Speed and memory"
 # Set by the --nproc launcher for its workers: each writes its exit code to DIR/rank-N.
 EXIT_DIR_ENV = "DPO_EXIT_DIR"
 # torchrun's own report once a worker has failed (its log lines, then a traceback).
@@ -37,6 +38,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         ctx: typer.Context,
         model: Annotated[Optional[str], typer.Option(help="SmolLM2-135M-Instruct (the default), a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'.")] = None,
         ref_model: Annotated[Optional[str], typer.Option(help="Reference model (same kinds as --model). [default: a frozen copy of --model]")] = None,
+        precompute_ref: Annotated[Optional[bool], typer.Option("--precompute-ref/--no-precompute-ref", help="Score every pair with the reference once before training and keep the log-probs on disk (then the reference is not in memory while training); off: a frozen reference model scores each batch. [default: on]")] = None,
+        ref_logps: Annotated[Optional[str], typer.Option(help="File of precomputed reference log-probs (see `dpo precompute-ref`). [default: the cache directory, one file per reference model]")] = None,
         data: Annotated[Optional[str], typer.Option(help="Training pairs: JSONL or JSONL.gz, a datasets name, or 'demo' (the default: the built-in demo task, with its own held-out split and preset hyperparameters).", rich_help_panel=DATA)] = None,
         format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).", rich_help_panel=DATA)] = None,
         eval_data: Annotated[Optional[str], typer.Option(help="Held-out pairs for evaluation.", rich_help_panel=DATA)] = None,
@@ -62,6 +65,10 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         scheduler: Annotated[Optional[str], typer.Option(help="linear, cosine or constant decay. [default: linear]", rich_help_panel=OPTIM)] = None,
         max_grad_norm: Annotated[Optional[float], typer.Option(help="Gradient clipping norm (0: off). [default: 1]", rich_help_panel=OPTIM)] = None,
         seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 42]", rich_help_panel=OPTIM)] = None,
+        shuffle: Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="A new order of the pairs every epoch (off: file order). [default: on]", rich_help_panel=OPTIM)] = None,
+        group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="Batches of pairs of similar length: less padding. [default: on]", rich_help_panel=OPTIM)] = None,
+        gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute each decoder layer's activations in backward: less memory, about a third more compute. [default: off]", rich_help_panel=SPEED)] = None,
+        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decoder layers (the first steps of each new shape compile). [default: off]", rich_help_panel=SPEED)] = None,
         output: Annotated[Optional[str], typer.Option(help="Run directory. [default: out]", rich_help_panel=OUT)] = None,
         eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (0: at the end).", rich_help_panel=OUT)] = None,
         eval_at_start: Annotated[Optional[bool], typer.Option("--eval-at-start/--no-eval-at-start", help="Evaluate once before training: the baseline. [default: on]", rich_help_panel=OUT)] = None,
@@ -78,7 +85,9 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         run.json, metrics.jsonl, checkpoint-N/ and final/ (a Hugging Face model directory).
         """
         flags = {
-            "model": model, "ref_model": ref_model, "data": data, "format": format, "eval_data": eval_data,
+            "model": model, "ref_model": ref_model, "precompute_ref": precompute_ref,
+            "ref_logps": ref_logps, "shuffle": shuffle, "group_by_length": group_by_length,
+            "gradient_checkpointing": gradient_checkpointing, "compile": compile, "data": data, "format": format, "eval_data": eval_data,
             "eval_fraction": eval_fraction, "max_length": max_length,
             "max_prompt_length": max_prompt_length, "strict": strict, "backend": backend,
             "strategy": strategy, "dtype": dtype,

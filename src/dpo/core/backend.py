@@ -105,6 +105,11 @@ class Backend(ABC):
         Intel's ``ipex.optimize``); returns both. Say what was done in ``describe()``."""
         return model, optimizer
 
+    def optimizer_options(self) -> dict[str, Any]:
+        """Extra keywords for the AdamW the run builds, e.g. ``{"fused": True}`` where torch
+        has a fused kernel for this device."""
+        return {}
+
     def materialize(self) -> None:
         """Run the work queued so far. A no-op for eager backends; XLA cuts the graph here. The
         loop calls it after each micro-batch's backward and each evaluation batch (so that one

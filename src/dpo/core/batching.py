@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
+    from dpo.core.refcache import RefLogps
     from dpo.core.tokenization import TokenizedPair
 
 
@@ -23,8 +24,13 @@ class Batch:
     input_ids: torch.Tensor  # [2B, T] int64
     attention_mask: torch.Tensor  # [2B, T] int64, 1 for real tokens
     completion_mask: torch.Tensor  # [2B, T] bool
+    # [2B] float32 reference log-probs read from a precomputed table, in the same row order;
+    # None when the reference model scores the batch itself.
+    ref_logps: torch.Tensor | None = None
     # Counted on the host when collated, so reading them later costs no device sync.
     _real_tokens: int | None = field(default=None, repr=False, compare=False)
+    row_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)  # real tokens
+    completion_tokens: int = field(default=0, repr=False, compare=False)
 
     @property
     def num_pairs(self) -> int:
@@ -43,16 +49,18 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),
                        attention_mask=self.attention_mask.to(device),
-                       completion_mask=self.completion_mask.to(device))
+                       completion_mask=self.completion_mask.to(device),
+                       ref_logps=None if self.ref_logps is None else self.ref_logps.to(device))
 
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int = 1,
-            pad_length: Callable[[int], int] | None = None) -> Batch:
+            pad_length: Callable[[int], int] | None = None, ref: RefLogps | None = None) -> Batch:
     """Right-pad the chosen and rejected sequences of ``pairs`` into one Batch.
 
     The width is the longest row, or ``pad_length(longest)`` when given (a backend's buckets,
     see ``Backend.padded_length``), rounded up to ``pad_to_multiple_of`` (steadier shapes for
-    compiled or tensor-core kernels).
+    compiled or tensor-core kernels). With ``ref``, the batch carries the pairs' precomputed
+    reference log-probs.
     """
     if not pairs:
         raise ValueError("collate needs at least one pair")
@@ -72,7 +80,10 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: i
     positions = torch.arange(width)
     real = positions < torch.tensor(lengths)[:, None]
     completion = real & (positions >= torch.tensor(prompt_lengths)[:, None])
-    return Batch(input_ids, real.long(), completion, _real_tokens=sum(lengths))
+    return Batch(input_ids, real.long(), completion,
+                 ref_logps=None if ref is None else ref.lookup(pairs), _real_tokens=sum(lengths),
+                 row_lengths=tuple(lengths),
+                 completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
 
 
 def bucket_length(length: int, minimum: int = 64, per_doubling: int = 4) -> int:

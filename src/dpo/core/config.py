@@ -27,6 +27,10 @@ class RunConfig(BaseModel):
     model: str = Field("SmolLM2-135M-Instruct", description="the default model, a .gguf file, a local "
                        "Hugging Face directory, a hub id, or 'tiny'")
     ref_model: str | None = Field(None, description="reference model; default: a frozen copy of --model")
+    precompute_ref: bool = Field(True, description="score every pair with the reference once "
+                                 "before training (kept on disk), not in every step")
+    ref_logps: str | None = Field(None, description="file of precomputed reference log-probs; "
+                                  "default: the cache directory, one file per reference model")
     data: str = Field("demo", description="training pairs (JSONL or JSONL.gz), a datasets name, or "
                       "'demo' (the built-in demo dataset)")
     format: str | None = Field(None, description="data format; auto-detected when unset")
@@ -61,6 +65,13 @@ class RunConfig(BaseModel):
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     seed: int = 42
+    shuffle: bool = Field(True, description="a new order of the pairs every epoch")
+    group_by_length: bool = Field(True, description="batches of pairs of similar length")
+
+    # speed and memory
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's "
+                                         "activations in backward: less memory, about 1/3 more compute")
+    compile: bool = Field(False, description="torch.compile the model's decoder layers")
 
     # output
     output: str = "out"

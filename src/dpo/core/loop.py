@@ -25,15 +25,17 @@ from dpo.core.backend import Backend
 from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_dir
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
+from dpo.core.flops import FlopCounter
 from dpo.core.logps import completion_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
+from dpo.core.refcache import RefLogps
 from dpo.core.report import Reporter
 from dpo.core.stopping import Decision, StoppingPolicy
 from dpo.core import strategy as strat
 
 # Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic on CPU.
 TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_second",
-                         "samples_per_second", "peak_memory_gb", "memory_gb"})
+                         "samples_per_second", "peak_memory_gb", "memory_gb", "tflops", "mfu"})
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Trainee:
     output: Path
     dist: DistInfo = field(default_factory=DistInfo)
     strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
+    ref_table: RefLogps | None = None  # precomputed reference log-probs (then reference is None)
+    flops: FlopCounter | None = None  # the policy's model FLOPs, for tflops and MFU
 
 
 @dataclass
@@ -105,12 +109,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
                backend: Backend, dtype: torch.dtype) -> PairLogps:
-    """Policy (with graph) and reference (without) log-probs of a batch's pairs."""
+    """Policy (with graph) and reference (without) log-probs of a batch's pairs; the
+    reference's come from the batch when it carries precomputed ones."""
     b = batch.num_pairs
     with backend.autocast(dtype):
         logps, counts = _logps(policy, batch, backend)
-        ref = None
-        if reference is not None:
+        ref = batch.ref_logps
+        if ref is None and reference is not None:
             with torch.no_grad():
                 ref, _ = _logps(reference, batch, backend)
     return PairLogps(
@@ -175,13 +180,15 @@ def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo,
 def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
     """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
     return preference_metrics(t.policy, t.reference, t.tokenizer, t.loss, t.eval_pairs,
-                              t.backend, t.device, settings.dtype, settings.batch_size, t.dist)
+                              t.backend, t.device, settings.dtype, settings.batch_size, t.dist,
+                              t.ref_table)
 
 
 def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, tokenizer: Any,
                        loss: Loss, pairs: list[TokenizedPair], backend: Backend,
                        device: torch.device, dtype: torch.dtype, batch_size: int,
-                       dist: DistInfo | None = None) -> dict[str, float]:
+                       dist: DistInfo | None = None, ref_table: RefLogps | None = None
+                       ) -> dict[str, float]:
     """The loss and TRL-named metrics of ``policy`` against ``reference`` on ``pairs``, averaged
     over pairs (and ranks), under ``eval/`` names; empty when there are no pairs."""
     if not pairs:
@@ -207,8 +214,8 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
     count = 0
     with torch.no_grad():
         for i, chunk in enumerate(batches):
-            batch = collate(chunk, tokenizer.pad_token_id,
-                            pad_length=backend.padded_length).to(device)
+            batch = collate(chunk, tokenizer.pad_token_id, pad_length=backend.padded_length,
+                            ref=ref_table).to(device)
             logps = pair_logps(policy, reference, batch, backend, dtype)
             part = metric_sums(loss(logps), logps)
             if not (tail and i == len(batches) - 1) or dist.is_main:
@@ -327,9 +334,10 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             step_pairs = sum(len(m) for m in micro)
             sums: dict[str, torch.Tensor] = {}
             real_tokens = padded_tokens = 0
+            step_flops = 0.0
             for i, pairs in enumerate(micro):
                 batch = collate(pairs, t.tokenizer.pad_token_id,
-                                pad_length=t.backend.padded_length).to(t.device)
+                                pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
                 logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
                 out = t.loss(logps)
                 # Sum over the micro-batch divided by the step's pairs: the accumulated gradient
@@ -341,6 +349,10 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 _add(sums, metric_sums(out, logps))
                 real_tokens += batch.real_tokens
                 padded_tokens += batch.padded_tokens
+                if t.flops is not None:
+                    step_flops += t.flops.train_step(batch.row_lengths, batch.completion_tokens,
+                                                     reference_forward=batch.ref_logps is None
+                                                     and t.reference is not None)
                 t.backend.materialize()  # one graph per micro-batch shape, however they mix
 
             t.backend.reduce_gradients(t.optimizer)
@@ -374,6 +386,11 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             })
             if memory.peak_bytes is not None:
                 metrics["peak_memory_gb"] = memory.peak_bytes / 2**30
+            if step_flops:  # per process: each one's device does its own share
+                metrics["tflops"] = step_flops / elapsed / 1e12
+                peak = t.backend.peak_flops(settings.dtype)
+                if peak:
+                    metrics["mfu"] = step_flops / elapsed / peak
             metrics.update(t.backend.step_metrics())
             train_metrics = metrics
             reporter.record({"step": state.step, **metrics})

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -86,6 +87,19 @@ class Reporter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    @contextmanager
+    def task(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A progress bar for a pass before training (e.g. scoring pairs with the reference);
+        yields ``advance(n)``."""
+        if not self._show_progress or total <= 0:
+            yield lambda n: None
+            return
+        bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), console=self.console, transient=True)
+        task = bar.add_task(label, total=total)
+        with bar:
+            yield lambda n: bar.advance(task, n)
 
     # events ------------------------------------------------------------------------------
     def info(self, message: str) -> None:

@@ -27,7 +27,9 @@ from dpo.core.checkpoint import (
     restore_rng_states,
     write_json_atomic,
 )
+from dpo.core import refcache
 from dpo.core.config import RunConfig
+from dpo.core.refcache import RefLogps
 from dpo.core.dataset import (
     BatchSampler,
     DataStats,
@@ -38,6 +40,7 @@ from dpo.core.dataset import (
 )
 from dpo.core.distributed import DistInfo
 from dpo.core.errors import DpoError, UsageError
+from dpo.core.flops import FlopCounter
 from dpo.core.loop import Outcome, Settings, Trainee, TrainState, disable_dropout, train
 from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
@@ -229,8 +232,14 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         reference, ref_tokenizer = load_model(config.ref_model, config.seed)
         check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
         reference.requires_grad_(False).eval()
-    elif loss.requires_reference:
+    elif loss.requires_reference and not config.precompute_ref:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
+    # With precomputed reference log-probs, the reference scores every pair once below and is
+    # then dropped; without --ref-model it is the policy itself before any update (on resume,
+    # the weights loaded from --model here, before the checkpoint's replace them).
+    ref_source = None
+    if loss.requires_reference and config.precompute_ref:
+        ref_source, reference = (reference if reference is not None else model), None
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
 
@@ -247,11 +256,25 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         output.mkdir(parents=True, exist_ok=True)
     strat.barrier(dist)
 
-    for m in (model, reference):
+    for m in (model, reference, ref_source):
         if m is not None:
             disable_dropout(m)
             m.to(device)
             backend.configure_model(m)  # before the optimizer sees the parameters
+    ref_table = ref_path = None
+    if ref_source is not None:
+        ref_table, ref_path, _ = precompute_reference(
+            ref_source, train_pairs + eval_pairs, config, backend, device, dtype,
+            tokenizer.pad_token_id, dist, reporter,
+            describe=sources.get("ref_model", sources["model"]))
+        ref_source = None  # the reference's weights go now (a separate copy only on resume)
+        gc.collect()
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with inputs that need no grad and under DDP/FSDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        for layer in strat.decoder_layers(model):
+            layer.compile()
     if dist.world_size > 1:
         # Wrapped before the optimizer is built: FSDP2 replaces the parameters by shards.
         static = backend.static_shapes
@@ -262,13 +285,15 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                                  **backend.optimizer_options())
     if dist.world_size > 1:
         trained, optimizer = backend.prepare(trained, optimizer, dtype)
     else:
         model, optimizer = backend.prepare(model, optimizer, dtype)
         trained = model
     sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
+                           shuffle=config.shuffle, group_by_length=config.group_by_length,
                            rank=dist.rank, world_size=dist.world_size)
     steps = total_steps(config, len(sampler))
     warmup = config.warmup_steps or round(config.warmup_ratio * steps)
@@ -296,9 +321,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                      "options": {loss.name: loss.options.model_dump(mode="json"),
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "models": sources,
-                     "reference": ("none (reference-free loss)" if reference is None else
-                                   f"--ref-model {config.ref_model}, frozen" if config.ref_model
-                                   else "a frozen copy of --model, re-loaded from it on resume")},
+                     "reference": describe_reference(config, loss.requires_reference, ref_path)},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -312,7 +335,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     trainee = Trainee(policy=trained, reference=reference, tokenizer=tokenizer, backend=backend,
                       device=device, loss=loss, policies=policies, optimizer=optimizer,
                       scheduler=scheduler, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                      sampler=sampler, output=output, dist=dist, strategy=config.strategy)
+                      sampler=sampler, output=output, dist=dist, strategy=config.strategy,
+                      ref_table=ref_table, flops=FlopCounter.of(model))
     settings = Settings(total_steps=steps, grad_accum=config.grad_accum,
                         max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,
@@ -345,6 +369,42 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     return outcome
 
 
+def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None) -> str:
+    """run.json's one line on where the reference log-probs come from."""
+    if not requires:
+        return "none (reference-free loss)"
+    model = f"--ref-model {config.ref_model}" if config.ref_model else "the initial --model"
+    if ref_path is not None:
+        return f"log-probs of {model}, computed before training: {ref_path}"
+    return (f"{model}, frozen, in memory" if config.ref_model
+            else "a frozen copy of --model in memory, re-loaded from it on resume")
+
+
+def precompute_reference(model: torch.nn.Module, pairs: list[TokenizedPair], config: RunConfig,
+                         backend: Backend, device: torch.device, dtype: torch.dtype,
+                         pad_token_id: int, dist: DistInfo, reporter: Reporter,
+                         describe: str = "") -> tuple[RefLogps, Path, int]:
+    """The reference log-probs of ``pairs`` from ``config.ref_logps`` (or the cache), the
+    missing ones computed by ``model``; several processes each compute a share."""
+    share = None
+    if dist.world_size > 1:
+        pairs = pairs[dist.rank::dist.world_size]
+
+        def share(values: dict) -> dict:
+            parts: list[Any] = [None] * dist.world_size
+            torch.distributed.all_gather_object(parts, values)
+            return {k: v for part in parts for k, v in part.items()}
+
+    path = Path(config.ref_logps) if config.ref_logps else None
+    with reporter.task("reference", len(pairs)) as advance:
+        table, path, computed = refcache.ensure(
+            path, model, pairs, backend=backend, device=device, dtype=dtype,
+            batch_size=config.batch_size, pad_token_id=pad_token_id, describe=describe,
+            share=share, is_main=dist.is_main, info=reporter.info, progress=advance)
+    strat.barrier(dist)  # the file is complete before any rank goes on
+    return table, path, computed
+
+
 def check_same_tokenizer(policy: Any, reference: Any, model: str, ref: str,
                          flag: str = "--ref-model") -> None:
     """Policy and reference score the same token ids, so they must share a vocabulary."""
@@ -365,3 +425,39 @@ def read_run_record(output: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{output}: no {RUN_FILE}; is this a dpo run directory?")
     return json.loads(path.read_text())
+
+
+def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = None
+               ) -> dict[str, Any]:
+    """``dpo precompute-ref``: score the pairs of ``config`` (training and held out) with the
+    reference model a ``dpo run`` with the same options would use, into its file. A later run
+    with the same reference, data and length settings reads them instead of scoring again."""
+    reporter = reporter or Reporter(Path(config.output), enabled=True, progress=config.progress)
+    backend = resolve_backend(config.backend, catalog)
+    device = backend.device(0)
+    dtype = resolve_dtype(config.dtype, backend)
+    check_options(config, catalog)
+    loss_cls = catalog.losses.get(config.loss)
+    if not loss_cls.requires_reference:
+        raise UsageError(f"loss {config.loss!r} uses no reference model: nothing to precompute")
+    if config.format:
+        catalog.formats.get(config.format)
+    spec = config.ref_model or config.model
+    describe = resolve_source(spec).describe()
+    model, tokenizer = load_model(config.model, config.seed)
+    train_pairs, eval_pairs, _, _ = _tokenized(config, catalog, tokenizer, reporter)
+    if config.ref_model:
+        model, ref_tokenizer = load_model(config.ref_model, config.seed)
+        check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
+    disable_dropout(model)
+    model.requires_grad_(False).to(device)
+    backend.configure_model(model)
+    pairs = train_pairs + eval_pairs
+    started = time.perf_counter()
+    table, path, computed = precompute_reference(model, pairs, config, backend, device, dtype,
+                                                 tokenizer.pad_token_id, DistInfo(), reporter,
+                                                 describe)
+    return {"path": str(path), "pairs": len(pairs), "computed": computed,
+            "pairs_in_file": len(table.values), "reference": describe, "dtype": table.dtype,
+            "model_digest": table.model_digest,
+            "seconds": round(time.perf_counter() - started, 3)}

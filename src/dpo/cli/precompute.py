@@ -1,0 +1,59 @@
+"""``dpo precompute-ref``: score the pairs with the reference model once, into a file that later
+runs (any loss, beta or learning rate) read instead of keeping a reference model in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpo.cli import one_line_errors
+from dpo.core.config import read_config_file, resolve_config, with_preset
+from dpo.core.options import parse_assignments
+from dpo.core.plugins import Catalog
+from dpo.core.run import precompute
+
+
+def register(app: typer.Typer, catalog: Catalog) -> None:
+    @app.command("precompute-ref")
+    @one_line_errors
+    def precompute_command(
+        model: Annotated[Optional[str], typer.Option(help="The model to be trained, as for `dpo run` (its tokenizer; and the reference unless --ref-model).")] = None,
+        ref_model: Annotated[Optional[str], typer.Option(help="Reference model. [default: --model's initial weights]")] = None,
+        data: Annotated[Optional[str], typer.Option(help="Training pairs, as for `dpo run`.")] = None,
+        format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).")] = None,
+        eval_data: Annotated[Optional[str], typer.Option(help="Held-out pairs (scored too).")] = None,
+        eval_fraction: Annotated[Optional[float], typer.Option(help="Held-out share of --data, as for `dpo run` (same --seed, same split).")] = None,
+        max_length: Annotated[Optional[int], typer.Option(help="As for `dpo run`. [default: 512]")] = None,
+        max_prompt_length: Annotated[Optional[int], typer.Option(help="As for `dpo run`. [default: 256]")] = None,
+        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse unusable records instead of dropping them.")] = None,
+        backend: Annotated[Optional[str], typer.Option(help="cpu, cuda, rocm, xpu, xla or auto.")] = None,
+        dtype: Annotated[Optional[str], typer.Option(help="Compute dtype; a run in another dtype needs its own file. [default: auto]")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help="Pairs per forward pass. [default: 4]")] = None,
+        option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Data format options (format.key=value).")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Seed of the --eval-fraction split. [default: 42]")] = None,
+        ref_logps: Annotated[Optional[str], typer.Option(help="The file to write or complete. [default: the cache directory, one file per reference model; `dpo run` finds it there]")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", help="A `dpo run` TOML file; its data, model and length options apply, flags win.")] = None,
+        progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    ) -> None:
+        """Score every pair (training and held out) with the reference model once and keep the
+        log-probs on disk. Pairs already in the file are not scored again; a file made with
+        other reference weights or another dtype is rebuilt."""
+        flags = {"model": model, "ref_model": ref_model, "data": data, "format": format,
+                 "eval_data": eval_data, "eval_fraction": eval_fraction,
+                 "max_length": max_length, "max_prompt_length": max_prompt_length,
+                 "strict": strict, "backend": backend, "dtype": dtype, "batch_size": batch_size,
+                 "seed": seed, "ref_logps": ref_logps, "progress": progress,
+                 "options": parse_assignments(option or [])}
+        layers = [read_config_file(config)] if config is not None else []
+        resolved = resolve_config(*with_preset([*layers, flags])[:-1], flags)
+        result = precompute(resolved, catalog)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        typer.echo(f"{result['path']}: {result['pairs']} pairs ({result['computed']} scored now, "
+                   f"{result['pairs_in_file']} in the file), reference {result['reference']}, "
+                   f"{result['dtype']}, {result['seconds']:.1f} s")

@@ -1,0 +1,159 @@
+"""Reference log-probs computed once before training and kept on disk (``dpo.core.refcache``,
+``dpo precompute-ref``): the same numbers as a reference model in memory, reused across runs,
+and never reused when stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dpo.cli import make_app
+from dpo.core import refcache
+from dpo.core.loop import TIMING_KEYS
+from dpo.core.plugins import get_plugin_manager
+from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+from dpo.core.tokenization import TokenizedPair
+from dpo.testing import write_arithmetic_pairs as write_pairs
+
+
+@pytest.fixture
+def cli():
+    app = make_app(get_plugin_manager(load_entrypoints=False))
+
+    def call(*args: str):
+        return CliRunner().invoke(app, list(args))
+
+    return call
+
+
+def run_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    return ["run", "--no-progress", "--model", "tiny", "--data", str(data), "--backend", "cpu",
+            "--max-steps", "4", "--lr", "1e-3", "--batch-size", "4", "--eval-fraction", "0.25",
+            "--output", str(tmp_path / out), *extra]
+
+
+def steps(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Every metric of every step and evaluation, and every final weight, within ``tol``: the
+    reference log-probs of a pair differ only by the padding of the batch that scored it."""
+    ra, rb = steps(a), steps(b)
+    assert [sorted(r) for r in ra] == [sorted(r) for r in rb]
+    for x, y in zip(ra, rb):
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=tol, abs=tol), key
+    wa, wb = (load_file(p / "final" / "model.safetensors") for p in (a, b))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
+
+
+def test_precomputed_reference_gives_the_run_of_a_reference_in_memory(tmp_path, cli):
+    """The default (scored once, on disk) and --no-precompute-ref (a frozen copy scoring each
+    batch) train to the same metrics and weights; the file holds all 24 pairs (18 training,
+    6 held out), and run.json names it."""
+    on = cli(*run_args(tmp_path, "on", "--ref-logps", str(tmp_path / "ref.safetensors")))
+    assert on.exit_code == 0, on.output
+    assert "reference log-probs: computing 24 pairs" in on.output
+    off = cli(*run_args(tmp_path, "off", "--no-precompute-ref"))
+    assert off.exit_code == 0, off.output
+    assert_same_run(tmp_path / "on", tmp_path / "off")
+
+    run = json.loads((tmp_path / "on" / "run.json").read_text())
+    assert run["resolved"]["reference"].endswith(str(tmp_path / "ref.safetensors"))
+    assert "in memory" in json.loads((tmp_path / "off" / "run.json").read_text())["resolved"]["reference"]
+    table = refcache.read(tmp_path / "ref.safetensors")
+    assert table is not None and len(table.values) == 24 and table.dtype == "float32"
+
+    # A second run (another beta: the reference's log-probs do not depend on it) reads them all.
+    again = cli(*run_args(tmp_path, "again", "--ref-logps", str(tmp_path / "ref.safetensors"),
+                          "-o", "beta=0.5"))
+    assert again.exit_code == 0, again.output
+    assert "all 24 pairs read from" in again.output
+
+
+def test_precompute_ref_command_then_run_reads_the_default_cache(tmp_path, cli):
+    """`dpo precompute-ref` with the run's data options fills the cache file a later
+    `dpo run` finds by itself; the run then scores nothing."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    result = cli("precompute-ref", "--no-progress", "--model", "tiny", "--data", str(data),
+                 "--eval-fraction", "0.25", "--backend", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output[result.output.index("{"):])
+    assert (info["pairs"], info["computed"], info["pairs_in_file"]) == (24, 24, 24)
+    assert Path(info["path"]).is_file() and info["dtype"] == "float32"
+
+    run = cli(*run_args(tmp_path, "out"))
+    assert run.exit_code == 0, run.output
+    assert "all 24 pairs read from" in run.output and info["path"] in run.output.replace("\n", "")
+
+
+def test_changed_pairs_are_scored_and_a_stale_file_is_rebuilt(tmp_path, cli):
+    """A shorter --max-length changes some pairs' token ids: those are scored, the others
+    read (prompts are 16 tiny-tokenizer tokens, completions 3 or 4 with the EOS, so 19 cuts
+    only the 4-token ones). A file made with other reference weights is rebuilt (and says so), and the run
+    equals one with that reference in memory."""
+    path = tmp_path / "ref.safetensors"
+    assert cli(*run_args(tmp_path, "a", "--ref-logps", str(path))).exit_code == 0
+    short = cli(*run_args(tmp_path, "b", "--ref-logps", str(path), "--max-length", "19",
+                          "--max-prompt-length", "16"))
+    assert short.exit_code == 0, short.output
+    assert "reference log-probs: computing" in short.output
+    computed = int(short.output.split("computing ")[1].split()[0])
+    assert 0 < computed < 24  # truncation changed some pairs' ids, not all
+    assert len(refcache.read(path).values) == 24 + computed
+
+    ref = tmp_path / "ref7"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=7).save_pretrained(ref)
+    tokenizer.save_pretrained(ref)
+    other = cli(*run_args(tmp_path, "c", "--ref-logps", str(path), "--ref-model", str(ref)))
+    assert other.exit_code == 0, other.output
+    assert "is stale (made with other reference weights); rebuilding it" in other.output
+    assert len(refcache.read(path).values) == 24
+    memory = cli(*run_args(tmp_path, "d", "--ref-model", str(ref), "--no-precompute-ref"))
+    assert memory.exit_code == 0, memory.output
+    assert_same_run(tmp_path / "c", tmp_path / "d")
+
+
+def test_unreadable_file_is_rebuilt_not_trusted(tmp_path, cli):
+    path = tmp_path / "ref.safetensors"
+    path.write_bytes(b"not a table")
+    result = cli(*run_args(tmp_path, "out", "--ref-logps", str(path)))
+    assert result.exit_code == 0, result.output
+    assert "computing 24 pairs" in result.output
+    assert len(refcache.read(path).values) == 24
+
+
+def test_digest_and_lookup():
+    """The digest depends on every id and on where prompt ends and completion starts; lookup
+    gives the batch's row order: every chosen log-prob, then every rejected one."""
+    a = TokenizedPair((1, 2), (3,), (4,))
+    assert refcache.pair_digest(a) == refcache.pair_digest(TokenizedPair((1, 2), (3,), (4,)))
+    for other in (TokenizedPair((1,), (2, 3), (4,)), TokenizedPair((1, 2), (3,), (5,)),
+                  TokenizedPair((1, 2), (4,), (3,))):
+        assert refcache.pair_digest(other) != refcache.pair_digest(a)
+    b = TokenizedPair((1, 2), (5,), (6,))
+    table = refcache.RefLogps("m", "float32", {refcache.pair_digest(a): (-1.0, -2.0),
+                                               refcache.pair_digest(b): (-3.0, -4.0)})
+    assert table.lookup([a, b]).tolist() == [-1.0, -3.0, -2.0, -4.0]
+    assert table.missing([a, TokenizedPair((9,), (9,), (8,)), a]) == [TokenizedPair((9,), (9,), (8,))]
+    with pytest.raises(KeyError):
+        table.lookup([TokenizedPair((9,), (9,), (8,))])
+
+
+def test_model_digest_sees_every_weight():
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0)
+    before = refcache.model_digest(model)
+    assert refcache.model_digest(build_tiny_model(tokenizer, seed=0)) == before
+    with torch.no_grad():
+        next(reversed(list(model.parameters())))[0] += 1e-3
+    assert refcache.model_digest(model) != before
