@@ -79,9 +79,10 @@ def test_precomputed_reference_gives_the_run_of_a_reference_in_memory(tmp_path, 
     assert "all 24 pairs read from" in again.output
 
 
-def test_precompute_ref_command_then_run_reads_the_default_cache(tmp_path, cli):
+def test_precompute_ref_command_then_run_reads_the_default_cache(tmp_path, cli, monkeypatch):
     """`dpo precompute-ref` with the run's data options fills the cache file a later
     `dpo run` finds by itself; the run then scores nothing."""
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
     data = write_pairs(tmp_path / "pairs.jsonl")
     result = cli("precompute-ref", "--no-progress", "--model", "tiny", "--data", str(data),
                  "--eval-fraction", "0.25", "--backend", "cpu", "--json")
@@ -89,6 +90,7 @@ def test_precompute_ref_command_then_run_reads_the_default_cache(tmp_path, cli):
     info = json.loads(result.output[result.output.index("{"):])
     assert (info["pairs"], info["computed"], info["pairs_in_file"]) == (24, 24, 24)
     assert Path(info["path"]).is_file() and info["dtype"] == "float32"
+    assert Path(info["path"]).parent == tmp_path / "cache" / "ref-logps"
 
     run = cli(*run_args(tmp_path, "out"))
     assert run.exit_code == 0, run.output

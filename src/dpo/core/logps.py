@@ -20,19 +20,28 @@ def completion_logps(
     """Summed log-probabilities of the completion tokens of each row, in float32.
 
     Args:
-        input_ids: [N, T] token ids, right-padded.
-        attention_mask: [N, T], 1 for real tokens.
+        input_ids: [N, T] token ids, right-padded (every row's real tokens first).
+        attention_mask: [N, T], 1 for real tokens (read only with ``static_shapes``).
         completion_mask: [N, T] bool, True where token t belongs to the completion (its
             probability is read from the logits at t - 1). The prompt and padding are False.
 
     Returns:
         (logps [N] float32, token_counts [N] int64).
 
+    The rows are right-padded, so the model runs without the attention mask: under causal
+    attention a real token only sees the tokens before it, all real, so padding after the row
+    cannot change it, and the padding's own outputs are never read. Without a mask the
+    attention kernel runs its causal path (flash attention where the backend has one) instead
+    of building and applying an [N, 1, T, T] mask: measured 3x faster forward + backward and
+    less memory on CPU (``benchmarks/techniques.py``).
+
     Only the positions that predict a completion token go through the output projection, so
     prompt and padding positions never materialise vocabulary-sized logits, and those that do
     go through it in chunks (``head_logps``): at most ``CHUNK_ROWS`` rows of logits exist at a
-    time, in forward and in backward. That selection has a data-dependent size; with ``static_shapes`` (XLA, see ``Backend.static_shapes``) every
-    position is scored and the mask zeroes the others instead, so shapes follow the batch's.
+    time, in forward and in backward. That selection has a data-dependent size; with
+    ``static_shapes`` (XLA, see ``Backend.static_shapes``) every position is scored and the
+    mask zeroes the others instead, so shapes follow the batch's (and the attention mask is
+    kept there: XLA runs eager attention, which builds a mask either way).
     """
     if static_shapes:
         return _masked_completion_logps(model, input_ids, attention_mask, completion_mask)
@@ -45,11 +54,11 @@ def completion_logps(
         getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS
     )
     if plain:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(input_ids=input_ids, use_cache=False).logits
         token_logps = -F.cross_entropy(logits[:, :-1][targets_mask].float(), targets,
                                        reduction="none")  # [M]
     else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = decoder(input_ids=input_ids, use_cache=False)
         hidden = hidden.last_hidden_state[:, :-1][targets_mask]  # [M, H]
         if isinstance(head, torch.nn.Linear):
             token_logps = head_logps(hidden, head.weight, head.bias, targets)

@@ -262,11 +262,15 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
             m.to(device)
             backend.configure_model(m)  # before the optimizer sees the parameters
     ref_table = ref_path = None
+    ref_record = None
     if ref_source is not None:
-        ref_table, ref_path, _ = precompute_reference(
+        started = time.perf_counter()
+        ref_table, ref_path, computed = precompute_reference(
             ref_source, train_pairs + eval_pairs, config, backend, device, dtype,
             tokenizer.pad_token_id, dist, reporter,
             describe=sources.get("ref_model", sources["model"]))
+        ref_record = {"file": str(ref_path), "pairs_scored": computed,
+                      "seconds": round(time.perf_counter() - started, 3)}
         ref_source = None  # the reference's weights go now (a separate copy only on resume)
         gc.collect()
     if config.gradient_checkpointing:
@@ -321,7 +325,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                      "options": {loss.name: loss.options.model_dump(mode="json"),
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "models": sources,
-                     "reference": describe_reference(config, loss.requires_reference, ref_path)},
+                     "reference": describe_reference(config, loss.requires_reference, ref_path),
+                     "reference_logps": ref_record},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
