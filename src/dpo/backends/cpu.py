@@ -67,6 +67,14 @@ class CPUBackend(Backend):
 
     # reset_peak_memory stays a no-op: a process's peak RSS (ru_maxrss) cannot be reset.
 
+    def optimizer_options(self) -> dict[str, Any]:
+        """torch's fused CPU AdamW: one pass over each parameter instead of several (7x faster
+        on 135M parameters, ``benchmarks/techniques.py``). Left to Intel's extension where it
+        will be applied, since it rewrites the optimizer itself."""
+        if _intel.installed_version() is not None and _intel.problem() is None:
+            return {}
+        return {"fused": True}
+
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                 dtype: torch.dtype = torch.float32):
         """Intel Extension for PyTorch's pass, where it is installed; otherwise nothing."""
