@@ -10,10 +10,12 @@ figure as a ratio to the first variant.
     python benchmarks/techniques.py --steps 3 --only base precomputed
 
 Variants (each adds to ``dpo run --backend cpu --dtype float32 --batch-size 4``):
-    reference-in-memory   --no-precompute-ref (a frozen copy scores every batch)
-    precomputed           the default: reference log-probs scored once before training
-    bf16                  precomputed + --dtype bfloat16 (autocast)
-    checkpointing         precomputed + --gradient-checkpointing
+    reference-in-memory   --no-precompute-ref --no-share-prompt: a frozen copy scores every
+                          batch, padded rows
+    precomputed           --no-share-prompt: reference log-probs scored once before training
+    shared-prompt         the CPU default: precomputed, and each pair's prompt run once
+    bf16                  the default + --dtype bfloat16 (autocast)
+    checkpointing         --gradient-checkpointing (padded rows: it cannot share the prompt)
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test-200
 MARKER = "\n\nAssistant:"
 
 VARIANTS: dict[str, list[str]] = {
-    "reference-in-memory": ["--no-precompute-ref"],
-    "precomputed": [],
+    "reference-in-memory": ["--no-precompute-ref", "--no-share-prompt"],
+    "precomputed": ["--no-share-prompt"],
+    "shared-prompt": [],
     "bf16": ["--dtype", "bfloat16"],
     "checkpointing": ["--gradient-checkpointing"],
 }

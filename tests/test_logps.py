@@ -128,3 +128,78 @@ def test_every_loss_is_unchanged_by_chunking(tiny_model, dpo_catalog, monkeypatc
         torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-6, msg=name)
         for got, want in zip(chunked[1], plain[1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- the prompt run once per pair --------------------------------------------------------------
+
+def pair_batch():
+    """Three pairs with different prompt lengths (3, 1, 5), the chosen completion longer in one,
+    the rejected in another, equal in the third; right-padded to the longest row (9)."""
+    from dpo.core.batching import collate
+    from dpo.core.tokenization import TokenizedPair
+
+    pairs = [TokenizedPair((5, 6, 7), (8, 9, 10, 11), (12, 13)),
+             TokenizedPair((14,), (15, 16), (17, 18, 19, 20)),
+             TokenizedPair((21, 22, 23, 24, 25), (26, 27, 28, 29), (30, 31, 32, 33))]
+    return pairs, collate(pairs, pad_token_id=0)
+
+
+def test_shared_prompt_matches_padded_rows_values_counts_and_gradients(tiny_model):
+    """Running each prompt once and both completions on its keys and values is the same
+    function as running prompt + completion rows: log-probs, counts and every gradient."""
+    from dpo.core.logps import shared_prompt_logps
+
+    _, batch = pair_batch()
+    padded, padded_counts = completion_logps(tiny_model, batch.input_ids, batch.attention_mask,
+                                             batch.completion_mask)
+    padded.sum().backward()
+    want = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    shared, counts = shared_prompt_logps(tiny_model, batch.input_ids, batch.prompt_lengths,
+                                         batch.row_lengths)
+    shared.sum().backward()
+    assert counts.tolist() == padded_counts.tolist() == [4, 2, 4, 2, 4, 4]
+    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
+    for got, expected in zip((p.grad for p in tiny_model.parameters()), want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_does_not_depend_on_the_other_pairs(tiny_model):
+    """A pair's log-probs are computed from that pair alone: bit for bit the same whatever
+    else is in the batch (so a reference scored before training equals the policy exactly at
+    step 1, as it should)."""
+    from dpo.core.batching import collate
+    from dpo.core.logps import shared_prompt_logps
+
+    pairs, batch = pair_batch()
+    together, _ = shared_prompt_logps(tiny_model, batch.input_ids, batch.prompt_lengths,
+                                      batch.row_lengths)
+    alone_batch = collate(pairs[1:2], pad_token_id=0)
+    alone, _ = shared_prompt_logps(tiny_model, alone_batch.input_ids,
+                                   alone_batch.prompt_lengths, alone_batch.row_lengths)
+    assert torch.equal(together[[1, 4]], alone)
+
+
+def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
+    """dpo, cdpo and ipo (whose per-token normalisation reads the counts): the same losses and
+    gradients through shared-prompt log-probs as through padded rows."""
+    from dpo.core.logps import batch_logps
+    from dpo.core.loss import PairLogps
+
+    _, batch = pair_batch()
+    reference = [v - 0.25 for v in completion_logps(
+        tiny_model, batch.input_ids, batch.attention_mask, batch.completion_mask)[0].detach().chunk(2)]
+
+    def run(share: bool):
+        tiny_model.zero_grad()
+        logps, counts = batch_logps(tiny_model, batch, share_prompt=share)
+        out = loss(PairLogps(logps[:3], logps[3:], counts[:3], counts[3:], *reference))
+        out.losses.sum().backward()
+        return out.losses.detach(), [p.grad.clone() for p in tiny_model.parameters()]
+
+    for name in ("dpo", "cdpo", "ipo"):
+        loss = dpo_catalog.losses.get(name)(dpo_catalog.losses.get(name).parse_options({}))
+        shared, padded = run(True), run(False)
+        torch.testing.assert_close(shared[0], padded[0], rtol=1e-5, atol=1e-6, msg=name)
+        for got, want in zip(shared[1], padded[1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)

@@ -68,6 +68,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         shuffle: Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="A new order of the pairs every epoch (off: file order). [default: on]", rich_help_panel=OPTIM)] = None,
         group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="Batches of pairs of similar length: less padding. [default: on]", rich_help_panel=OPTIM)] = None,
         gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute each decoder layer's activations in backward: less memory, about a third more compute. [default: off]", rich_help_panel=SPEED)] = None,
+        share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help="Run each pair's prompt once for both completions, with no padding (a forward per pair instead of one per batch). [default: on CPU]", rich_help_panel=SPEED)] = None,
         compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decoder layers (the first steps of each new shape compile). [default: off]", rich_help_panel=SPEED)] = None,
         output: Annotated[Optional[str], typer.Option(help="Run directory. [default: out]", rich_help_panel=OUT)] = None,
         eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (0: at the end).", rich_help_panel=OUT)] = None,
@@ -87,7 +88,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         flags = {
             "model": model, "ref_model": ref_model, "precompute_ref": precompute_ref,
             "ref_logps": ref_logps, "shuffle": shuffle, "group_by_length": group_by_length,
-            "gradient_checkpointing": gradient_checkpointing, "compile": compile, "data": data, "format": format, "eval_data": eval_data,
+            "gradient_checkpointing": gradient_checkpointing, "compile": compile,
+            "share_prompt": share_prompt, "data": data, "format": format, "eval_data": eval_data,
             "eval_fraction": eval_fraction, "max_length": max_length,
             "max_prompt_length": max_prompt_length, "strict": strict, "backend": backend,
             "strategy": strategy, "dtype": dtype,

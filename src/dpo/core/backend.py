@@ -93,6 +93,11 @@ class Backend(ABC):
     #: shape, and an op such as ``nonzero`` or boolean-mask indexing would read values on the
     #: host and give every batch a new shape. The hot path then uses masks instead.
     static_shapes: ClassVar[bool] = False
+    # Whether runs share each pair's prompt between its completions unless told otherwise
+    # (``dpo.core.logps.shared_prompt_logps``): one prompt forward instead of two and no
+    # padding, at the price of a forward per pair instead of one per batch. Pays where batching
+    # gains little (a CPU); an accelerator keeps the batched path by default.
+    share_prompt_default: ClassVar[bool] = False
 
     def configure_model(self, model: torch.nn.Module) -> None:
         """Adapt a loaded model (policy or reference) to this backend in place, before training

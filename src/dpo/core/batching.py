@@ -30,6 +30,7 @@ class Batch:
     # Counted on the host when collated, so reading them later costs no device sync.
     _real_tokens: int | None = field(default=None, repr=False, compare=False)
     row_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)  # real tokens
+    prompt_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
     completion_tokens: int = field(default=0, repr=False, compare=False)
 
     @property
@@ -82,7 +83,7 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: i
     completion = real & (positions >= torch.tensor(prompt_lengths)[:, None])
     return Batch(input_ids, real.long(), completion,
                  ref_logps=None if ref is None else ref.lookup(pairs), _real_tokens=sum(lengths),
-                 row_lengths=tuple(lengths),
+                 row_lengths=tuple(lengths), prompt_lengths=tuple(prompt_lengths),
                  completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
 
 

@@ -72,6 +72,9 @@ class RunConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's "
                                          "activations in backward: less memory, about 1/3 more compute")
     compile: bool = Field(False, description="torch.compile the model's decoder layers")
+    share_prompt: bool | None = Field(None, description="run each pair's prompt once for both "
+                                      "completions, with no padding; default: where the "
+                                      "backend gains from it (CPU)")
 
     # output
     output: str = "out"

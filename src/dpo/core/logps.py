@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dpo.core.batching import Batch
+
+# transformers renamed ``past_key_values`` to ``cache`` (5.24); either is accepted here.
+_CACHE_ARG = "past_key_values"
+try:
+    from transformers.modeling_outputs import BaseModelOutputWithPast as _Output
+
+    if "cache" in getattr(_Output, "__dataclass_fields__", {}):
+        _CACHE_ARG = "cache"
+except ImportError:  # pragma: no cover
+    pass
 
 # Config attributes that change logits after the output projection; models carrying them go
 # through the plain path, which lets the model apply them itself.
@@ -68,6 +83,74 @@ def completion_logps(
     logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     counts = targets_mask.sum(dim=1)
     return logps, counts
+
+
+def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
+                       prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logps`` of a batch of pairs (rows 0..B-1 chosen, B..2B-1 rejected, right
+    padded) with each pair's prompt run once instead of twice, and no padding run at all.
+
+    Per pair: the prompt alone ([1, P] tokens) gives its keys and values and its last hidden
+    state, which predicts the first completion token; then both completions ([2, C], C the
+    longer one, the shorter right-padded) attend to that prompt's keys and values, repeated for
+    the two rows, and their own. The gradient reaches the prompt through those keys and values
+    from both completions, as it does through the two copies of the prompt in the padded path;
+    the result is the same function, computed with P + C_chosen + C_rejected tokens instead of
+    2 (P + max C) per pair plus the batch's padding. Every completion row goes through the
+    output projection together (``head_logps``).
+
+    ``prompt_lengths[i]`` and ``row_lengths[i]`` (host ints) are row i's prompt length and real
+    length; a pair's two rows share the prompt.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    n = input_ids.shape[0]
+    b = n // 2
+    hidden_parts, target_parts, row_ids = [], [], []
+    for i in range(b):
+        p = prompt_lengths[i]
+        lengths = (row_lengths[i] - p, row_lengths[b + i] - p)
+        width = max(lengths)
+        prompt = decoder(input_ids=input_ids[i:i + 1, :p], use_cache=True)
+        cache = prompt.cache if _CACHE_ARG == "cache" else prompt.past_key_values
+        cache.batch_repeat_interleave(2)
+        completions = input_ids[[i, b + i], p:p + width]  # [2, width]
+        out = decoder(input_ids=completions, use_cache=True, **{_CACHE_ARG: cache})
+        # Position j of a completion is predicted by the hidden state just before it: the
+        # prompt's last one for j = 0, the completion's own at j - 1 after that.
+        last = prompt.last_hidden_state[:, -1:].expand(2, 1, -1)
+        hidden = torch.cat([last, out.last_hidden_state[:, :-1]], dim=1)  # [2, width, H]
+        for side, row in enumerate((i, b + i)):
+            hidden_parts.append(hidden[side, :lengths[side]])
+            target_parts.append(completions[side, :lengths[side]])
+            row_ids.append(torch.full((lengths[side],), row, dtype=torch.long))
+    hidden = torch.cat(hidden_parts)
+    targets = torch.cat(target_parts)
+    rows = torch.cat(row_ids).to(input_ids.device)
+    token_logps = head_logps(hidden, head.weight, head.bias, targets)
+    logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
+    counts = torch.tensor([row_lengths[r] - prompt_lengths[r] for r in range(n)],
+                          device=input_ids.device)
+    return logps, counts
+
+
+def batch_logps(model: torch.nn.Module, batch: Batch, static_shapes: bool = False,
+                share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps [2B], counts [2B]) of a ``Batch``: ``shared_prompt_logps`` when asked for and
+    the model allows it (never with static shapes), else ``completion_logps``."""
+    if share_prompt and not static_shapes and supports_shared_prompt(model):
+        return shared_prompt_logps(model, batch.input_ids, batch.prompt_lengths,
+                                   batch.row_lengths)
+    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                            static_shapes)
+
+
+def supports_shared_prompt(model: torch.nn.Module) -> bool:
+    """Whether ``shared_prompt_logps`` can run ``model``: a decoder that takes a key/value cache
+    and a plain linear output projection with nothing applied to the logits after it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (hasattr(model, "get_decoder") and isinstance(head, torch.nn.Linear)
+            and not any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS))
 
 
 # Rows of logits alive at once in ``head_logps``: 1024 x a 50k vocabulary is 200 MB in float32.

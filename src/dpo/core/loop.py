@@ -26,7 +26,7 @@ from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_d
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
 from dpo.core.flops import FlopCounter
-from dpo.core.logps import completion_logps
+from dpo.core.logps import batch_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
 from dpo.core.refcache import RefLogps
 from dpo.core.report import Reporter
@@ -61,6 +61,7 @@ class Settings:
     dtype: torch.dtype
     batch_size: int
     eval_at_start: bool = True
+    share_prompt: bool = False  # each pair's prompt run once (``shared_prompt_logps``)
 
 
 @dataclass
@@ -108,16 +109,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # -- one micro-batch ---------------------------------------------------------------------------
 
 def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
-               backend: Backend, dtype: torch.dtype) -> PairLogps:
+               backend: Backend, dtype: torch.dtype, share_prompt: bool = False) -> PairLogps:
     """Policy (with graph) and reference (without) log-probs of a batch's pairs; the
     reference's come from the batch when it carries precomputed ones."""
     b = batch.num_pairs
     with backend.autocast(dtype):
-        logps, counts = _logps(policy, batch, backend)
+        logps, counts = _logps(policy, batch, backend, share_prompt)
         ref = batch.ref_logps
         if ref is None and reference is not None:
             with torch.no_grad():
-                ref, _ = _logps(reference, batch, backend)
+                ref, _ = _logps(reference, batch, backend, share_prompt)
     return PairLogps(
         policy_chosen=logps[:b], policy_rejected=logps[b:],
         chosen_tokens=counts[:b], rejected_tokens=counts[b:],
@@ -126,14 +127,14 @@ def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch
     )
 
 
-def _logps(model: torch.nn.Module, batch: Batch, backend: Backend
+def _logps(model: torch.nn.Module, batch: Batch, backend: Backend, share_prompt: bool
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """A DDP/FSDP-wrapped ``LogpsModel`` is called (its forward arms the collectives); a plain
     Hugging Face model goes straight through ``completion_logps``."""
     if strat.is_logps_module(model):
-        return model(batch.input_ids, batch.attention_mask, batch.completion_mask)
-    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                            backend.static_shapes)
+        return model(batch.input_ids, batch.attention_mask, batch.completion_mask,
+                     batch.prompt_lengths, batch.row_lengths)
+    return batch_logps(model, batch, backend.static_shapes, share_prompt)
 
 
 def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
@@ -181,14 +182,14 @@ def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
     """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
     return preference_metrics(t.policy, t.reference, t.tokenizer, t.loss, t.eval_pairs,
                               t.backend, t.device, settings.dtype, settings.batch_size, t.dist,
-                              t.ref_table)
+                              t.ref_table, settings.share_prompt)
 
 
 def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, tokenizer: Any,
                        loss: Loss, pairs: list[TokenizedPair], backend: Backend,
                        device: torch.device, dtype: torch.dtype, batch_size: int,
-                       dist: DistInfo | None = None, ref_table: RefLogps | None = None
-                       ) -> dict[str, float]:
+                       dist: DistInfo | None = None, ref_table: RefLogps | None = None,
+                       share_prompt: bool = False) -> dict[str, float]:
     """The loss and TRL-named metrics of ``policy`` against ``reference`` on ``pairs``, averaged
     over pairs (and ranks), under ``eval/`` names; empty when there are no pairs."""
     if not pairs:
@@ -216,7 +217,7 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
         for i, chunk in enumerate(batches):
             batch = collate(chunk, tokenizer.pad_token_id, pad_length=backend.padded_length,
                             ref=ref_table).to(device)
-            logps = pair_logps(policy, reference, batch, backend, dtype)
+            logps = pair_logps(policy, reference, batch, backend, dtype, share_prompt)
             part = metric_sums(loss(logps), logps)
             if not (tail and i == len(batches) - 1) or dist.is_main:
                 count += batch.num_pairs
@@ -338,7 +339,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             for i, pairs in enumerate(micro):
                 batch = collate(pairs, t.tokenizer.pad_token_id,
                                 pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
-                logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype)
+                logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
+                                   settings.share_prompt)
                 out = t.loss(logps)
                 # Sum over the micro-batch divided by the step's pairs: the accumulated gradient
                 # is the gradient of the mean loss over the whole step, whatever the split.

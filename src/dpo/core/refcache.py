@@ -150,11 +150,12 @@ def stale_reason(table: RefLogps, digest: str, dtype: str) -> str | None:
 
 def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, backend: Backend,
             device: torch.device, dtype: torch.dtype, batch_size: int, pad_token_id: int,
-            progress: Callable[[int], None] | None = None) -> dict[bytes, tuple[float, float]]:
+            share_prompt: bool = False, progress: Callable[[int], None] | None = None
+            ) -> dict[bytes, tuple[float, float]]:
     """The reference log-probs of ``pairs``: batches of ``batch_size`` pairs of similar length
     (little padding), under no_grad and the run's autocast."""
     from dpo.core.batching import collate
-    from dpo.core.logps import completion_logps
+    from dpo.core.logps import batch_logps
 
     order = sorted(pairs, key=lambda p: -(len(p.prompt_ids)
                                           + max(len(p.chosen_ids), len(p.rejected_ids))))
@@ -167,8 +168,7 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, backend: Back
                 chunk = order[start:start + batch_size]
                 batch = collate(chunk, pad_token_id, pad_length=backend.padded_length).to(device)
                 with backend.autocast(dtype):
-                    logps, _ = completion_logps(model, batch.input_ids, batch.attention_mask,
-                                                batch.completion_mask, backend.static_shapes)
+                    logps, _ = batch_logps(model, batch, backend.static_shapes, share_prompt)
                 backend.materialize()
                 values = logps.float().cpu().tolist()
                 b = len(chunk)
@@ -183,7 +183,8 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, backend: Back
 
 def ensure(path: Path | None, model: torch.nn.Module, pairs: list[TokenizedPair], *,
            backend: Backend, device: torch.device, dtype: torch.dtype, batch_size: int,
-           pad_token_id: int, describe: str = "", share: Callable[[dict], dict] | None = None,
+           pad_token_id: int, describe: str = "", share_prompt: bool = False,
+           share: Callable[[dict], dict] | None = None,
            is_main: bool = True, info: Callable[[str], None] = lambda _: None,
            progress: Callable[[int], None] | None = None) -> tuple[RefLogps, Path, int]:
     """The table of ``pairs`` for this reference ``model``: read from ``path`` (default: the
@@ -209,7 +210,8 @@ def ensure(path: Path | None, model: torch.nn.Module, pairs: list[TokenizedPair]
          + (f", {len(pairs) - len(missing)} read from {path}" if len(missing) < len(pairs) else "")
          + "; the reference model is then not kept in memory")
     new = compute(model, missing, backend=backend, device=device, dtype=dtype,
-                  batch_size=batch_size, pad_token_id=pad_token_id, progress=progress)
+                  batch_size=batch_size, pad_token_id=pad_token_id,
+                  share_prompt=share_prompt, progress=progress)
     if share is not None:
         new = share(new)
     if new:

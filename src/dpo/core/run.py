@@ -248,6 +248,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     if sharded:
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
 
+    share_prompt = resolve_share_prompt(config, backend, model)
+
     # Nothing is written above this line.
     strat.barrier(dist)  # every rank has checked its input
     if dist.is_main:
@@ -268,14 +270,19 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         ref_table, ref_path, computed = precompute_reference(
             ref_source, train_pairs + eval_pairs, config, backend, device, dtype,
             tokenizer.pad_token_id, dist, reporter,
-            describe=sources.get("ref_model", sources["model"]))
+            describe=sources.get("ref_model", sources["model"]), share_prompt=share_prompt)
         ref_record = {"file": str(ref_path), "pairs_scored": computed,
                       "seconds": round(time.perf_counter() - started, 3)}
         ref_source = None  # the reference's weights go now (a separate copy only on resume)
         gc.collect()
     if config.gradient_checkpointing:
-        # Non-reentrant: works with inputs that need no grad and under DDP/FSDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works with inputs that need no grad and under DDP/FSDP. transformers
+        # renamed the method (5.24); the old name stays for older versions.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if config.compile:
         for layer in strat.decoder_layers(model):
             layer.compile()
@@ -284,6 +291,9 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         static = backend.static_shapes
         reference = strat.wrap_reference(reference, config.strategy, dist, static)
         trained = strat.wrap_policy(model, config.strategy, dist, device, static)
+        for wrapped in (trained, reference):
+            if wrapped is not None and strat.is_logps_module(wrapped):
+                getattr(wrapped, "module", wrapped).share_prompt = share_prompt
     else:
         trained = model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -326,7 +336,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "models": sources,
                      "reference": describe_reference(config, loss.requires_reference, ref_path),
-                     "reference_logps": ref_record},
+                     "reference_logps": ref_record, "share_prompt": share_prompt},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -346,7 +356,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                         max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,
                         dtype=dtype, batch_size=config.batch_size,
-                        eval_at_start=config.eval_at_start)
+                        eval_at_start=config.eval_at_start, share_prompt=share_prompt)
     try:
         outcome = train(trainee, settings, state, reporter, on_save=on_save)
     except DpoError as exc:
@@ -374,6 +384,25 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     return outcome
 
 
+def resolve_share_prompt(config: RunConfig, backend: Backend, model: torch.nn.Module) -> bool:
+    """``--share-prompt``: on where asked for or where the backend gains from it, unless
+    something rules it out (refused with the reason when it was asked for)."""
+    from dpo.core.logps import supports_shared_prompt
+
+    if config.share_prompt is False:
+        return False
+    reason = None
+    if backend.static_shapes:
+        reason = f"backend {backend.name!r} compiles static shapes"
+    elif config.gradient_checkpointing:
+        reason = "--gradient-checkpointing runs the model without its key/value cache"
+    elif not supports_shared_prompt(model):
+        reason = f"{type(model).__name__} has no plain linear output projection and decoder"
+    if reason and config.share_prompt:
+        raise UsageError(f"--share-prompt: {reason}; use --no-share-prompt")
+    return reason is None and (config.share_prompt or backend.share_prompt_default)
+
+
 def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None) -> str:
     """run.json's one line on where the reference log-probs come from."""
     if not requires:
@@ -388,7 +417,8 @@ def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None)
 def precompute_reference(model: torch.nn.Module, pairs: list[TokenizedPair], config: RunConfig,
                          backend: Backend, device: torch.device, dtype: torch.dtype,
                          pad_token_id: int, dist: DistInfo, reporter: Reporter,
-                         describe: str = "") -> tuple[RefLogps, Path, int]:
+                         describe: str = "", share_prompt: bool = False
+                         ) -> tuple[RefLogps, Path, int]:
     """The reference log-probs of ``pairs`` from ``config.ref_logps`` (or the cache), the
     missing ones computed by ``model``; several processes each compute a share."""
     share = None
@@ -405,7 +435,7 @@ def precompute_reference(model: torch.nn.Module, pairs: list[TokenizedPair], con
         table, path, computed = refcache.ensure(
             path, model, pairs, backend=backend, device=device, dtype=dtype,
             batch_size=config.batch_size, pad_token_id=pad_token_id, describe=describe,
-            share=share, is_main=dist.is_main, info=reporter.info, progress=advance)
+            share_prompt=share_prompt, share=share, is_main=dist.is_main, info=reporter.info, progress=advance)
     strat.barrier(dist)  # the file is complete before any rank goes on
     return table, path, computed
 
@@ -461,7 +491,8 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     started = time.perf_counter()
     table, path, computed = precompute_reference(model, pairs, config, backend, device, dtype,
                                                  tokenizer.pad_token_id, DistInfo(), reporter,
-                                                 describe)
+                                                 describe,
+                                                 resolve_share_prompt(config, backend, model))
     return {"path": str(path), "pairs": len(pairs), "computed": computed,
             "pairs_in_file": len(table.values), "reference": describe, "dtype": table.dtype,
             "model_digest": table.model_digest,

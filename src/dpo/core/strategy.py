@@ -44,11 +44,16 @@ class LogpsModel(torch.nn.Module):
         super().__init__()
         self.lm = lm
         self.static_shapes = static_shapes
+        self.share_prompt = False  # set by the run: ``dpo.core.logps.shared_prompt_logps``
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from dpo.core.logps import completion_logps
+                completion_mask: torch.Tensor, prompt_lengths: tuple[int, ...] = (),
+                row_lengths: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        from dpo.core.logps import completion_logps, shared_prompt_logps, supports_shared_prompt
 
+        if (self.share_prompt and prompt_lengths and not self.static_shapes
+                and supports_shared_prompt(self.lm)):
+            return shared_prompt_logps(self.lm, input_ids, prompt_lengths, row_lengths)
         return completion_logps(self.lm, input_ids, attention_mask, completion_mask,
                                 static_shapes=self.static_shapes)
 
