@@ -37,15 +37,16 @@ class Crash(dpo.StoppingPolicy):
 
 
 class NanAt(DPOLoss):
-    """DPO whose loss turns NaN from the third call on (a poisoned batch)."""
+    """DPO whose loss turns NaN once 8 pairs have gone through it (a poisoned batch: the
+    third step of 4 pairs, however the steps are split into micro-batches)."""
 
     name = "nan-at"
-    calls = 0
+    calls = 0  # pairs seen
 
     def __call__(self, logps):
         out = super().__call__(logps)
-        NanAt.calls += 1
-        if NanAt.calls >= 3:
+        NanAt.calls += out.losses.shape[0]
+        if NanAt.calls > 8:
             out.losses = out.losses * float("nan")
         return out
 

@@ -47,6 +47,14 @@ class Batch:
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
+    @property
+    def shared_prompt_tokens(self) -> int:
+        """Tokens run with a shared prompt: each prompt once, both completions padded to the
+        longer one."""
+        b = self.num_pairs
+        return sum(self.prompt_lengths[i] + 2 * max(self.row_lengths[i], self.row_lengths[b + i])
+                   - 2 * self.prompt_lengths[i] for i in range(b))
+
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),
                        attention_mask=self.attention_mask.to(device),

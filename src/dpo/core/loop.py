@@ -1,7 +1,8 @@
 """The training loop: plain Python over resolved objects. It never touches the plugin manager.
 
 One optimizer step:
-  1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward.
+  1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward (with a
+     shared prompt, each pair is its own micro-batch: its prompt once, then both completions).
   2. Summed completion log-probs in float32 (``dpo.core.logps``); the reference under no_grad.
   3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
      step's gradient is that of the mean loss over all its pairs.
@@ -332,6 +333,11 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             started = time.perf_counter()
             t.backend.reset_peak_memory()
             micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
+            if settings.share_prompt:
+                # Pairs run one at a time there anyway (shared_prompt_logps): a backward per
+                # pair keeps one pair's activations alive instead of the micro-batch's, for the
+                # same gradient (each micro-batch is weighted by its share of the step below).
+                micro = [[pair] for pairs in micro for pair in pairs]
             step_pairs = sum(len(m) for m in micro)
             sums: dict[str, torch.Tensor] = {}
             real_tokens = padded_tokens = 0
@@ -350,7 +356,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                     (out.losses.sum() / step_pairs).backward()
                 _add(sums, metric_sums(out, logps))
                 real_tokens += batch.real_tokens
-                padded_tokens += batch.padded_tokens
+                padded_tokens += (batch.shared_prompt_tokens if settings.share_prompt
+                                  else batch.padded_tokens)
                 if t.flops is not None:
                     step_flops += t.flops.train_step(batch.row_lengths, batch.completion_tokens,
                                                      reference_forward=batch.ref_logps is None
