@@ -164,22 +164,6 @@ def test_shared_prompt_matches_padded_rows_values_counts_and_gradients(tiny_mode
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_shared_prompt_does_not_depend_on_the_other_pairs(tiny_model):
-    """A pair's log-probs are computed from that pair alone: bit for bit the same whatever
-    else is in the batch (so a reference scored before training equals the policy exactly at
-    step 1, as it should)."""
-    from dpo.core.batching import collate
-    from dpo.core.logps import shared_prompt_logps
-
-    pairs, batch = pair_batch()
-    together, _ = shared_prompt_logps(tiny_model, batch.input_ids, batch.prompt_lengths,
-                                      batch.row_lengths)
-    alone_batch = collate(pairs[1:2], pad_token_id=0)
-    alone, _ = shared_prompt_logps(tiny_model, alone_batch.input_ids,
-                                   alone_batch.prompt_lengths, alone_batch.row_lengths)
-    assert torch.equal(together[[1, 4]], alone)
-
-
 def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
     """dpo, cdpo and ipo (whose per-token normalisation reads the counts): the same losses and
     gradients through shared-prompt log-probs as through padded rows."""

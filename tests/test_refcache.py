@@ -189,7 +189,11 @@ def test_share_prompt_with_gradient_checkpointing_is_refused(tmp_path, cli):
     assert result.exit_code == 2
     assert "--share-prompt: --gradient-checkpointing runs the model without its key/value cache" in result.output
     assert not (tmp_path / "out").exists()
-    # Left to the default, checkpointing simply runs padded rows.
+    # Left to the default, checkpointing simply runs padded rows, and recomputing the
+    # activations in backward gives the run without it.
     ok = cli(*run_args(tmp_path, "ok", "--gradient-checkpointing"))
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "ok" / "run.json").read_text())["resolved"]["share_prompt"] is False
+    plain = cli(*run_args(tmp_path, "plain", "--no-share-prompt"))
+    assert plain.exit_code == 0, plain.output
+    assert_same_run(tmp_path / "ok", tmp_path / "plain")

@@ -49,11 +49,12 @@ class Batch:
 
     @property
     def shared_prompt_tokens(self) -> int:
-        """Tokens run with a shared prompt: each prompt once, both completions padded to the
-        longer one."""
+        """Tokens run with a shared prompt (``shared_prompt_logps``): B prompts padded to
+        the longest, then 2B completions padded to the longest."""
         b = self.num_pairs
-        return sum(self.prompt_lengths[i] + 2 * max(self.row_lengths[i], self.row_lengths[b + i])
-                   - 2 * self.prompt_lengths[i] for i in range(b))
+        prompts = self.prompt_lengths[:b]
+        completions = [n - p for n, p in zip(self.row_lengths, self.prompt_lengths)]
+        return b * max(prompts) + 2 * b * max(completions)
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),

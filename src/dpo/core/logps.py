@@ -89,48 +89,52 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                        prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logps`` of a batch of pairs (rows 0..B-1 chosen, B..2B-1 rejected, right
-    padded) with each pair's prompt run once instead of twice, and no padding run at all.
+    padded) with each pair's prompt run once instead of twice.
 
-    Per pair: the prompt alone ([1, P] tokens) gives its keys and values and its last hidden
-    state, which predicts the first completion token; then both completions ([2, C], C the
-    longer one, the shorter right-padded) attend to that prompt's keys and values, repeated for
-    the two rows, and their own. The gradient reaches the prompt through those keys and values
-    from both completions, as it does through the two copies of the prompt in the padded path;
-    the result is the same function, computed with P + C_chosen + C_rejected tokens instead of
-    2 (P + max C) per pair plus the batch's padding. Every completion row goes through the
-    output projection together (``head_logps``).
+    1. The B prompts run as one [B, P_max] batch, right-padded, without a mask (causal: a
+       prompt token cannot see what follows it), keeping their keys and values.
+    2. The 2B completions run as one [2B, C_max] batch on those keys and values (each pair's
+       repeated for its two completions), with a mask that hides the prompt padding and
+       position ids that continue each prompt (P_i, P_i + 1, ...), so every completion token
+       sees exactly its prompt and the completion tokens before it.
+    3. Completion token j is predicted by the prompt's last hidden state (j = 0) or the
+       completion's own at j - 1, all through the output projection together (``head_logps``).
 
-    ``prompt_lengths[i]`` and ``row_lengths[i]`` (host ints) are row i's prompt length and real
-    length; a pair's two rows share the prompt.
+    The same function as over prompt + completion rows, computed on B P_max + 2B C_max tokens
+    instead of 2B (P + C)_max; the gradient reaches each prompt through its keys and values
+    from both completions. ``prompt_lengths[r]`` and ``row_lengths[r]`` (host ints) are row
+    r's prompt length and real length; a pair's two rows share the prompt.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    n = input_ids.shape[0]
+    device = input_ids.device
+    n, width = input_ids.shape
     b = n // 2
-    hidden_parts, target_parts, row_ids = [], [], []
-    for i in range(b):
-        p = prompt_lengths[i]
-        lengths = (row_lengths[i] - p, row_lengths[b + i] - p)
-        width = max(lengths)
-        prompt = decoder(input_ids=input_ids[i:i + 1, :p], use_cache=True)
-        cache = prompt.cache if _CACHE_ARG == "cache" else prompt.past_key_values
-        cache.batch_repeat_interleave(2)
-        completions = input_ids[[i, b + i], p:p + width]  # [2, width]
-        out = decoder(input_ids=completions, use_cache=True, **{_CACHE_ARG: cache})
-        # Position j of a completion is predicted by the hidden state just before it: the
-        # prompt's last one for j = 0, the completion's own at j - 1 after that.
-        last = prompt.last_hidden_state[:, -1:].expand(2, 1, -1)
-        hidden = torch.cat([last, out.last_hidden_state[:, :-1]], dim=1)  # [2, width, H]
-        for side, row in enumerate((i, b + i)):
-            hidden_parts.append(hidden[side, :lengths[side]])
-            target_parts.append(completions[side, :lengths[side]])
-            row_ids.append(torch.full((lengths[side],), row, dtype=torch.long))
-    hidden = torch.cat(hidden_parts)
-    targets = torch.cat(target_parts)
-    rows = torch.cat(row_ids).to(input_ids.device)
-    token_logps = head_logps(hidden, head.weight, head.bias, targets)
-    logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
-    counts = torch.tensor([row_lengths[r] - prompt_lengths[r] for r in range(n)],
-                          device=input_ids.device)
+    prompts = prompt_lengths[:b]
+    completions = [row_lengths[r] - prompt_lengths[r] for r in range(n)]
+    p_max, c_max = max(prompts), max(completions)
+    # Rows interleaved as (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...), the order of
+    # the repeated keys and values.
+    order = [r for i in range(b) for r in (i, b + i)]
+    start = torch.tensor([prompts[r % b] for r in order], device=device)[:, None]  # [2B, 1]
+    steps = torch.arange(c_max, device=device)[None]
+    tokens = input_ids[order].gather(1, (start + steps).clamp(max=width - 1))  # [2B, C_max]
+
+    prompt = decoder(input_ids=input_ids[:b, :p_max], use_cache=True)
+    cache = prompt.cache if _CACHE_ARG == "cache" else prompt.past_key_values
+    cache.batch_repeat_interleave(2)
+    seen = torch.cat([torch.arange(p_max, device=device)[None] < start,
+                      torch.ones(2 * b, c_max, dtype=torch.bool, device=device)], dim=1)
+    out = decoder(input_ids=tokens, attention_mask=seen.long(), position_ids=start + steps,
+                  use_cache=True, **{_CACHE_ARG: cache})
+    last = prompt.last_hidden_state[torch.arange(b, device=device), torch.tensor(prompts, device=device) - 1]
+    hidden = torch.cat([last.repeat_interleave(2, dim=0)[:, None],
+                        out.last_hidden_state[:, :-1]], dim=1)  # [2B, C_max, H]
+    lengths = torch.tensor([completions[r] for r in order], device=device)[:, None]
+    valid = steps < lengths  # [2B, C_max]
+    token_logps = head_logps(hidden[valid], head.weight, head.bias, tokens[valid])
+    rows = torch.tensor(order, device=device)[:, None].expand(-1, c_max)[valid]
+    logps = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
+    counts = torch.tensor(completions, device=device)
     return logps, counts
 
 

@@ -2,7 +2,7 @@
 
 One optimizer step:
   1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward (with a
-     shared prompt, each pair is its own micro-batch: its prompt once, then both completions).
+     shared prompt: the prompts in one forward, then both sides' completions in another).
   2. Summed completion log-probs in float32 (``dpo.core.logps``); the reference under no_grad.
   3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
      step's gradient is that of the mean loss over all its pairs.
@@ -186,6 +186,23 @@ def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
                               t.ref_table, settings.share_prompt)
 
 
+def eval_batches(pairs: list[TokenizedPair], batch_size: int, dist: DistInfo
+                 ) -> list[list[TokenizedPair]]:
+    """This rank's evaluation batches. Every pair counts once: the ranks share the first
+    pairs evenly (no padding by repeats), and the few left over (fewer than the ranks) form a
+    last batch that every rank scores, since a sharded model's forward is collective, but that
+    rank 0 alone counts."""
+    tail = len(pairs) % dist.world_size
+    shared = pairs[:len(pairs) - tail]
+    sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                            for p in shared], batch_size, seed=0, shuffle=False,
+                           rank=dist.rank, world_size=dist.world_size)
+    batches = [[shared[i] for i in indices] for indices in sampler.batches(0)]
+    if tail:
+        batches.append(pairs[len(pairs) - tail:])
+    return batches
+
+
 def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, tokenizer: Any,
                        loss: Loss, pairs: list[TokenizedPair], backend: Backend,
                        device: torch.device, dtype: torch.dtype, batch_size: int,
@@ -196,17 +213,8 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
     if not pairs:
         return {}
     dist = dist or DistInfo()
-    # Every pair counts once: the ranks share the first pairs evenly (no padding by repeats),
-    # and the few left over (fewer than the ranks) are scored by every rank, since a sharded
-    # model's forward is collective, but counted by rank 0 alone.
+    batches = eval_batches(pairs, batch_size, dist)
     tail = len(pairs) % dist.world_size
-    shared = pairs[:len(pairs) - tail]
-    sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-                            for p in shared], batch_size, seed=0, shuffle=False,
-                           rank=dist.rank, world_size=dist.world_size)
-    batches = [[shared[i] for i in indices] for indices in sampler.batches(0)]
-    if tail:
-        batches.append(pairs[len(pairs) - tail:])
     for model in (policy, reference):  # idempotent; `dpo eval` loads its models itself
         if model is not None:
             backend.configure_model(strat.unwrap(model))
@@ -333,11 +341,6 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             started = time.perf_counter()
             t.backend.reset_peak_memory()
             micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
-            if settings.share_prompt:
-                # Pairs run one at a time there anyway (shared_prompt_logps): a backward per
-                # pair keeps one pair's activations alive instead of the micro-batch's, for the
-                # same gradient (each micro-batch is weighted by its share of the step below).
-                micro = [[pair] for pairs in micro for pair in pairs]
             step_pairs = sum(len(m) for m in micro)
             sums: dict[str, torch.Tensor] = {}
             real_tokens = padded_tokens = 0

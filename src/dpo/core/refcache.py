@@ -148,24 +148,23 @@ def stale_reason(table: RefLogps, digest: str, dtype: str) -> str | None:
     return None
 
 
-def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, backend: Backend,
-            device: torch.device, dtype: torch.dtype, batch_size: int, pad_token_id: int,
+def compute(model: torch.nn.Module, batches: list[list[TokenizedPair]], *, backend: Backend,
+            device: torch.device, dtype: torch.dtype, pad_token_id: int,
             share_prompt: bool = False, progress: Callable[[int], None] | None = None
             ) -> dict[bytes, tuple[float, float]]:
-    """The reference log-probs of ``pairs``: batches of ``batch_size`` pairs of similar length
-    (little padding), under no_grad and the run's autocast."""
+    """The reference log-probs of the pairs of ``batches``, scored batch by batch under no_grad
+    and the run's autocast. Given the batches training will see first, each pair is scored in
+    the company it will be trained in, so at the first step the policy, still equal to the
+    reference, reproduces these values bit for bit (rewards exactly 0)."""
     from dpo.core.batching import collate
     from dpo.core.logps import batch_logps
 
-    order = sorted(pairs, key=lambda p: -(len(p.prompt_ids)
-                                          + max(len(p.chosen_ids), len(p.rejected_ids))))
     was_training = model.training
     model.eval()
     out: dict[bytes, tuple[float, float]] = {}
     try:
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+            for chunk in batches:
                 batch = collate(chunk, pad_token_id, pad_length=backend.padded_length).to(device)
                 with backend.autocast(dtype):
                     logps, _ = batch_logps(model, batch, backend.static_shapes, share_prompt)
@@ -181,18 +180,19 @@ def compute(model: torch.nn.Module, pairs: list[TokenizedPair], *, backend: Back
     return out
 
 
-def ensure(path: Path | None, model: torch.nn.Module, pairs: list[TokenizedPair], *,
-           backend: Backend, device: torch.device, dtype: torch.dtype, batch_size: int,
-           pad_token_id: int, describe: str = "", share_prompt: bool = False,
+def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[TokenizedPair]], *,
+           backend: Backend, device: torch.device, dtype: torch.dtype, pad_token_id: int,
+           describe: str = "", share_prompt: bool = False,
            share: Callable[[dict], dict] | None = None,
            is_main: bool = True, info: Callable[[str], None] = lambda _: None,
            progress: Callable[[int], None] | None = None) -> tuple[RefLogps, Path, int]:
-    """The table of ``pairs`` for this reference ``model``: read from ``path`` (default: the
-    cache directory), the missing pairs computed and the file updated; a stale file is rebuilt.
-    Returns the table, its file and how many pairs were computed (over all processes).
+    """The table of the pairs of ``batches`` for this reference ``model``: read from ``path``
+    (default: the cache directory), the missing pairs computed (in these batches, less the
+    pairs already known) and the file updated; a stale file is rebuilt. Returns the table, its
+    file and how many pairs were computed (over all processes).
 
-    ``share`` spreads the work over processes: each computes the pairs it is given (the caller
-    passes its rank's share in ``pairs``) and ``share`` merges every rank's values.
+    ``share`` spreads the work over processes: each scores its own batches and ``share``
+    merges every rank's values.
     """
     digest = model_digest(model)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -202,16 +202,27 @@ def ensure(path: Path | None, model: torch.nn.Module, pairs: list[TokenizedPair]
         info(f"reference log-probs: {path} is stale ({reason}); rebuilding it")
         table = None
     table = table or RefLogps(digest, dtype_name, {}, {})
-    missing = table.missing(pairs)
-    if share is None and not missing:
-        info(f"reference log-probs: all {len(pairs)} pairs read from {path}")
+    pairs = [pair for batch in batches for pair in batch]
+    todo: list[list[TokenizedPair]] = []
+    scheduled: set[bytes] = set()
+    for batch in batches:
+        keep = []
+        for pair in batch:
+            key = pair_digest(pair)
+            if key not in table.values and key not in scheduled:
+                scheduled.add(key)
+                keep.append(pair)
+        if keep:
+            todo.append(keep)
+    count = len({pair_digest(p) for p in pairs})
+    if share is None and not scheduled:
+        info(f"reference log-probs: all {count} pairs read from {path}")
         return table, path, 0
-    info(f"reference log-probs: computing {len(missing)} pairs"
-         + (f", {len(pairs) - len(missing)} read from {path}" if len(missing) < len(pairs) else "")
+    info(f"reference log-probs: computing {len(scheduled)} pairs"
+         + (f", {count - len(scheduled)} read from {path}" if len(scheduled) < count else "")
          + "; the reference model is then not kept in memory")
-    new = compute(model, missing, backend=backend, device=device, dtype=dtype,
-                  batch_size=batch_size, pad_token_id=pad_token_id,
-                  share_prompt=share_prompt, progress=progress)
+    new = compute(model, todo, backend=backend, device=device, dtype=dtype,
+                  pad_token_id=pad_token_id, share_prompt=share_prompt, progress=progress)
     if share is not None:
         new = share(new)
     if new:

@@ -41,7 +41,15 @@ from dpo.core.dataset import (
 from dpo.core.distributed import DistInfo
 from dpo.core.errors import DpoError, UsageError
 from dpo.core.flops import FlopCounter
-from dpo.core.loop import Outcome, Settings, Trainee, TrainState, disable_dropout, train
+from dpo.core.loop import (
+    Outcome,
+    Settings,
+    Trainee,
+    TrainState,
+    disable_dropout,
+    eval_batches,
+    train,
+)
 from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
 from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
@@ -263,12 +271,14 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
             disable_dropout(m)
             m.to(device)
             backend.configure_model(m)  # before the optimizer sees the parameters
+    sampler = make_sampler(train_pairs, config, dist)
     ref_table = ref_path = None
     ref_record = None
     if ref_source is not None:
         started = time.perf_counter()
         ref_table, ref_path, computed = precompute_reference(
-            ref_source, train_pairs + eval_pairs, config, backend, device, dtype,
+            ref_source, first_batches(train_pairs, eval_pairs, sampler, config, dist),
+            config, backend, device, dtype,
             tokenizer.pad_token_id, dist, reporter,
             describe=sources.get("ref_model", sources["model"]), share_prompt=share_prompt)
         ref_record = {"file": str(ref_path), "pairs_scored": computed,
@@ -306,9 +316,6 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     else:
         model, optimizer = backend.prepare(model, optimizer, dtype)
         trained = model
-    sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
-                           shuffle=config.shuffle, group_by_length=config.group_by_length,
-                           rank=dist.rank, world_size=dist.world_size)
     steps = total_steps(config, len(sampler))
     warmup = config.warmup_steps or round(config.warmup_ratio * steps)
     scheduler = build_scheduler(optimizer, config.scheduler, warmup, steps)
@@ -414,16 +421,33 @@ def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None)
             else "a frozen copy of --model in memory, re-loaded from it on resume")
 
 
-def precompute_reference(model: torch.nn.Module, pairs: list[TokenizedPair], config: RunConfig,
+def make_sampler(train_pairs: list[TokenizedPair], config: RunConfig, dist: DistInfo
+                 ) -> BatchSampler:
+    return BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
+                        shuffle=config.shuffle, group_by_length=config.group_by_length,
+                        rank=dist.rank, world_size=dist.world_size)
+
+
+def first_batches(train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair],
+                  sampler: BatchSampler, config: RunConfig, dist: DistInfo
+                  ) -> list[list[TokenizedPair]]:
+    """This rank's batches of the first epoch and of evaluation: every pair, in the company
+    the run will first score it in."""
+    train = [[train_pairs[i] for i in batch] for batch in sampler.batches(0)]
+    return train + (eval_batches(eval_pairs, config.batch_size, dist) if eval_pairs else [])
+
+
+def precompute_reference(model: torch.nn.Module, batches: list[list[TokenizedPair]],
+                         config: RunConfig,
                          backend: Backend, device: torch.device, dtype: torch.dtype,
                          pad_token_id: int, dist: DistInfo, reporter: Reporter,
                          describe: str = "", share_prompt: bool = False
                          ) -> tuple[RefLogps, Path, int]:
-    """The reference log-probs of ``pairs`` from ``config.ref_logps`` (or the cache), the
-    missing ones computed by ``model``; several processes each compute a share."""
+    """The reference log-probs of the pairs of ``batches`` (this rank's) from
+    ``config.ref_logps`` (or the cache), the missing ones computed by ``model``; the ranks'
+    values are then merged."""
     share = None
     if dist.world_size > 1:
-        pairs = pairs[dist.rank::dist.world_size]
 
         def share(values: dict) -> dict:
             parts: list[Any] = [None] * dist.world_size
@@ -431,10 +455,10 @@ def precompute_reference(model: torch.nn.Module, pairs: list[TokenizedPair], con
             return {k: v for part in parts for k, v in part.items()}
 
     path = Path(config.ref_logps) if config.ref_logps else None
-    with reporter.task("reference", len(pairs)) as advance:
+    with reporter.task("reference", sum(len(b) for b in batches)) as advance:
         table, path, computed = refcache.ensure(
-            path, model, pairs, backend=backend, device=device, dtype=dtype,
-            batch_size=config.batch_size, pad_token_id=pad_token_id, describe=describe,
+            path, model, batches, backend=backend, device=device, dtype=dtype,
+            pad_token_id=pad_token_id, describe=describe,
             share_prompt=share_prompt, share=share, is_main=dist.is_main, info=reporter.info, progress=advance)
     strat.barrier(dist)  # the file is complete before any rank goes on
     return table, path, computed
@@ -487,9 +511,11 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     disable_dropout(model)
     model.requires_grad_(False).to(device)
     backend.configure_model(model)
+    batches = first_batches(train_pairs, eval_pairs, make_sampler(train_pairs, config, DistInfo()),
+                            config, DistInfo())
     pairs = train_pairs + eval_pairs
     started = time.perf_counter()
-    table, path, computed = precompute_reference(model, pairs, config, backend, device, dtype,
+    table, path, computed = precompute_reference(model, batches, config, backend, device, dtype,
                                                  tokenizer.pad_token_id, DistInfo(), reporter,
                                                  describe,
                                                  resolve_share_prompt(config, backend, model))
