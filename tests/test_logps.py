@@ -187,3 +187,28 @@ def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
         torch.testing.assert_close(shared[0], padded[0], rtol=1e-5, atol=1e-6, msg=name)
         for got, want in zip(shared[1], padded[1]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_batch_that_costs_more_shared_runs_padded(tiny_model, monkeypatch):
+    """One pair with a long prompt and short completions, another with a short prompt and a
+    long completion: shared, 2 x 8 prompt tokens + 4 x 8 completion tokens = 48; padded rows,
+    4 x 10 = 40. batch_logps takes the padded rows; for the first pair alone (8 + 2 x 2 = 12
+    against 2 x 10 = 20) it shares."""
+    import dpo.core.logps as logps_module
+    from dpo.core.batching import collate
+    from dpo.core.tokenization import TokenizedPair
+
+    calls = []
+    real = logps_module.shared_prompt_logps
+    monkeypatch.setattr(logps_module, "shared_prompt_logps",
+                        lambda *a: calls.append(1) or real(*a))
+    long_prompt = TokenizedPair(tuple(range(5, 13)), (20, 21), (22, 23))
+    long_completion = TokenizedPair((5, 6), tuple(range(30, 38)), (40, 41))
+    mixed = collate([long_prompt, long_completion], pad_token_id=0)
+    assert (mixed.shared_prompt_tokens, mixed.padded_tokens) == (48, 40)
+    logps_module.batch_logps(tiny_model, mixed, share_prompt=True)
+    assert calls == []
+    alone = collate([long_prompt], pad_token_id=0)
+    assert (alone.shared_prompt_tokens, alone.padded_tokens) == (12, 20)
+    logps_module.batch_logps(tiny_model, alone, share_prompt=True)
+    assert calls == [1]

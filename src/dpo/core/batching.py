@@ -49,12 +49,10 @@ class Batch:
 
     @property
     def shared_prompt_tokens(self) -> int:
-        """Tokens run with a shared prompt (``shared_prompt_logps``): B prompts padded to
-        the longest, then 2B completions padded to the longest."""
-        b = self.num_pairs
-        prompts = self.prompt_lengths[:b]
-        completions = [n - p for n, p in zip(self.row_lengths, self.prompt_lengths)]
-        return b * max(prompts) + 2 * b * max(completions)
+        """Tokens run with a shared prompt (``dpo.core.logps.shared_prompt_tokens``)."""
+        from dpo.core.logps import shared_prompt_tokens
+
+        return shared_prompt_tokens(self.prompt_lengths, self.row_lengths)
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),

@@ -138,11 +138,23 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     return logps, counts
 
 
+def shared_prompt_tokens(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]) -> int:
+    """Tokens ``shared_prompt_logps`` runs for these rows: B prompts padded to the longest,
+    then 2B completions padded to the longest."""
+    b = len(row_lengths) // 2
+    completions = [n - p for n, p in zip(row_lengths, prompt_lengths)]
+    return b * max(prompt_lengths[:b]) + 2 * b * max(completions)
+
+
 def batch_logps(model: torch.nn.Module, batch: Batch, static_shapes: bool = False,
                 share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps [2B], counts [2B]) of a ``Batch``: ``shared_prompt_logps`` when asked for and
-    the model allows it (never with static shapes), else ``completion_logps``."""
-    if share_prompt and not static_shapes and supports_shared_prompt(model):
+    """(logps [2B], counts [2B]) of a ``Batch``: ``shared_prompt_logps`` when asked for, the
+    model allows it (never with static shapes) and it runs fewer tokens than the padded rows
+    (a batch that mixes a long prompt with a long completion can cost more shared), else
+    ``completion_logps``. Both compute the same function; the choice depends on the batch
+    alone, so a batch is always scored the same way."""
+    if (share_prompt and not static_shapes and batch.shared_prompt_tokens < batch.padded_tokens
+            and supports_shared_prompt(model)):
         return shared_prompt_logps(model, batch.input_ids, batch.prompt_lengths,
                                    batch.row_lengths)
     return completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
