@@ -191,9 +191,10 @@ def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
 
 def test_a_batch_that_costs_more_shared_runs_padded(tiny_model, monkeypatch):
     """One pair with a long prompt and short completions, another with a short prompt and a
-    long completion: shared, 2 x 8 prompt tokens + 4 x 8 completion tokens = 48; padded rows,
-    4 x 10 = 40. batch_logps takes the padded rows; for the first pair alone (8 + 2 x 2 = 12
-    against 2 x 10 = 20) it shares."""
+    long completion (widths 10). Shared as one group: 2 x 8 prompt + 4 x 8 completion tokens =
+    48 (+ 192 for the group's calls: 240); as two groups 12 + 18 = 30 tokens + 2 x 192 = 414;
+    padded rows 4 x 10 = 40 + 192 = 232. So the padded rows run. The long-prompt pair alone
+    shares (8 + 2 x 2 = 12 tokens against 2 x 10 = 20)."""
     import dpo.core.logps as logps_module
     from dpo.core.batching import collate
     from dpo.core.tokenization import TokenizedPair
@@ -205,10 +206,38 @@ def test_a_batch_that_costs_more_shared_runs_padded(tiny_model, monkeypatch):
     long_prompt = TokenizedPair(tuple(range(5, 13)), (20, 21), (22, 23))
     long_completion = TokenizedPair((5, 6), tuple(range(30, 38)), (40, 41))
     mixed = collate([long_prompt, long_completion], pad_token_id=0)
-    assert (mixed.shared_prompt_tokens, mixed.padded_tokens) == (48, 40)
+    assert logps_module.shared_prompt_plan(mixed.prompt_lengths, mixed.row_lengths) == ([[0, 1]], 48)
+    assert mixed.tokens_run(share_prompt=True) == mixed.padded_tokens == 40
     logps_module.batch_logps(tiny_model, mixed, share_prompt=True)
     assert calls == []
     alone = collate([long_prompt], pad_token_id=0)
-    assert (alone.shared_prompt_tokens, alone.padded_tokens) == (12, 20)
+    assert alone.tokens_run(share_prompt=True) == 12
     logps_module.batch_logps(tiny_model, alone, share_prompt=True)
     assert calls == [1]
+
+
+def test_an_odd_pair_runs_apart_and_the_result_is_unchanged(tiny_model):
+    """Three pairs of 4-token prompts and 2-token completions, and one of a 2-token prompt and
+    a 300-token completion (in the middle of the batch). One group: 4 x 4 + 8 x 300 = 2416
+    tokens; padded rows: 8 x 302 = 2416; apart: 3 x 4 + 6 x 2 = 24 and 2 + 2 x 300 = 602,
+    626 tokens + 192 for the extra group. Values and gradients equal the padded rows'."""
+    from dpo.core.batching import collate
+    from dpo.core.logps import batch_logps, shared_prompt_plan
+    from dpo.core.tokenization import TokenizedPair
+
+    short = [TokenizedPair((5 + i, 6, 7, 8), (9, 10), (11, 12 + i)) for i in range(3)]
+    odd = TokenizedPair((5, 6), tuple(range(20, 320)), (13, 14))
+    batch = collate([short[0], odd, short[1], short[2]], pad_token_id=0)
+    assert shared_prompt_plan(batch.prompt_lengths, batch.row_lengths) == ([[0, 2, 3], [1]], 626)
+    assert batch.tokens_run(share_prompt=True) == 626 and batch.padded_tokens == 2416
+
+    shared, counts = batch_logps(tiny_model, batch, share_prompt=True)
+    shared.sum().backward()
+    grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    padded, padded_counts = batch_logps(tiny_model, batch, share_prompt=False)
+    padded.sum().backward()
+    assert counts.tolist() == padded_counts.tolist() == [2, 300, 2, 2, 2, 2, 2, 2]
+    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, (p.grad for p in tiny_model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

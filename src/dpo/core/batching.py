@@ -47,12 +47,12 @@ class Batch:
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
-    @property
-    def shared_prompt_tokens(self) -> int:
-        """Tokens run with a shared prompt (``dpo.core.logps.shared_prompt_tokens``)."""
-        from dpo.core.logps import shared_prompt_tokens
+    def tokens_run(self, share_prompt: bool) -> int:
+        """Tokens the model runs for this batch, padding included
+        (``dpo.core.logps.tokens_run``)."""
+        from dpo.core.logps import tokens_run
 
-        return shared_prompt_tokens(self.prompt_lengths, self.row_lengths)
+        return tokens_run(self.input_ids, self.prompt_lengths, self.row_lengths, share_prompt)
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),

@@ -359,8 +359,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                     (out.losses.sum() / step_pairs).backward()
                 _add(sums, metric_sums(out, logps))
                 real_tokens += batch.real_tokens
-                padded_tokens += (min(batch.shared_prompt_tokens, batch.padded_tokens)
-                                  if settings.share_prompt else batch.padded_tokens)
+                padded_tokens += batch.tokens_run(settings.share_prompt)
                 if t.flops is not None:
                     step_flops += t.flops.train_step(batch.row_lengths, batch.completion_tokens,
                                                      reference_forward=batch.ref_logps is None

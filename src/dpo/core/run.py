@@ -256,7 +256,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     if sharded:
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
 
-    share_prompt = resolve_share_prompt(config, backend, model)
+    share_prompt = resolve_share_prompt(config, backend, model, dist)
 
     # Nothing is written above this line.
     strat.barrier(dist)  # every rank has checked its input
@@ -391,16 +391,20 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     return outcome
 
 
-def resolve_share_prompt(config: RunConfig, backend: Backend, model: torch.nn.Module) -> bool:
+def resolve_share_prompt(config: RunConfig, backend: Backend, model: torch.nn.Module,
+                         dist: DistInfo | None = None) -> bool:
     """``--share-prompt``: on where asked for or where the backend gains from it, unless
     something rules it out (refused with the reason when it was asked for)."""
     from dpo.core.logps import supports_shared_prompt
 
     if config.share_prompt is False:
         return False
+    dist = dist or DistInfo()
     reason = None
     if backend.static_shapes:
         reason = f"backend {backend.name!r} compiles static shapes"
+    elif dist.world_size > 1 and config.strategy == "fsdp":
+        reason = "under --strategy fsdp every rank must run the same forward calls"
     elif config.gradient_checkpointing:
         reason = "--gradient-checkpointing runs the model without its key/value cache"
     elif not supports_shared_prompt(model):

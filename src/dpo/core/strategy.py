@@ -49,19 +49,10 @@ class LogpsModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor, prompt_lengths: tuple[int, ...] = (),
                 row_lengths: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        from dpo.core.logps import (
-            completion_logps,
-            shared_prompt_logps,
-            shared_prompt_tokens,
-            supports_shared_prompt,
-        )
+        from dpo.core.logps import rows_logps
 
-        if (self.share_prompt and prompt_lengths and not self.static_shapes
-                and shared_prompt_tokens(prompt_lengths, row_lengths) < input_ids.numel()
-                and supports_shared_prompt(self.lm)):
-            return shared_prompt_logps(self.lm, input_ids, prompt_lengths, row_lengths)
-        return completion_logps(self.lm, input_ids, attention_mask, completion_mask,
-                                static_shapes=self.static_shapes)
+        return rows_logps(self.lm, input_ids, attention_mask, completion_mask, prompt_lengths,
+                          row_lengths, self.static_shapes, self.share_prompt)
 
 
 def is_logps_module(module: torch.nn.Module) -> bool:
