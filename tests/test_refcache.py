@@ -164,11 +164,14 @@ def test_model_digest_sees_every_weight():
     assert refcache.model_digest(model) != before
 
 
-def test_shared_prompt_run_equals_padded_run_and_starts_exactly_at_the_reference(tmp_path, cli):
+def test_shared_prompt_run_equals_padded_run_and_starts_exactly_at_the_reference(tmp_path, cli,
+                                                                               monkeypatch):
     """On CPU each pair's prompt runs once by default. Such a run trains to the metrics and
     weights of one over padded rows with a reference in memory; and since a pair's log-probs then do
     not depend on its batch, the precomputed reference equals the policy exactly at step 1:
-    every reward is 0.0 (not 1e-7), the loss ln 2 to float32 rounding, no pair ranked right."""
+    every reward is 0.0 (not 1e-7), the loss ln 2 to float32 rounding, no pair ranked right.
+    (A fresh cache: values another run scored in other batches may differ by rounding.)"""
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
     shared = cli(*run_args(tmp_path, "shared"))
     assert shared.exit_code == 0, shared.output
     # Padded rows with the reference in memory: there too a pair's reference and policy

@@ -274,15 +274,24 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     sampler = make_sampler(train_pairs, config, dist)
     ref_table = ref_path = None
     ref_record = None
-    if ref_source is not None:
+
+    def score_reference(scorer: torch.nn.Module) -> None:
+        nonlocal ref_table, ref_path, ref_record
         started = time.perf_counter()
         ref_table, ref_path, computed = precompute_reference(
-            ref_source, first_batches(train_pairs, eval_pairs, sampler, config, dist),
+            scorer, first_batches(train_pairs, eval_pairs, sampler, config, dist),
             config, backend, device, dtype,
             tokenizer.pad_token_id, dist, reporter,
             describe=sources.get("ref_model", sources["model"]), share_prompt=share_prompt)
         ref_record = {"file": str(ref_path), "pairs_scored": computed,
                       "seconds": round(time.perf_counter() - started, 3)}
+
+    # A reference that is the policy itself, in one process, scores after the backend's last
+    # pass over the policy (e.g. ipex.optimize), so that step 1 runs the very same kernels;
+    # a separate reference (or one about to be sharded) scores now and is dropped.
+    score_later = ref_source is model and dist.world_size == 1
+    if ref_source is not None and not score_later:
+        score_reference(ref_source)
         ref_source = None  # the reference's weights go now (a separate copy only on resume)
         gc.collect()
     if config.gradient_checkpointing:
@@ -316,6 +325,9 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     else:
         model, optimizer = backend.prepare(model, optimizer, dtype)
         trained = model
+    if ref_source is not None:  # score_later
+        ref_source = None
+        score_reference(model)
     steps = total_steps(config, len(sampler))
     warmup = config.warmup_steps or round(config.warmup_ratio * steps)
     scheduler = build_scheduler(optimizer, config.scheduler, warmup, steps)
