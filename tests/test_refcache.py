@@ -4,6 +4,7 @@ and never reused when stale."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -200,3 +201,25 @@ def test_share_prompt_with_gradient_checkpointing_is_refused(tmp_path, cli):
     plain = cli(*run_args(tmp_path, "plain", "--no-share-prompt"))
     assert plain.exit_code == 0, plain.output
     assert_same_run(tmp_path / "ok", tmp_path / "plain")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("intel_extension_for_pytorch") is not None,
+                    reason="ipex.optimize rewrites the model that torch.compile would trace")
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
+                    reason="torch.compile's C++ backend (inductor) needs setuptools here")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_trains_like_eager(tmp_path, cli):
+    """--compile (torch.compile of each decoder layer; the first steps compile, about 40 s for
+    the tiny model on 2 cores) gives the eager run's metrics."""
+    # Each run scores its own reference (with its own kernels), so both start exactly at it.
+    compiled = cli(*run_args(tmp_path, "compiled", "--compile", "--max-steps", "2",
+                             "--ref-logps", str(tmp_path / "compiled.safetensors")))
+    assert compiled.exit_code == 0, compiled.output
+    eager = cli(*run_args(tmp_path, "eager", "--max-steps", "2",
+                          "--ref-logps", str(tmp_path / "eager.safetensors")))
+    assert eager.exit_code == 0, eager.output
+    for a, b in zip(steps(tmp_path / "compiled"), steps(tmp_path / "eager"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["config"]["compile"] is True
