@@ -28,7 +28,6 @@ class Batch:
     # None when the reference model scores the batch itself.
     ref_logps: torch.Tensor | None = None
     # Counted on the host when collated, so reading them later costs no device sync.
-    _real_tokens: int | None = field(default=None, repr=False, compare=False)
     row_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)  # real tokens
     prompt_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
     completion_tokens: int = field(default=0, repr=False, compare=False)
@@ -39,9 +38,9 @@ class Batch:
 
     @property
     def real_tokens(self) -> int:
-        if self._real_tokens is None:
+        if not self.row_lengths:
             return int(self.attention_mask.sum())
-        return self._real_tokens
+        return sum(self.row_lengths)
 
     @property
     def padded_tokens(self) -> int:
@@ -89,7 +88,7 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: i
     real = positions < torch.tensor(lengths)[:, None]
     completion = real & (positions >= torch.tensor(prompt_lengths)[:, None])
     return Batch(input_ids, real.long(), completion,
-                 ref_logps=None if ref is None else ref.lookup(pairs), _real_tokens=sum(lengths),
+                 ref_logps=None if ref is None else ref.lookup(pairs),
                  row_lengths=tuple(lengths), prompt_lengths=tuple(prompt_lengths),
                  completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
 

@@ -178,11 +178,12 @@ def shared_prompt_plan(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, 
 
 
 def _shared_plan_if_cheaper(input_ids: torch.Tensor, prompt_lengths: tuple[int, ...],
-                            row_lengths: tuple[int, ...]) -> list[list[int]] | None:
-    """The plan when it costs less than the padded rows (one group of calls), else None."""
+                            row_lengths: tuple[int, ...]) -> tuple[list[list[int]], int] | None:
+    """``shared_prompt_plan`` when it costs less than the padded rows (one group of calls),
+    else None."""
     groups, tokens = shared_prompt_plan(prompt_lengths, row_lengths)
     if tokens + GROUP_COST_TOKENS * len(groups) < input_ids.numel() + GROUP_COST_TOKENS:
-        return groups
+        return groups, tokens
     return None
 
 
@@ -190,9 +191,9 @@ def tokens_run(input_ids: torch.Tensor, prompt_lengths: tuple[int, ...],
                row_lengths: tuple[int, ...], share_prompt: bool) -> int:
     """Tokens ``rows_logps`` runs for this batch, padding included."""
     if share_prompt and prompt_lengths:
-        groups = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
-        if groups is not None:
-            return shared_prompt_plan(prompt_lengths, row_lengths)[1]
+        plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
+        if plan is not None:
+            return plan[1]
     return input_ids.numel()
 
 
@@ -206,9 +207,9 @@ def rows_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     ``completion_logps``. Every path computes the same function, and the choice depends on the
     lengths alone, so a batch is always scored the same way."""
     if share_prompt and prompt_lengths and not static_shapes and supports_shared_prompt(model):
-        groups = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
-        if groups is not None:
-            return _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups)
+        plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
+        if plan is not None:
+            return _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, plan[0])
     return completion_logps(model, input_ids, attention_mask, completion_mask, static_shapes)
 
 

@@ -77,9 +77,11 @@ class RefLogps:
     values: dict[bytes, tuple[float, float]] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
 
-    def missing(self, pairs: list[TokenizedPair]) -> list[TokenizedPair]:
-        """The pairs (each once) whose log-probs are not in the table."""
-        seen: set[bytes] = set()
+    def missing(self, pairs: list[TokenizedPair], seen: set[bytes] | None = None
+                ) -> list[TokenizedPair]:
+        """The pairs (each once) whose log-probs are not in the table. ``seen`` holds the
+        digests already taken (by earlier calls sharing it) and gains these."""
+        seen = set() if seen is None else seen
         out = []
         for pair in pairs:
             key = pair_digest(pair)
@@ -206,13 +208,7 @@ def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[Tokeniz
     todo: list[list[TokenizedPair]] = []
     scheduled: set[bytes] = set()
     for batch in batches:
-        keep = []
-        for pair in batch:
-            key = pair_digest(pair)
-            if key not in table.values and key not in scheduled:
-                scheduled.add(key)
-                keep.append(pair)
-        if keep:
+        if keep := table.missing(batch, scheduled):
             todo.append(keep)
     count = len({pair_digest(p) for p in pairs})
     if share is None and not scheduled:
