@@ -15,6 +15,21 @@ def plain_logps(model, input_ids, attention_mask, completion_mask):
     return (token * mask).sum(-1), mask.sum(-1)
 
 
+def with_grads(model, logps_fn, *args, **kwargs):
+    """(logps, counts, every parameter's gradient of logps.sum()); gradients cleared after."""
+    model.zero_grad()
+    logps, counts = logps_fn(model, *args, **kwargs)
+    logps.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return logps, counts, grads
+
+
+def assert_all_close(got, want, rtol, atol):
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 def padded_batch():
     """Two rows, right-padded with id 0: row 0 has 3 prompt + 4 completion tokens (7 real),
     row 1 has 2 prompt + 2 completion tokens (4 real, 3 pads)."""
@@ -26,17 +41,11 @@ def padded_batch():
 
 def test_selective_path_matches_plain_values_counts_and_gradients(tiny_model):
     batch = padded_batch()
-    logps, counts = completion_logps(tiny_model, *batch)
-    logps.sum().backward()
-    grads = [p.grad.clone() for p in tiny_model.parameters()]
-    tiny_model.zero_grad()
-
-    expected, expected_counts = plain_logps(tiny_model, *batch)
-    expected.sum().backward()
+    logps, counts, grads = with_grads(tiny_model, completion_logps, *batch)
+    expected, expected_counts, expected_grads = with_grads(tiny_model, plain_logps, *batch)
     assert counts.tolist() == [4, 2] == expected_counts.tolist()
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, (p.grad for p in tiny_model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert_all_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
     assert logps.dtype == torch.float32 and (logps < 0).all()
 
 
@@ -87,15 +96,10 @@ def test_chunked_path_with_tied_embeddings_matches_plain(tiny_model, monkeypatch
     tiny_model.tie_weights()
     assert tiny_model.get_output_embeddings().weight is tiny_model.get_input_embeddings().weight
     batch = padded_batch()
-    logps, _ = completion_logps(tiny_model, *batch)
-    logps.sum().backward()
-    grads = [p.grad.clone() for p in tiny_model.parameters()]
-    tiny_model.zero_grad()
-    expected, _ = plain_logps(tiny_model, *batch)
-    expected.sum().backward()
+    logps, _, grads = with_grads(tiny_model, completion_logps, *batch)
+    expected, _, expected_grads = with_grads(tiny_model, plain_logps, *batch)
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, (p.grad for p in tiny_model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert_all_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_every_loss_is_unchanged_by_chunking(tiny_model, dpo_catalog, monkeypatch):
@@ -150,18 +154,13 @@ def test_shared_prompt_matches_padded_rows_values_counts_and_gradients(tiny_mode
     from dpo.core.logps import shared_prompt_logps
 
     _, batch = pair_batch()
-    padded, padded_counts = completion_logps(tiny_model, batch.input_ids, batch.attention_mask,
-                                             batch.completion_mask)
-    padded.sum().backward()
-    want = [p.grad.clone() for p in tiny_model.parameters()]
-    tiny_model.zero_grad()
-    shared, counts = shared_prompt_logps(tiny_model, batch.input_ids, batch.prompt_lengths,
-                                         batch.row_lengths)
-    shared.sum().backward()
+    padded, padded_counts, want = with_grads(tiny_model, completion_logps, batch.input_ids,
+                                             batch.attention_mask, batch.completion_mask)
+    shared, counts, grads = with_grads(tiny_model, shared_prompt_logps, batch.input_ids,
+                                       batch.prompt_lengths, batch.row_lengths)
     assert counts.tolist() == padded_counts.tolist() == [4, 2, 4, 2, 4, 4]
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
-    for got, expected in zip((p.grad for p in tiny_model.parameters()), want):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert_all_close(grads, want, rtol=1e-4, atol=1e-6)
 
 
 def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
@@ -231,13 +230,8 @@ def test_an_odd_pair_runs_apart_and_the_result_is_unchanged(tiny_model):
     assert shared_prompt_plan(batch.prompt_lengths, batch.row_lengths) == ([[0, 2, 3], [1]], 626)
     assert batch.tokens_run(share_prompt=True) == 626 and batch.padded_tokens == 2416
 
-    shared, counts = batch_logps(tiny_model, batch, share_prompt=True)
-    shared.sum().backward()
-    grads = [p.grad.clone() for p in tiny_model.parameters()]
-    tiny_model.zero_grad()
-    padded, padded_counts = batch_logps(tiny_model, batch, share_prompt=False)
-    padded.sum().backward()
+    shared, counts, grads = with_grads(tiny_model, batch_logps, batch, share_prompt=True)
+    padded, padded_counts, want = with_grads(tiny_model, batch_logps, batch, share_prompt=False)
     assert counts.tolist() == padded_counts.tolist() == [2, 300, 2, 2, 2, 2, 2, 2]
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-4)
-    for got, want in zip(grads, (p.grad for p in tiny_model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_all_close(grads, want, rtol=1e-4, atol=1e-5)
