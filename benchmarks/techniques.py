@@ -15,7 +15,8 @@ Variants (each adds to ``dpo run --backend cpu --dtype float32 --batch-size 4``)
     precomputed           --no-share-prompt: reference log-probs scored once before training
     shared-prompt         the CPU default: precomputed, and each pair's prompt run once
     bf16                  the default + --dtype bfloat16 (autocast)
-    checkpointing         --gradient-checkpointing (padded rows: it cannot share the prompt)
+    checkpointing         the default + --gradient-checkpointing: each decoder layer recomputed in
+                          backward, the shared prompt kept
 """
 
 from __future__ import annotations

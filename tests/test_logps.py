@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpo.core.logps import completion_logps
@@ -235,3 +236,48 @@ def test_an_odd_pair_runs_apart_and_the_result_is_unchanged(tiny_model):
     assert counts.tolist() == padded_counts.tolist() == [2, 300, 2, 2, 2, 2, 2, 2]
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-4)
     assert_all_close(grads, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_checkpointed_layers_keep_values_and_gradients_on_both_paths(tiny_model, attention):
+    """``--gradient-checkpointing`` (our per-layer wrapper) changes nothing computed: on padded
+    rows and on the shared prompt (whose caches each layer updates twice, in forward and in
+    the replay), log-probs, counts and every gradient equal the uncheckpointed ones. The replay
+    happens: inside the layer, its MLP runs once in forward and once more in backward.
+
+    Eager attention uses every key the cache returns (sdpa's causal path slices them to the
+    query length), so there a replay that stored its keys again would attend to them twice."""
+    import copy
+
+    from dpo.core.activations import checkpoint_layers, is_checkpointed
+    from dpo.core.logps import batch_logps
+
+    _, batch = pair_batch()
+    model = copy.deepcopy(tiny_model)
+    model.set_attn_implementation(attention)
+    checkpointed = copy.deepcopy(model)
+    assert checkpoint_layers(checkpointed)
+    layers = checkpointed.get_decoder().layers
+    assert all(is_checkpointed(layer) for layer in layers)
+    calls, inner = [], []
+    hook = layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    inner_hook = layers[0].mlp.register_forward_pre_hook(lambda *_: inner.append(1))
+    forward_calls, mlp_calls = {}, {}
+    for share in (False, True):
+        want = with_grads(model, batch_logps, batch, share_prompt=share)
+        calls.clear()
+        inner.clear()
+        got = with_grads(checkpointed, batch_logps, batch, share_prompt=share)
+        forward_calls[share], mlp_calls[share] = len(calls), len(inner)
+        assert got[1].tolist() == want[1].tolist()
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        assert_all_close(got[2], want[2], rtol=1e-5, atol=1e-7)
+    hook.remove()
+    inner_hook.remove()
+    # The layer's own hook sits on its call, outside the checkpoint: one per forward call
+    # (padded rows: 1; shared prompt: prompts, then completions). Its MLP's runs in the replay.
+    assert forward_calls == {False: 1, True: 2}
+    assert mlp_calls == {False: 2, True: 4}
+    with torch.no_grad():
+        torch.testing.assert_close(batch_logps(checkpointed, batch, share_prompt=True)[0],
+                                   batch_logps(model, batch, share_prompt=True)[0])

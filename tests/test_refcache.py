@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,19 +190,41 @@ def test_shared_prompt_run_equals_padded_run_and_starts_exactly_at_the_reference
     assert json.loads((tmp_path / "padded" / "run.json").read_text())["resolved"]["share_prompt"] is False
 
 
-def test_share_prompt_with_gradient_checkpointing_is_refused(tmp_path, cli):
-    result = cli(*run_args(tmp_path, "out", "--share-prompt", "--gradient-checkpointing"))
-    assert result.exit_code == 2
-    assert "--share-prompt: --gradient-checkpointing runs the model without its key/value cache" in result.output
-    assert not (tmp_path / "out").exists()
-    # Left to the default, checkpointing simply runs padded rows, and recomputing the
-    # activations in backward gives the run without it.
-    ok = cli(*run_args(tmp_path, "ok", "--gradient-checkpointing"))
+def test_gradient_checkpointing_keeps_the_shared_prompt_and_the_run(tmp_path, cli):
+    """--gradient-checkpointing recomputes each layer in backward, the shared prompt's cache
+    included: the run keeps sharing prompts and gives the run without checkpointing."""
+    ok = cli(*run_args(tmp_path, "ok", "--share-prompt", "--gradient-checkpointing"))
     assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "ok" / "run.json").read_text())["resolved"]["share_prompt"] is False
-    plain = cli(*run_args(tmp_path, "plain", "--no-share-prompt"))
+    resolved = json.loads((tmp_path / "ok" / "run.json").read_text())["resolved"]
+    assert resolved["share_prompt"] is True
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert resolved["memory"] == "freed blocks of 1 MiB and more go back to the system"
+    plain = cli(*run_args(tmp_path, "plain", "--share-prompt"))
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["resolved"]["memory"] is None
     assert plain.exit_code == 0, plain.output
     assert_same_run(tmp_path / "ok", tmp_path / "plain")
+
+
+def test_share_prompt_is_refused_where_checkpointing_cannot_keep_the_cache(tiny_model):
+    """A model whose decoder layers cannot be found gets transformers' own checkpointing,
+    which runs without the key/value cache: an explicit --share-prompt is refused with the
+    reason, the default turns it off."""
+    import copy
+
+    from dpo.backends.cpu import CPUBackend
+    from dpo.core.config import RunConfig
+    from dpo.core.errors import UsageError
+    from dpo.core.run import resolve_share_prompt
+
+    model = copy.deepcopy(tiny_model)
+    model.get_decoder().layers = torch.nn.Sequential(*model.get_decoder().layers)
+    backend = CPUBackend()
+    assert resolve_share_prompt(RunConfig(gradient_checkpointing=True), backend, tiny_model)
+    assert not resolve_share_prompt(RunConfig(gradient_checkpointing=True), backend, model)
+    with pytest.raises(UsageError, match="--share-prompt: --gradient-checkpointing cannot find "
+                                         "the decoder layers of LlamaForCausalLM"):
+        resolve_share_prompt(RunConfig(gradient_checkpointing=True, share_prompt=True), backend,
+                             model)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("intel_extension_for_pytorch") is not None,
@@ -223,3 +247,32 @@ def test_compile_trains_like_eager(tmp_path, cli):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
     assert json.loads((tmp_path / "compiled" / "run.json").read_text())["config"]["compile"] is True
+
+
+
+def test_save_memory_leaves_a_threshold_the_user_set(monkeypatch):
+    from dpo.backends.cpu import CPUBackend
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert CPUBackend().save_memory() is None
+
+
+def test_compile_that_cannot_build_is_one_line_before_any_write(tmp_path, cli, monkeypatch):
+    """Where torch.compile cannot build (no C++ compiler, no setuptools), --compile stops the
+    run with torch's reason in one line before the output directory exists."""
+
+    class Broken(RuntimeError):
+        pass
+
+    def compile_(fn, **kwargs):
+        def run(*args):
+            raise Broken("Compiler: cc is not found.\nSet CXX to a C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    result = cli(*run_args(tmp_path, "out", "--compile"))
+    assert result.exit_code == 2
+    assert ("--compile: torch.compile cannot build kernels here (Broken: Compiler: cc is not "
+            "found.); install what it names, or run without --compile") in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

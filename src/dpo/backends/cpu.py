@@ -7,6 +7,7 @@ Where Intel Extension for PyTorch is installed (and matches torch), ``prepare`` 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import sys
@@ -17,6 +18,11 @@ import torch
 from dpo.backends import _intel
 from dpo.core.backend import Backend, MemoryStats
 from dpo.core.hookspecs import hookimpl
+
+
+# glibc's mallopt parameter (malloc.h) and the threshold ``CPUBackend.save_memory`` sets.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 class CPUBackend(Backend):
@@ -76,6 +82,27 @@ class CPUBackend(Backend):
         if _intel.installed_version() is not None and _intel.problem() is None:
             return {}
         return {"fused": True}
+
+    def save_memory(self) -> str | None:
+        """Hand freed blocks of 1 MiB and more back to the system at once.
+
+        glibc's malloc serves blocks from 128 KiB up with their own mapping, but raises that
+        threshold (up to 32 MiB) each time such a block is freed, after which activations and
+        gradients come from the heap, where a long-lived block between freed ones keeps them
+        all resident: the peak resident memory of a step then exceeds what it holds by a
+        third. A fixed threshold stops that (``mallopt(M_MMAP_THRESHOLD)``, which also turns
+        the raising off). Measured on SmolLM2-135M with checkpointing (``benchmarks/vs_trl.py``):
+        peak 3.26 -> 2.97 GiB with the same step time; at 128 KiB 2.72 GiB but steps 40%
+        slower (a fresh mapping's pages are faulted in at each use). Left alone where the user
+        set ``MALLOC_MMAP_THRESHOLD_`` or the C library is not glibc."""
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+            return None
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            done = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        except (OSError, AttributeError):
+            return None
+        return "freed blocks of 1 MiB and more go back to the system" if done == 1 else None
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                 dtype: torch.dtype = torch.float32):

@@ -99,6 +99,12 @@ class Backend(ABC):
     # gains little (a CPU); an accelerator keeps the batched path by default.
     share_prompt_default: ClassVar[bool] = False
 
+    def save_memory(self) -> str | None:
+        """The run trades speed for memory (``--gradient-checkpointing``): apply what this
+        backend has for that to the process, before any model is loaded. Returns a short note
+        for the log, or None when there is nothing to do (the default)."""
+        return None
+
     def configure_model(self, model: torch.nn.Module) -> None:
         """Adapt a loaded model (policy or reference) to this backend in place, before training
         or evaluation; e.g. XLA switches to eager attention, whose masks need no host reads."""

@@ -20,6 +20,11 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+try:
+    from transformers.cache_utils import DynamicCache
+except ImportError:  # pragma: no cover
+    DynamicCache = object  # type: ignore[assignment,misc]
+
 # Config attributes that change logits after the output projection; models carrying them go
 # through the plain path, which lets the model apply them itself.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -119,13 +124,12 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     steps = torch.arange(c_max, device=device)[None]
     tokens = input_ids[order].gather(1, (start + steps).clamp(max=width - 1))  # [2B, C_max]
 
-    prompt = decoder(input_ids=input_ids[:b, :p_max], use_cache=True)
-    cache = prompt.cache if _CACHE_ARG == "cache" else prompt.past_key_values
-    cache.batch_repeat_interleave(2)
+    prompt_cache = PromptCache()
+    prompt = decoder(input_ids=input_ids[:b, :p_max], use_cache=True, **{_CACHE_ARG: prompt_cache})
     seen = torch.cat([torch.arange(p_max, device=device)[None] < start,
                       torch.ones(2 * b, c_max, dtype=torch.bool, device=device)], dim=1)
     out = decoder(input_ids=tokens, attention_mask=seen.long(), position_ids=start + steps,
-                  use_cache=True, **{_CACHE_ARG: cache})
+                  use_cache=True, **{_CACHE_ARG: PrefixCache(prompt_cache, repeats=2)})
     last = prompt.last_hidden_state[torch.arange(b, device=device), torch.tensor(prompts, device=device) - 1]
     hidden = torch.cat([last.repeat_interleave(2, dim=0)[:, None],
                         out.last_hidden_state[:, :-1]], dim=1)  # [2B, C_max, H]
@@ -136,6 +140,41 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     logps = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
     counts = torch.tensor(completions, device=device)
     return logps, counts
+
+
+class PromptCache(DynamicCache):
+    """The prompts' keys and values, as ``shared_prompt_logps`` keeps them for the completions.
+
+    A checkpointed layer (``dpo.core.activations``) calls ``update`` twice: in forward, then
+    again when backward replays it, and the replay must compute what the first call did. The
+    first call stores the keys and values and returns them (the cache was empty); a replay finds
+    the layer filled and returns its input as it is, storing nothing.
+    """
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx < len(self.layers) and getattr(self.layers[layer_idx], "is_initialized", False):
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class PrefixCache(DynamicCache):
+    """A read-only view of a ``PromptCache`` for the completions: each layer's ``update``
+    returns the prompts' keys and values (each repeated ``repeats`` times along the batch, one
+    per completion of the pair) followed by the new ones, and stores nothing. So a replay gets
+    the same, and none of the completions' keys and values outlive the call (with
+    checkpointing, they are rebuilt in backward)."""
+
+    def __init__(self, prompts: PromptCache, repeats: int) -> None:
+        super().__init__()
+        self.layers = list(prompts.layers)  # sequence length and mask sizes are the prompts'
+        self.layer_class_to_replicate = None
+        self.repeats = repeats
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return (torch.cat([layer.keys.repeat_interleave(self.repeats, dim=0), key_states], dim=-2),
+                torch.cat([layer.values.repeat_interleave(self.repeats, dim=0), value_states],
+                          dim=-2))
 
 
 # What one more pair of forward calls costs, in tokens: each call streams every weight through
@@ -313,8 +352,10 @@ class _HeadLogps(torch.autograd.Function):
                 h = hidden[start:start + chunk_rows].to(dtype)
                 y = targets[start:start + chunk_rows]
                 g = grad_out[start:start + chunk_rows].float()
-                # dz = g * (onehot(y) - softmax(z)), built in place on the chunk's logits.
-                dz = torch.softmax(F.linear(h, w, b).float(), dim=1).mul_(-g[:, None])
+                # dz = g * (onehot(y) - softmax(z)), built in place on the chunk's logits:
+                # softmax(z) = exp(z - logsumexp(z)), so one [chunk, V] buffer is all it takes.
+                dz = F.linear(h, w, b).float()
+                dz = dz.sub_(torch.logsumexp(dz, dim=1, keepdim=True)).exp_().mul_(-g[:, None])
                 dz.scatter_add_(1, y[:, None], g[:, None])
                 if grad_h is not None:
                     grad_h[start:start + chunk_rows] = (dz.to(dtype) @ w).to(hidden.dtype)

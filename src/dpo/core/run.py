@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from dpo import __version__
+from dpo.core.activations import checkpoint_layers, decoder_layers_of
 from dpo.core.backend import Backend
 from dpo.core.checkpoint import (
     latest_checkpoint,
@@ -197,6 +198,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     # 1. Names and options: cheap checks first.
     backend = resolve_backend(config.backend, catalog)
     check_world(backend, dist)
+    memory_note = backend.save_memory() if config.gradient_checkpointing else None
     device = backend.device(dist.local_rank)
     # Joined first, so that no rank writes before every rank has checked the input (below).
     strat.init_process_group(dist, backend.collective, device)
@@ -216,6 +218,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                          "--eval-fraction")
     if config.ref_model and not loss.requires_reference:
         raise UsageError(f"--ref-model given, but loss {loss.name!r} uses no reference model")
+    if config.compile:
+        check_compile(device)
     sources = {"model": resolve_source(config.model).describe()}
     if config.ref_model:
         sources["ref_model"] = resolve_source(config.ref_model).describe()
@@ -294,9 +298,10 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         score_reference(ref_source)
         ref_source = None  # the reference's weights go now (a separate copy only on resume)
         gc.collect()
-    if config.gradient_checkpointing:
-        # Non-reentrant: works with inputs that need no grad and under DDP/FSDP. transformers
-        # renamed the method (5.24); the old name stays for older versions.
+    if config.gradient_checkpointing and not checkpoint_layers(model):
+        # No decoder layers to find: transformers' own (which turns the key/value cache off,
+        # so resolve_share_prompt left the shared prompt off). Non-reentrant: works with inputs
+        # that need no grad and under DDP/FSDP. transformers renamed the method (5.24).
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -355,7 +360,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "models": sources,
                      "reference": describe_reference(config, loss.requires_reference, ref_path),
-                     "reference_logps": ref_record, "share_prompt": share_prompt},
+                     "reference_logps": ref_record, "share_prompt": share_prompt,
+                     "memory": memory_note},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -365,6 +371,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         write_json_atomic(output / RUN_FILE, record)
     reporter.info(f"training {config.model} on {backend.describe()} ({dtype}), loss {loss.name}, "
                   f"{steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters")
+    if memory_note:
+        reporter.info(f"memory: {memory_note}")
 
     trainee = Trainee(policy=trained, reference=reference, tokenizer=tokenizer, backend=backend,
                       device=device, loss=loss, policies=policies, optimizer=optimizer,
@@ -403,6 +411,21 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     return outcome
 
 
+def check_compile(device: torch.device) -> None:
+    """``--compile``: torch.compile must be able to build a kernel on this machine (inductor
+    needs a C++ compiler on CPU, and with some torch versions setuptools). Tried on a tiny
+    function before anything is written, so that a missing piece is one line now rather than
+    a compiler traceback in the first step."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=device))
+    except Exception as e:  # noqa: BLE001 - whatever the compiler stack raises
+        inner = getattr(e, "inner_exception", None) or e  # dynamo wraps the backend's error
+        lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+        detail = f"{type(inner).__name__}: {lines[0][:200]}" if lines else type(inner).__name__
+        raise UsageError(f"--compile: torch.compile cannot build kernels here ({detail}); "
+                         "install what it names, or run without --compile") from None
+
+
 def resolve_share_prompt(config: RunConfig, backend: Backend, model: torch.nn.Module,
                          dist: DistInfo | None = None) -> bool:
     """``--share-prompt``: on where asked for or where the backend gains from it, unless
@@ -417,8 +440,9 @@ def resolve_share_prompt(config: RunConfig, backend: Backend, model: torch.nn.Mo
         reason = f"backend {backend.name!r} compiles static shapes"
     elif dist.world_size > 1 and config.strategy == "fsdp":
         reason = "under --strategy fsdp every rank must run the same forward calls"
-    elif config.gradient_checkpointing:
-        reason = "--gradient-checkpointing runs the model without its key/value cache"
+    elif config.gradient_checkpointing and decoder_layers_of(model) is None:
+        reason = (f"--gradient-checkpointing cannot find the decoder layers of "
+                  f"{type(model).__name__} and runs it without its key/value cache")
     elif not supports_shared_prompt(model):
         reason = f"{type(model).__name__} has no plain linear output projection and decoder"
     if reason and config.share_prompt:

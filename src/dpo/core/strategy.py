@@ -27,6 +27,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 import torch.distributed as dist
 
+from dpo.core.activations import decoder_layers_of
 from dpo.core.distributed import DistInfo
 from dpo.core.errors import UsageError
 
@@ -85,12 +86,11 @@ def barrier(info: DistInfo) -> None:
 
 def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks: FSDP2's sharding units."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+    layers = decoder_layers_of(lm)
+    if layers is None:
         raise UsageError(f"--strategy fsdp: cannot find the decoder layers of "
                          f"{type(lm).__name__}; use --strategy ddp")
-    return list(layers)
+    return layers
 
 
 def wrap_policy(lm: torch.nn.Module, strategy: str, info: DistInfo, device: torch.device,

@@ -1,0 +1,60 @@
+"""Activation checkpointing (``--gradient-checkpointing``): each decoder layer keeps only its
+input in forward and runs again in backward to rebuild what its gradient needs.
+
+Our own wrapper rather than transformers' ``gradient_checkpointing_enable``, because that one
+turns the key/value cache off inside checkpointed layers (a layer that writes the cache would
+write it a second time when backward replays it), and the shared-prompt path
+(``dpo.core.logps.shared_prompt_logps``) runs the completions on the prompts' cache. Its caches
+are built to be replayed (``PromptCache``, ``PrefixCache``), so here the cache stays on and the
+two techniques combine: the prompt runs once *and* only layer inputs are kept.
+
+Non-reentrant checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``): works when
+inputs need no gradient, under DDP and FSDP2 (whose hooks sit on the module's call, outside
+the checkpointed ``forward``), and stops recomputing a layer as soon as the saved tensors of
+its backward are rebuilt.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def decoder_layers_of(model: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The repeated transformer blocks (``model.get_decoder().layers``), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers):
+        return list(layers)
+    return None
+
+
+def _checkpointed_forward(self: torch.nn.Module, *args, **kwargs):
+    forward = functools.partial(type(self).forward, self)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)  # no backward will replay it: evaluation, reference
+
+
+def checkpoint_layers(model: torch.nn.Module) -> bool:
+    """Checkpoint every decoder layer of ``model`` (in place); False when it has none to find
+    (the caller then falls back to transformers' own, without the shared prompt).
+
+    The layer's ``forward`` is replaced on the instance by one that looks the class's up at
+    each call, so copies (``copy.deepcopy``) and FSDP2's per-class wrappers keep working.
+    """
+    layers = decoder_layers_of(model)
+    if layers is None:
+        return False
+    for layer in layers:
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+    return True
+
+
+def is_checkpointed(layer: torch.nn.Module) -> bool:
+    """Whether ``checkpoint_layers`` wrapped this layer."""
+    forward = layer.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _checkpointed_forward
