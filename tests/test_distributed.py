@@ -124,6 +124,21 @@ def test_fsdp_matches_one_process_and_saves_plain_hf(runs):
     assert record["distributed"] == {"world_size": 2, "strategy": "fsdp"}
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_checkpointing_on_two_ranks_matches_one_process(runs, strategy):
+    """Our per-layer checkpoint wraps each layer's forward, inside the hooks DDP and FSDP2 put
+    on its call: recomputed in backward, the layers still give the single-process run (which
+    does not checkpoint). DDP keeps the shared prompt, FSDP runs padded rows."""
+    out = f"{strategy}-checkpointed"
+    done = torchrun(*COMMON, "--data", "pairs.jsonl", "--batch-size", "2", "--strategy",
+                    strategy, "--gradient-checkpointing", "--output", out, cwd=runs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_metrics_close(runs / "single", runs / out)
+    assert_weights_close(runs / "single/final", runs / out / "final")
+    resolved = json.loads((runs / out / "run.json").read_text())["resolved"]
+    assert resolved["share_prompt"] is (strategy == "ddp")
+
+
 def test_fsdp_resume_equals_uninterrupted_and_checks_world_size(runs):
     """Stop at step 2 (as a crash after checkpoint-2 would leave it), resume to step 3: the
     same weights as the uninterrupted FSDP run, exactly up to the same 2-rank arithmetic."""
