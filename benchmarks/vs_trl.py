@@ -1,10 +1,11 @@
 """Our DPO training step against Hugging Face TRL's ``DPOTrainer``, on the same batches.
 
-Both trainers fine-tune SmolLM2-135M-Instruct (float32, CPU) with the sigmoid DPO loss on the same
-Anthropic HH-RLHF pairs, in file order, ``--batch-size`` pairs a step, no shuffling and no length
-grouping. Each run is a child process of its own (for a clean peak-memory figure), and the two
-alternate: ours, TRL, ours, TRL, ... for ``--repeats`` rounds. One table compares throughput,
-step time, peak resident memory, end-to-end wall time and the first step's loss and metrics.
+Both trainers fine-tune SmolLM2-135M-Instruct (float32, CPU, by default) with the sigmoid DPO
+loss on the same Anthropic HH-RLHF pairs, in file order, ``--batch-size`` pairs a step, no
+shuffling and no length grouping. Each run is a child process of its own (for a clean
+peak-memory figure), and the two alternate: ours, TRL, ours, TRL, ... for ``--repeats`` rounds.
+One table compares throughput, step time, peak memory, end-to-end wall time and the first
+step's loss and metrics.
 
 TRL lives in a separate virtualenv (never this project's), made once:
 
@@ -15,6 +16,8 @@ then, from the repository root, with this project's environment:
     python benchmarks/vs_trl.py                           # 6 steps x 2 rounds
     python benchmarks/vs_trl.py --steps 2 --repeats 1     # a quick check
     python benchmarks/vs_trl.py --json out/vs_trl.json    # also write the results
+    python benchmarks/vs_trl.py --device cuda --dtype bfloat16 --random-model llama-1b \\
+        --batch-size 8                                    # a 1B Llama on one NVIDIA GPU
 
 What is compared:
 
@@ -32,15 +35,51 @@ What is compared:
   reference model scoring each batch, as TRL does). It writes its final model at the end, which is
   part of its end-to-end wall time; TRL saves nothing.
 - TRL: ``DPOTrainer`` with ``DPOConfig`` as close as it allows (sequential sampler, no gradient
-  checkpointing, no bf16, constant learning rate, reference = a second copy of the model), and
-  TRL's own optimizer default (``adamw_torch_fused``).
+  checkpointing, bf16 only with ``--dtype bfloat16``, constant learning rate, reference = a
+  second copy of the model), and TRL's own optimizer default (``adamw_torch_fused``).
 - Step time: from fetching the step's batch to the end of its optimizer step (ours: as logged in
   its metrics.jsonl; TRL: measured around ``get_batch_samples`` and ``on_step_end``). The first
   step of each child is left out of step-time and throughput statistics (warm-up) when there is
   more than one step. Tokens/s = tokens of the counted steps / their summed step time; "real"
   counts the non-pad prompt + completion tokens of the chosen and rejected rows, "padded" the
   rows x width of the tensors run.
-- Peak memory: the child's maximum resident set size (``os.wait4``).
+- Peak memory: on CPU, the child's maximum resident set size (``os.wait4``). On CUDA, the
+  caching allocator's peak (``torch.cuda.max_memory_allocated``: tensors only, not the
+  allocator's reserve or the CUDA context), reset when each step's batch is fetched and read
+  at the step's end, the largest over the child's steps (ours: ``peak_memory_gb`` of its
+  metrics.jsonl; TRL: measured the same way around its steps).
+
+Device and precision:
+
+- ``--device cuda`` (default ``cpu``): ours runs ``dpo run --backend cuda``, TRL trains on the
+  GPU (``use_cpu=False``). Both children see one GPU: the first of ``CUDA_VISIBLE_DEVICES``
+  (GPU 0 when unset), so that TRL's Trainer cannot spread over several. TRL's step clock
+  waits for the GPU (``torch.cuda.synchronize``) before it stops, as ours does. Both
+  interpreters are checked for a usable GPU before anything runs.
+- ``--dtype bfloat16`` (default ``float32``): ours ``--dtype bfloat16``, TRL ``bf16=True``.
+  Both keep float32 weights, gradients and optimizer state and run the forward (the
+  reference's too) under bf16 autocast: ours always loads float32 and autocasts; TRL is
+  given ``model_init_kwargs={"dtype": "float32"}`` (its reference copy follows the policy's
+  dtype) and its ``bf16=True`` is Accelerate's bf16 autocast around both models' forward.
+  Neither side casts the weights themselves to bf16.
+- ``--random-model llama-1b|tiny`` (default: none, the SmolLM2 model above): a
+  ``LlamaForCausalLM`` with random weights (fixed seed), saved once per workdir as a Hugging
+  Face directory (``WORKDIR/models/random-PRESET``, float32) with the tokenizer of the
+  default model, so both sides see the same token ids; the vocabulary is the tokenizer's
+  length rounded up to a multiple of 64. It is rebuilt only when the saved description
+  (configuration, seed, tokenizer) differs. ``llama-1b``: hidden 2048, 16 layers, 32 query
+  and 8 key/value heads, MLP 8192, rope theta 500000, untied embeddings (1.17B parameters
+  with the 49,152-token vocabulary). ``tiny``: a 3M-parameter Llama to try the mechanics on
+  CPU.
+- Model FLOPs (CUDA only): both sides are counted by one formula, ``dpo.core.flops``
+  (``FlopCounter``: policy forward + backward, plus the reference forward when it runs in the
+  step). Ours: as its metrics.jsonl logs them (``tflops`` x ``step_time``); its reference
+  forward counts only when the reference scores the batch in the step, not when its
+  log-probs were computed before training (the default; ``--ours-arg=--no-precompute-ref``
+  puts it in the step). TRL: from the real row lengths and completion tokens of the tensors
+  it ran each step, with the reference forward it runs every step. "model TFLOP/s" is the
+  counted steps' FLOPs over their summed step time; "MFU" divides that by the GPU's dense
+  peak for the dtype, as the dpo cuda backend knows it ("-" for a GPU not in its table).
 
 Both children get the same environment; ``--threads N`` sets ``OMP_NUM_THREADS`` for both
 (default: left as it is).
@@ -74,6 +113,23 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
 RESULT_MARKER = "VS_TRL_RESULT "  # the TRL child's one line of results on stdout
 SIDES = ("ours", "trl")
 Row = tuple[str, str, str, str]  # a table row: label, ours, TRL, comparison
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+
+# Random-weight Llama models (--random-model): the shape of each, beside the tokenizer's
+# vocabulary. Position embeddings are rotary (no parameters), so a generous maximum is free.
+RANDOM_MODELS: dict[str, dict[str, Any]] = {
+    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "intermediate_size": 8192, "rope_theta": 500000.0,
+                 "tie_word_embeddings": False},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 256, "rope_theta": 10000.0,
+             "tie_word_embeddings": True},
+}
+RANDOM_MODEL_SEED = 20240601
+RANDOM_MODEL_POSITIONS = 8192  # max_position_embeddings; --max-length may not exceed it
+VOCAB_MULTIPLE = 64  # the embedding and output matrices' rows, rounded up for tensor cores
+RANDOM_MODEL_MARKER = "vs_trl-random-model.json"  # what a saved random model was built from
 
 
 @dataclass
@@ -89,6 +145,8 @@ class Settings:
     beta: float
     lr: float
     seed: int
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # "float32" or "bfloat16" (autocast over float32 weights)
 
 
 @dataclass
@@ -105,6 +163,10 @@ class ChildResult:
     wall_s: float = 0.0  # the child process, start to exit
     peak_rss_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    peak_device_bytes: int | None = None  # CUDA allocator's peak over the steps (cuda only)
+    row_lengths: list[list[int]] = field(default_factory=list)  # real tokens of each row, a step
+    completion_tokens: list[int] = field(default_factory=list)  # chosen + rejected, a step
+    step_flops: list[float] = field(default_factory=list)  # model FLOPs of each step (cuda)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -195,12 +257,200 @@ else:
 def default_model(python: str) -> str:
     """The local directory our package loads for its default model (converted once from the
     GGUF file it ships with, and cached)."""
-    done = subprocess.run([python, "-c", _RESOLVE_DEFAULT], capture_output=True, text=True)
+    done = subprocess.run([python, "-c", _RESOLVE_DEFAULT], capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"could not resolve the default model {DEFAULT_MODEL_NAME} through "
                          f"the dpo package ({tail}); pass --model DIR")
     return done.stdout.strip().splitlines()[-1]
+
+
+def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def random_model_config(preset: str, vocab: int, bos: int | None, eos: int | None,
+                        pad: int | None) -> dict[str, Any]:
+    """``LlamaConfig`` keywords of the random model ``preset`` for a tokenizer of ``vocab``
+    tokens (its length, added tokens included) and these special token ids."""
+    shape = dict(RANDOM_MODELS[preset])
+    rope_theta = shape.pop("rope_theta")
+    return {
+        **shape,
+        "vocab_size": round_up(vocab),
+        "hidden_act": "silu",
+        "max_position_embeddings": RANDOM_MODEL_POSITIONS,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.02,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+    }
+
+
+def llama_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a Llama with these ``LlamaConfig`` keywords (without building it)."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o; k, v
+    mlp = 3 * hidden * config["intermediate_size"]  # gate, up, down
+    layer = attention + mlp + 2 * hidden  # and two RMS norms
+    embeddings = vocab * hidden * (1 if config["tie_word_embeddings"] else 2)
+    return config["num_hidden_layers"] * layer + hidden + embeddings  # + the final norm
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    import hashlib
+
+    described = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
+                            "special": tokenizer.special_tokens_map}, sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def random_model(preset: str, tokenizer_dir: str, root: Path) -> tuple[str, int]:
+    """The directory of the random model ``preset`` under ``root`` (built there once, or
+    again when what it was built from changed) and its parameter count."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = random_model_config(preset, len(tokenizer), tokenizer.bos_token_id,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
+    wanted = {"preset": preset, "seed": RANDOM_MODEL_SEED, "config": config,
+              "tokenizer": _tokenizer_fingerprint(tokenizer)}
+    target = root / f"random-{preset}"
+    marker = target / RANDOM_MODEL_MARKER
+    if marker.is_file() and (target / "config.json").is_file():
+        try:
+            saved = json.loads(marker.read_text())
+        except ValueError:
+            saved = {}
+        if {k: saved.get(k) for k in wanted} == wanted:
+            return str(target), int(saved["parameters"])
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print(f"building the random model {preset} (seed {RANDOM_MODEL_SEED}) in {target}",
+          flush=True)
+    building = root / f"random-{preset}.building"
+    shutil.rmtree(building, ignore_errors=True)
+    torch.manual_seed(RANDOM_MODEL_SEED)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(building)
+    del model
+    tokenizer.save_pretrained(building)
+    (building / RANDOM_MODEL_MARKER).write_text(
+        json.dumps({**wanted, "parameters": parameters}, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    building.rename(target)
+    return str(target), parameters
+
+
+def flop_counter(model_dir: str) -> Any:
+    """``dpo.core.flops.FlopCounter`` of the model in ``model_dir``, read from a weightless
+    copy of it (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo.core.flops import FlopCounter
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    counter = FlopCounter.of(model)
+    if counter is None:
+        raise SystemExit(f"cannot count the model FLOPs of {model_dir}")
+    return counter
+
+
+def trl_step_flops(counter: Any, row_lengths: list[list[int]],
+                   completion_tokens: list[int]) -> list[float]:
+    """Model FLOPs of each TRL step: policy forward + backward and the reference forward
+    (which TRL runs every step), over the real rows it ran."""
+    return [counter.train_step(rows, completion, reference_forward=True)
+            for rows, completion in zip(row_lengths, completion_tokens)]
+
+
+# -- device checks -------------------------------------------------------------------------------
+
+_PROBE_OURS = """
+import json, sys
+import torch
+from dpo.backends.cuda import CUDABackend
+backend = CUDABackend()
+reason = backend.unavailable_reason()
+if reason is not None:
+    print(json.dumps({"error": reason}))
+else:
+    backend.device(0)
+    print(json.dumps({
+        "name": torch.cuda.get_device_name(0),
+        "dtypes": [str(d).removeprefix("torch.") for d in backend.supported_dtypes()],
+        "peak_flops": backend.peak_flops(getattr(torch, sys.argv[1])),
+    }))
+"""
+
+_PROBE_TRL = """
+import json
+import torch
+if torch.version.cuda is None:
+    print(json.dumps({"error": f"its torch {torch.__version__} is built without CUDA"}))
+elif not torch.cuda.is_available():
+    print(json.dumps({"error": f"its torch {torch.__version__} sees no CUDA device"}))
+else:
+    print(json.dumps({"name": torch.cuda.get_device_name(0),
+                      "bf16": torch.cuda.is_bf16_supported(including_emulation=False)}))
+"""
+
+
+def _probe(python: str, code: str, args: list[str], env: dict[str, str], who: str
+           ) -> dict[str, Any]:
+    done = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"--device cuda: could not check the GPU with {who} ({tail})")
+    return json.loads(lines[-1])
+
+
+def check_cuda(python: str, trl_python: str, dtype: str, env: dict[str, str]
+               ) -> dict[str, Any]:
+    """The GPU both children will use, as both interpreters see it: its name and dense peak
+    FLOP/s for ``dtype`` (None when the dpo cuda backend does not know it). Exits with one
+    line when either interpreter cannot train on it in ``dtype``."""
+    ours = _probe(python, _PROBE_OURS, [dtype], env, f"this project's interpreter {python}")
+    if "error" in ours:
+        raise SystemExit(f"--device cuda: this project's interpreter {python} cannot use "
+                         f"CUDA: {ours['error']}")
+    if dtype not in ours["dtypes"]:
+        raise SystemExit(f"--dtype {dtype}: the dpo cuda backend supports "
+                         f"{', '.join(ours['dtypes'])} on {ours['name']}")
+    trl = _probe(trl_python, _PROBE_TRL, [], env, f"the TRL interpreter {trl_python}")
+    if "error" in trl:
+        raise SystemExit(f"--device cuda: the TRL interpreter {trl_python} cannot use CUDA: "
+                         f"{trl['error']}")
+    if dtype == "bfloat16" and not trl["bf16"]:
+        raise SystemExit(f"--dtype bfloat16: {trl['name']} has no native bf16")
+    return {"name": ours["name"], "peak_flops": ours["peak_flops"]}
+
+
+def one_gpu(env: dict[str, str]) -> str:
+    """The CUDA_VISIBLE_DEVICES entry both children get: the first one visible."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return "0"
+    first = visible.split(",")[0].strip()
+    if not first:
+        raise SystemExit(f'--device cuda: CUDA_VISIBLE_DEVICES="{visible}" hides every GPU')
+    return first
 
 
 # -- children ------------------------------------------------------------------------------------
@@ -234,7 +484,7 @@ def run_ours(settings: Settings, python: str, workdir: Path, env: dict[str, str]
         "--scheduler", "constant", "--warmup-steps", "0", "--loss", "dpo",
         "-o", f"dpo.beta={settings.beta}", "--seed", str(settings.seed),
         "--output", str(run_dir), "--overwrite", "--no-progress", "--save-steps", "0",
-        "--no-eval-at-start", "--backend", "cpu", "--dtype", "float32",
+        "--no-eval-at-start", "--backend", settings.device, "--dtype", settings.dtype,
         "--no-shuffle", "--no-group-by-length", "--ref-logps", str(ref_file), *extra_args,
     ]
     log = workdir / "child.log"
@@ -249,6 +499,12 @@ def run_ours(settings: Settings, python: str, workdir: Path, env: dict[str, str]
                          f"(see {run_dir / 'metrics.jsonl'})")
     record = json.loads((run_dir / "run.json").read_text())
     reference = (record.get("resolved") or {}).get("reference_logps") or {}
+    peak_device = None
+    if settings.device == "cuda" and all("peak_memory_gb" in r for r in steps):
+        peak_device = round(max(r["peak_memory_gb"] for r in steps) * 2**30)
+    # The step's model FLOPs as dpo.core.flops counted them (tflops = FLOPs / step time).
+    flops = ([r["tflops"] * 1e12 * r["step_time"] for r in steps]
+             if all("tflops" in r for r in steps) else [])
     return ChildResult(
         side="ours",
         step_times=[r["step_time"] for r in steps],
@@ -259,7 +515,9 @@ def run_ours(settings: Settings, python: str, workdir: Path, env: dict[str, str]
         one_off_s=reference.get("seconds"),
         wall_s=wall, peak_rss_bytes=rss,
         extra={"reference": (record.get("resolved") or {}).get("reference"),
-               "data": (record.get("data") or {}).get("train")},
+               "data": (record.get("data") or {}).get("train"),
+               "device": (record.get("resolved") or {}).get("device")},
+        peak_device_bytes=peak_device, step_flops=flops,
     )
 
 
@@ -283,8 +541,11 @@ def run_trl(settings: Settings, python: str, workdir: Path, env: dict[str, str])
 def trl_child(settings: Settings, output: str) -> None:
     """The TRL side, run with the TRL interpreter: train and print one line of results."""
     import datasets
+    import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    cuda = settings.device == "cuda"
 
     datasets.disable_progress_bars()
     with open(settings.pairs, encoding="utf-8") as fh:
@@ -292,17 +553,25 @@ def trl_child(settings: Settings, output: str) -> None:
     dataset = datasets.Dataset.from_list(records)  # plain text: TRL appends the EOS itself
 
     class Clock(TrainerCallback):
-        """Step times (batch fetch to end of optimizer step), tokens and the logged metrics."""
+        """Step times (batch fetch to end of optimizer step), tokens, the logged metrics and,
+        on CUDA, each step's peak of the caching allocator."""
 
         def __init__(self) -> None:
             self.batch_started = 0.0
             self.step_times: list[float] = []
             self.real: list[int] = []
             self.padded: list[int] = []
+            self.rows: list[list[int]] = []
+            self.completion: list[int] = []
+            self.peaks: list[int] = []
             self.logs: list[dict[str, float]] = []
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cuda:  # the step's kernels are queued, not necessarily done
+                torch.cuda.synchronize()
             self.step_times.append(time.perf_counter() - self.batch_started)
+            if cuda:
+                self.peaks.append(torch.cuda.max_memory_allocated())
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                    **kwargs: Any) -> None:
@@ -317,11 +586,16 @@ def trl_child(settings: Settings, output: str) -> None:
 
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
             clock.batch_started = time.perf_counter()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             if batches:
                 # Rows 0..B-1 chosen, B..2B-1 rejected: prompt + completion, right-padded.
-                clock.real.append(sum(int(b["attention_mask"].sum()) for b in batches))
+                rows = [n for b in batches for n in b["attention_mask"].sum(dim=1).tolist()]
+                clock.rows.append(rows)
+                clock.real.append(sum(rows))
                 clock.padded.append(sum(b["input_ids"].numel() for b in batches))
+                clock.completion.append(sum(int(b["completion_mask"].sum()) for b in batches))
             return batches, num_items
 
     config = DPOConfig(
@@ -337,9 +611,9 @@ def trl_child(settings: Settings, output: str) -> None:
         weight_decay=0.0,
         max_grad_norm=1.0,
         gradient_checkpointing=False,  # DPOConfig's default is True
-        bf16=False,  # DPOConfig's default is True unless fp16
+        bf16=settings.dtype == "bfloat16",  # autocast; DPOConfig's default is True unless fp16
         fp16=False,
-        use_cpu=True,
+        use_cpu=not cuda,
         report_to="none",
         logging_steps=1,
         save_strategy="no",
@@ -368,7 +642,10 @@ def trl_child(settings: Settings, output: str) -> None:
         padded_tokens=clock.padded, losses=[log["loss"] for log in clock.logs],
         first_step={k: float(clock.logs[0][k]) for k in METRICS},
         extra={"versions": _versions(("trl", "transformers", "torch", "accelerate", "datasets")),
-               "optimizer": str(getattr(config.optim, "value", config.optim))},
+               "optimizer": str(getattr(config.optim, "value", config.optim)),
+               "device": torch.cuda.get_device_name() if cuda else "cpu"},
+        peak_device_bytes=max(clock.peaks) if clock.peaks else None,
+        row_lengths=clock.rows, completion_tokens=clock.completion,
     )
     print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
 
@@ -394,6 +671,30 @@ def counted(results: list[ChildResult]) -> tuple[list[float], int, int]:
     return times, real, padded
 
 
+def counted_flops(results: list[ChildResult]) -> float | None:
+    """Model FLOPs of the steps that ``counted`` keeps; None unless every step has them."""
+    total = 0.0
+    for r in results:
+        if not r.step_times or len(r.step_flops) != len(r.step_times):
+            return None
+        skip = 1 if len(r.step_times) > 1 else 0
+        total += sum(r.step_flops[skip:])
+    return total
+
+
+def utilisation(flops: float | None, seconds: float, peak_flops: float | None
+                ) -> tuple[float | None, float | None]:
+    """(model TFLOP/s, MFU as a fraction of the peak) of ``flops`` done in ``seconds``."""
+    if flops is None or seconds <= 0:
+        return None, None
+    rate = flops / seconds
+    return rate / 1e12, (rate / peak_flops if peak_flops else None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def spread(times: list[float]) -> tuple[str, float, float]:
     """("min-max", lo, hi) for fewer than 10 values, else ("p10-p90", ...)."""
     ordered = sorted(times)
@@ -403,12 +704,18 @@ def spread(times: list[float]) -> tuple[str, float, float]:
     return "p10-p90", q[0], q[-1]
 
 
-def summarise(results: dict[str, list[ChildResult]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def summarise(results: dict[str, list[ChildResult]],
+              setup: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-side figures, ours/TRL ratios and the first step's differences. ``setup``: the
+    device ("cpu" or "cuda"), dtype, GPU name and its peak FLOP/s (``peak_flops``, for MFU)."""
+    setup = setup or {"device": "cpu", "dtype": "float32"}
+    out: dict[str, Any] = {"setup": setup}
     for side, runs in results.items():
         times, real, padded = counted(runs)
         label, lo, hi = spread(times)
         one_off = [r.one_off_s for r in runs if r.one_off_s is not None]
+        device_peaks = [r.peak_device_bytes for r in runs]
+        tflops, mfu = utilisation(counted_flops(runs), sum(times), setup.get("peak_flops"))
         out[side] = {
             "real_tokens_per_s": real / sum(times),
             "padded_tokens_per_s": padded / sum(times),
@@ -421,6 +728,10 @@ def summarise(results: dict[str, list[ChildResult]]) -> dict[str, Any]:
             "first_step": runs[0].first_step,
             "real_tokens_per_step": runs[0].real_tokens,
             "padded_tokens_per_step": runs[0].padded_tokens,
+            "peak_device_gib": (max(device_peaks) / 2**30
+                                if device_peaks and None not in device_peaks else None),
+            "model_tflops": tflops,
+            "mfu": mfu,
         }
     ours, trl = out["ours"], out["trl"]
     out["ratios"] = {
@@ -429,6 +740,9 @@ def summarise(results: dict[str, list[ChildResult]]) -> dict[str, Any]:
         "step_time_median": ours["step_time_median_s"] / trl["step_time_median_s"],
         "peak_rss": ours["peak_rss_gib"] / trl["peak_rss_gib"],
         "wall": ours["wall_s"] / trl["wall_s"],
+        "peak_device": _ratio(ours["peak_device_gib"], trl["peak_device_gib"]),
+        "model_tflops": _ratio(ours["model_tflops"], trl["model_tflops"]),
+        "mfu": _ratio(ours["mfu"], trl["mfu"]),
     }
     out["first_step_abs_diff"] = {k: abs(ours["first_step"][k] - trl["first_step"][k])
                                   for k in METRICS}
@@ -445,7 +759,14 @@ def table(summary: dict[str, Any], steps: int, repeats: int, batch_size: int) ->
         warm = "the only step of each child"
     head = (f"ours vs TRL: {repeats} round(s) x {steps} step(s) of {batch_size} pairs; step "
             f"figures over {warm}, {ours['counted_steps']} step(s) a side")
-    label = ours["step_time_spread"][0]
+    setup = summary.get("setup") or {"device": "cpu", "dtype": "float32"}
+    cuda = setup["device"] == "cuda"
+    if cuda:
+        head += f"\non {setup.get('gpu') or 'CUDA'}, {setup['dtype']} autocast"
+    elif setup["dtype"] != "float32":
+        head += f"\non the CPU, {setup['dtype']} autocast"
+    if setup.get("model"):
+        head += f"; model {setup['model']}"
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -457,15 +778,32 @@ def table(summary: dict[str, Any], steps: int, repeats: int, batch_size: int) ->
     def span(side: dict[str, Any]) -> str:
         return "{:.3f}-{:.3f}".format(*side["step_time_spread"][1:])
 
+    def percent(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    if cuda:
+        memory = compared("peak CUDA allocated (GiB)", "peak_device_gib", ".3f", "peak_device")
+    else:
+        memory = compared("peak RSS (GiB)", "peak_rss_gib", ".3f", "peak_rss")
+    device_rows: list[Row] = []
+    if cuda:
+        peak = setup.get("peak_flops")
+        mfu_label = (f"MFU (of {peak / 1e12:g} TFLOP/s)" if peak else "MFU (peak unknown)")
+        device_rows = [
+            compared("model TFLOP/s", "model_tflops", ".1f", "model_tflops"),
+            (mfu_label, percent(ours["mfu"]), percent(trl["mfu"]), num(ratio["mfu"], ".3f")),
+        ]
+
     performance: list[Row] = [
         ("", "ours", "TRL", "ours/TRL"),
         compared("real tokens/s", "real_tokens_per_s", ".1f", "real_tokens_per_s"),
         compared("padded tokens/s", "padded_tokens_per_s", ".1f", "padded_tokens_per_s"),
         compared("step time median (s)", "step_time_median_s", ".3f", "step_time_median"),
         (f"step time {ours['step_time_spread'][0]} (s)", span(ours), span(trl), ""),
-        compared("peak RSS (GiB)", "peak_rss_gib", ".3f", "peak_rss"),
+        memory,
         compared("one-off before training (s)", "one_off_s", ".2f"),
         compared("end-to-end wall (s)", "wall_s", ".2f", "wall"),
+        *device_rows,
     ]
     first_step: list[Row] = [("first step", "ours", "TRL", "|diff|")] + [
         (k, num(ours["first_step"][k], ".8g"), num(trl["first_step"][k], ".8g"),
@@ -481,6 +819,16 @@ def table(summary: dict[str, Any], steps: int, repeats: int, batch_size: int) ->
     if not summary["same_real_tokens"]:
         lines.append("note: the two sides counted different real tokens per step: "
                      f"ours {ours['real_tokens_per_step']}, TRL {trl['real_tokens_per_step']}")
+    if cuda:
+        lines.append("model FLOPs by dpo.core.flops on both sides: policy forward + backward, "
+                     "and the reference forward where it runs in the step (TRL: every step)")
+        if ours["one_off_s"] is not None:
+            lines.append("note: ours computed its reference log-probs before training, so its "
+                         "FLOPs hold no reference forward; --ours-arg=--no-precompute-ref puts "
+                         "it in the step, as TRL does")
+        if not setup.get("peak_flops"):
+            lines.append(f"note: no {setup['dtype']} peak FLOP/s known for "
+                         f"{setup.get('gpu') or 'this GPU'}: no MFU")
     return "\n".join(lines)
 
 
@@ -505,6 +853,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl-python", type=Path, default=DEFAULT_TRL_PYTHON,
                    help=f"interpreter of the TRL virtualenv (default {DEFAULT_TRL_PYTHON})")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both children")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where both sides train (default cpu; cuda: one NVIDIA GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="float32, or bfloat16 autocast over float32 weights (default float32)")
+    p.add_argument("--random-model", choices=list(RANDOM_MODELS),
+                   help="train a random-weight Llama (built once in WORKDIR/models, with the "
+                   "default model's tokenizer) instead of the default model")
     p.add_argument("--ours-arg", action="append", default=[],
                    help="extra flag for `dpo run` (repeatable; --ours-arg=--flag)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
@@ -534,12 +889,41 @@ def main(argv: list[str] | None = None) -> None:
     if not trl_python.exists():
         raise SystemExit(f"no TRL interpreter at {trl_python}; create it from the repository "
                          f"root with `{TRL_SETUP}`, or pass --trl-python")
-    model = str(Path(args.model).resolve()) if args.model else default_model(args.python)
-    if not (Path(model) / "config.json").is_file():
-        raise SystemExit(f"--model {model}: not a Hugging Face model directory (no config.json)")
+    if args.random_model:
+        if args.model:
+            raise SystemExit("--random-model builds its own model: leave out --model")
+        if args.max_length > RANDOM_MODEL_POSITIONS:
+            raise SystemExit(f"--max-length {args.max_length}: the random models take at most "
+                             f"{RANDOM_MODEL_POSITIONS} positions")
+
+    env = dict(os.environ)
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env.setdefault("TQDM_DISABLE", "1")
+    setup: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
+    if args.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = one_gpu(env)
+        gpu = check_cuda(args.python, str(trl_python), args.dtype, env)
+        setup.update(gpu=gpu["name"], peak_flops=gpu["peak_flops"],
+                     cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"])
+        peak = (f"dense {args.dtype} peak {gpu['peak_flops'] / 1e12:g} TFLOP/s"
+                if gpu["peak_flops"] else f"no known {args.dtype} peak")
+        print(f"GPU {gpu['name']} ({peak}), CUDA_VISIBLE_DEVICES="
+              f"{env['CUDA_VISIBLE_DEVICES']} for both sides", flush=True)
 
     workdir = (args.workdir if args.workdir.is_absolute() else REPO / args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.random_model:
+        model, parameters = random_model(args.random_model, default_model(args.python),
+                                         workdir / "models")
+        setup["model"] = f"random {args.random_model} ({parameters / 1e6:,.1f}M parameters)"
+        print(f"random model {args.random_model}: {parameters:,} parameters", flush=True)
+    else:
+        model = str(Path(args.model).resolve()) if args.model else default_model(args.python)
+    if not (Path(model) / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a Hugging Face model directory (no config.json)")
+    counter = flop_counter(model) if args.device == "cuda" else None
+
     count = args.steps * args.batch_size
     pairs, skipped = select_pairs(data, model, count, args.max_length, args.max_prompt_length)
     if len(pairs) < count:
@@ -554,11 +938,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(model=model, pairs=str(pairs_file), steps=args.steps,
                         batch_size=args.batch_size, max_length=args.max_length,
                         max_prompt_length=args.max_prompt_length, beta=args.beta, lr=args.lr,
-                        seed=args.seed)
-    env = dict(os.environ)
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    env.setdefault("TQDM_DISABLE", "1")
+                        seed=args.seed, device=args.device, dtype=args.dtype)
 
     results: dict[str, list[ChildResult]] = {side: [] for side in SIDES}
     for round_ in range(1, args.repeats + 1):
@@ -570,15 +950,20 @@ def main(argv: list[str] | None = None) -> None:
                 result = run_ours(settings, args.python, child_dir, env, args.ours_arg)
             else:
                 result = run_trl(settings, str(trl_python), child_dir, env)
+                if counter is not None:
+                    result.step_flops = trl_step_flops(counter, result.row_lengths,
+                                                       result.completion_tokens)
             results[side].append(result)
+            device_peak = ("" if result.peak_device_bytes is None else
+                           f", peak CUDA allocated {result.peak_device_bytes / 2**30:.2f} GiB")
             print(f"round {round_} {side}: wall {result.wall_s:.1f} s, peak RSS "
-                  f"{result.peak_rss_bytes / 2**30:.2f} GiB, steps "
+                  f"{result.peak_rss_bytes / 2**30:.2f} GiB{device_peak}, steps "
                   + " ".join(f"{t:.2f}" for t in result.step_times) + " s", flush=True)
             if not args.keep:
                 shutil.rmtree(child_dir / "run", ignore_errors=True)
                 (child_dir / "ref-logps.safetensors").unlink(missing_ok=True)
 
-    summary = summarise(results)
+    summary = summarise(results, setup)
     print()
     print(table(summary, args.steps, args.repeats, args.batch_size))
     if args.json:
@@ -586,7 +971,8 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({
             "settings": {**asdict(settings), "repeats": args.repeats,
                          "threads": env.get("OMP_NUM_THREADS"), "ours_args": args.ours_arg,
-                         "data": str(data), "skipped_pairs": skipped},
+                         "data": str(data), "skipped_pairs": skipped,
+                         "random_model": args.random_model},
             "summary": summary,
             "runs": {side: [asdict(r) for r in runs] for side, runs in results.items()},
         }, indent=2) + "\n")
