@@ -281,3 +281,42 @@ def test_checkpointed_layers_keep_values_and_gradients_on_both_paths(tiny_model,
     with torch.no_grad():
         torch.testing.assert_close(batch_logps(checkpointed, batch, share_prompt=True)[0],
                                    batch_logps(model, batch, share_prompt=True)[0])
+
+
+def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
+    """The odd-pair batch (groups [0, 2, 3] and [1]) splits into those two parts for training:
+    each part's log-probs are bit for bit the whole batch's rows (the same calls), and the sum
+    of the parts' gradients is the whole batch's gradient. A batch of one group, or without
+    sharing, stays whole."""
+    from dpo.core.batching import collate
+    from dpo.core.logps import backward_parts, batch_logps
+    from dpo.core.tokenization import TokenizedPair
+
+    short = [TokenizedPair((5 + i, 6, 7, 8), (9, 10), (11, 12 + i)) for i in range(3)]
+    odd = TokenizedPair((5, 6), tuple(range(20, 320)), (13, 14))
+    batch = collate([short[0], odd, short[1], short[2]], pad_token_id=0)
+    parts = backward_parts(batch, share_prompt=True)
+    assert [p.num_pairs for p in parts] == [3, 1]
+    assert parts[1].input_ids.shape == (2, 302) and parts[0].input_ids.shape == (6, 6)
+    assert sum(p.tokens_run(share_prompt=True) for p in parts) == batch.tokens_run(True) == 626
+    assert sum(p.completion_tokens for p in parts) == batch.completion_tokens
+
+    whole, _, want = with_grads(tiny_model, batch_logps, batch, share_prompt=True)
+    tiny_model.zero_grad()
+    got = []
+    for part in parts:
+        logps, _ = batch_logps(tiny_model, part, share_prompt=True)
+        logps.sum().backward()
+        got.append(logps.detach())
+    grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    # rows: part 0 is pairs 0, 2, 3 (chosen then rejected), part 1 is pair 1
+    assert torch.equal(got[0], whole.detach()[[0, 2, 3, 4, 6, 7]])
+    assert torch.equal(got[1], whole.detach()[[1, 5]])
+    assert_all_close(grads, want, rtol=1e-5, atol=1e-7)
+
+    [same] = backward_parts(batch, share_prompt=False)
+    assert same is batch
+    _, single = pair_batch()
+    [same] = backward_parts(single, share_prompt=True)
+    assert same is single

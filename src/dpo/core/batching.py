@@ -53,6 +53,20 @@ class Batch:
 
         return tokens_run(self.input_ids, self.prompt_lengths, self.row_lengths, share_prompt)
 
+    def select(self, pairs: list[int]) -> Batch:
+        """The sub-batch of these pairs (indices in order), cut to its own longest row."""
+        b = self.num_pairs
+        rows = [*pairs, *(b + i for i in pairs)]
+        width = max(self.row_lengths[r] for r in rows)
+        index = torch.tensor(rows, device=self.input_ids.device)
+        return Batch(self.input_ids[index, :width], self.attention_mask[index, :width],
+                     self.completion_mask[index, :width],
+                     ref_logps=None if self.ref_logps is None else self.ref_logps[index],
+                     row_lengths=tuple(self.row_lengths[r] for r in rows),
+                     prompt_lengths=tuple(self.prompt_lengths[r] for r in rows),
+                     completion_tokens=sum(self.row_lengths[r] - self.prompt_lengths[r]
+                                           for r in rows))
+
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),
                        attention_mask=self.attention_mask.to(device),

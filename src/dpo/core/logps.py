@@ -252,6 +252,22 @@ def rows_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     return completion_logps(model, input_ids, attention_mask, completion_mask, static_shapes)
 
 
+def backward_parts(batch: Batch, share_prompt: bool, static_shapes: bool = False) -> list[Batch]:
+    """The parts of a training batch that can run forward and backward one after the other:
+    the shared prompt's groups, when ``rows_logps`` would run the batch in several. Each group
+    already has forward calls of its own, and per-pair losses make the batch's gradient the sum
+    of its groups', so running each group's backward before the next group's forward leaves one
+    group's activations alive at a time instead of all of them, for the same computation (each
+    part is scored by the very calls ``rows_logps`` makes for its group). Otherwise [batch].
+
+    The caller has checked that the model can share prompts (``supports_shared_prompt``)."""
+    if share_prompt and batch.prompt_lengths and not static_shapes:
+        plan = _shared_plan_if_cheaper(batch.input_ids, batch.prompt_lengths, batch.row_lengths)
+        if plan is not None and len(plan[0]) > 1:
+            return [batch.select(group) for group in plan[0]]
+    return [batch]
+
+
 def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups):
     b = input_ids.shape[0] // 2
     if len(groups) == 1:

@@ -2,7 +2,8 @@
 
 One optimizer step:
   1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward (with a
-     shared prompt: the prompts in one forward, then both sides' completions in another).
+     shared prompt: the prompts in one forward, then both sides' completions in another; a
+     micro-batch the shared prompt cuts into groups runs forward and backward group by group).
   2. Summed completion log-probs in float32 (``dpo.core.logps``); the reference under no_grad.
   3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
      step's gradient is that of the mean loss over all its pairs.
@@ -27,7 +28,7 @@ from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_d
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
 from dpo.core.flops import FlopCounter
-from dpo.core.logps import batch_logps
+from dpo.core.logps import backward_parts, batch_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
 from dpo.core.refcache import RefLogps
 from dpo.core.report import Reporter
@@ -346,24 +347,28 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             real_tokens = padded_tokens = 0
             step_flops = 0.0
             for i, pairs in enumerate(micro):
-                batch = collate(pairs, t.tokenizer.pad_token_id,
+                whole = collate(pairs, t.tokenizer.pad_token_id,
                                 pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
-                logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
-                                   settings.share_prompt)
-                out = t.loss(logps)
-                # Sum over the micro-batch divided by the step's pairs: the accumulated gradient
-                # is the gradient of the mean loss over the whole step, whatever the split.
-                # Several ranks hold equal shares of the step, and DDP/FSDP average gradients
-                # over ranks: the mean over the global step. Only the last micro-batch syncs.
-                with strat.no_sync(t.policy, sync=i == len(micro) - 1):
-                    (out.losses.sum() / step_pairs).backward()
-                _add(sums, metric_sums(out, logps))
-                real_tokens += batch.real_tokens
-                padded_tokens += batch.tokens_run(settings.share_prompt)
-                if t.flops is not None:
-                    step_flops += t.flops.train_step(batch.row_lengths, batch.completion_tokens,
-                                                     reference_forward=batch.ref_logps is None
-                                                     and t.reference is not None)
+                parts = backward_parts(whole, settings.share_prompt, t.backend.static_shapes)
+                for j, batch in enumerate(parts):
+                    logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
+                                       settings.share_prompt)
+                    out = t.loss(logps)
+                    # Sum over the part divided by the step's pairs: the accumulated gradient
+                    # is the gradient of the mean loss over the whole step, whatever the split.
+                    # Several ranks hold equal shares of the step, and DDP/FSDP average
+                    # gradients over ranks: the mean over the global step. Only the last part
+                    # of the last micro-batch syncs.
+                    last = i == len(micro) - 1 and j == len(parts) - 1
+                    with strat.no_sync(t.policy, sync=last):
+                        (out.losses.sum() / step_pairs).backward()
+                    _add(sums, metric_sums(out, logps))
+                    real_tokens += batch.real_tokens
+                    padded_tokens += batch.tokens_run(settings.share_prompt)
+                    if t.flops is not None:
+                        step_flops += t.flops.train_step(
+                            batch.row_lengths, batch.completion_tokens,
+                            reference_forward=batch.ref_logps is None and t.reference is not None)
                 t.backend.materialize()  # one graph per micro-batch shape, however they mix
 
             t.backend.reduce_gradients(t.optimizer)
