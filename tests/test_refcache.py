@@ -276,3 +276,42 @@ def test_compile_that_cannot_build_is_one_line_before_any_write(tmp_path, cli, m
             "found.); install what it names, or run without --compile") in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_cut_into_groups_trains_group_by_group_to_the_same_run(tmp_path, cli,
+                                                                       monkeypatch):
+    """Batches of three short pairs and one with a long completion: the shared prompt runs the
+    odd pair apart, and training runs the two groups' forward and backward one after the
+    other. The run equals one over padded rows with a reference in memory, and starts exactly
+    at the reference (each group scored by the calls the reference pass made)."""
+    import dpo.core.loop as loop
+
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "odd.jsonl"
+    with data.open("w") as fh:
+        for i in range(16):
+            long = i % 4 == 1
+            chosen = " ".join(["yes"] * (60 if long else 1)) + f" {i}"
+            fh.write(json.dumps({"prompt": f"Is {i} a number?", "chosen": chosen,
+                                 "rejected": f"no {i}"}) + "\n")
+    seen = []
+
+    def spy(batch, share_prompt, static_shapes=False):
+        parts = real_parts(batch, share_prompt, static_shapes)
+        seen.append(len(parts))
+        return parts
+
+    real_parts = loop.backward_parts
+    monkeypatch.setattr(loop, "backward_parts", spy)
+    common = ["run", "--no-progress", "--model", "tiny", "--data", str(data), "--backend", "cpu",
+              "--max-steps", "4", "--lr", "1e-3", "--batch-size", "4", "--no-shuffle",
+              "--no-group-by-length"]
+    grouped = cli(*common, "--output", str(tmp_path / "grouped"))
+    assert grouped.exit_code == 0, grouped.output
+    assert seen == [2, 2, 2, 2]
+    padded = cli(*common, "--output", str(tmp_path / "padded"), "--no-share-prompt",
+                 "--no-precompute-ref")
+    assert padded.exit_code == 0, padded.output
+    assert_same_run(tmp_path / "grouped", tmp_path / "padded")
+    first = next(r for r in steps(tmp_path / "grouped") if "loss" in r)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0

@@ -64,6 +64,7 @@ class Settings:
     batch_size: int
     eval_at_start: bool = True
     share_prompt: bool = False  # each pair's prompt run once (``shared_prompt_logps``)
+    backward_by_group: bool = False  # a micro-batch's shared-prompt groups one by one
 
 
 @dataclass
@@ -349,7 +350,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             for i, pairs in enumerate(micro):
                 whole = collate(pairs, t.tokenizer.pad_token_id,
                                 pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
-                parts = backward_parts(whole, settings.share_prompt, t.backend.static_shapes)
+                parts = (backward_parts(whole, settings.share_prompt, t.backend.static_shapes)
+                         if settings.backward_by_group else [whole])
                 for j, batch in enumerate(parts):
                     logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
                                        settings.share_prompt)
