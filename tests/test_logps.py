@@ -320,3 +320,76 @@ def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
     _, single = pair_batch()
     [same] = backward_parts(single, share_prompt=True)
     assert same is single
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_match_padded_rows_values_counts_and_gradients(tiny_model, attention):
+    """The rows' real tokens concatenated, positions restarting per row: with an attention
+    that has no variable-length kernel, transformers masks the concatenation block by block
+    from the restarting positions, and the log-probs, counts and every gradient are those of
+    the padded rows."""
+    import copy
+
+    from dpo.core.logps import packed_logps, packs_rows
+
+    _, batch = pair_batch()
+    model = copy.deepcopy(tiny_model)
+    model.set_attn_implementation(attention)
+    assert not packs_rows(model)
+    packed, counts, grads = with_grads(model, packed_logps, batch.input_ids,
+                                       batch.prompt_lengths, batch.row_lengths)
+    padded, padded_counts, want = with_grads(model, completion_logps, batch.input_ids,
+                                             batch.attention_mask, batch.completion_mask)
+    assert counts.tolist() == padded_counts.tolist() == [4, 2, 4, 2, 4, 4]
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert_all_close(grads, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_packed(
+        tiny_model, monkeypatch):
+    """An attention with a variable-length kernel (here a stand-in that attends within each
+    sequence from the cumulative lengths it is given, as flash-attention's variable-length
+    kernel does, named in ``VARLEN_ATTENTION`` as flash-attention's names are) makes
+    ``batch_logps`` pack the rows: every layer's kernel sees the rows' boundaries (cumulative
+    real lengths, from the host) and the longest row, and the log-probs, counts and gradients
+    equal the padded rows' under sdpa."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    import dpo.core.logps as logps_module
+    from dpo.core.logps import batch_logps, packs_rows
+
+    monkeypatch.setattr(logps_module, "VARLEN_ATTENTION", ["flash", "dpo_test_varlen"])
+    seen = []
+
+    def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         **kwargs):
+        cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+        seen.append((cu.tolist(), longest, kwargs["cu_seq_lens_k"].tolist()))
+        bounds = cu.tolist()
+        parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b],
+                                                value[:, :, a:b], is_causal=True, scale=scaling,
+                                                enable_gqa=True)
+                 for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("dpo_test_varlen", varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("dpo_test_varlen", flash_attention_mask)
+    _, batch = pair_batch()
+    model = copy.deepcopy(tiny_model)
+    model.set_attn_implementation("dpo_test_varlen")
+    assert packs_rows(model)
+    got = with_grads(model, batch_logps, batch)
+    want = with_grads(tiny_model, batch_logps, batch)
+    lengths = list(batch.row_lengths)
+    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    layers = len(model.get_decoder().layers)
+    assert seen == [(bounds, max(lengths), bounds)] * layers
+    # rows 3+4, 1+2, 5+4 (chosen) and 3+2, 1+4, 5+4 (rejected): 38 tokens, none padding
+    assert batch.tokens_run(share_prompt=False, packed=True) == bounds[-1] == 38
+    assert got[1].tolist() == want[1].tolist()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert_all_close(got[2], want[2], rtol=1e-4, atol=1e-6)

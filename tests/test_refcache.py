@@ -315,3 +315,5 @@ def test_a_batch_cut_into_groups_trains_group_by_group_to_the_same_run(tmp_path,
     assert_same_run(tmp_path / "grouped", tmp_path / "padded")
     first = next(r for r in steps(tmp_path / "grouped") if "loss" in r)
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    resolved = json.loads((tmp_path / "padded" / "run.json").read_text())["resolved"]
+    assert resolved["packed_rows"] is False  # sdpa has no variable-length kernel

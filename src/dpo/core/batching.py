@@ -46,12 +46,13 @@ class Batch:
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def tokens_run(self, share_prompt: bool) -> int:
+    def tokens_run(self, share_prompt: bool, packed: bool = False) -> int:
         """Tokens the model runs for this batch, padding included
         (``dpo.core.logps.tokens_run``)."""
         from dpo.core.logps import tokens_run
 
-        return tokens_run(self.input_ids, self.prompt_lengths, self.row_lengths, share_prompt)
+        return tokens_run(self.input_ids, self.prompt_lengths, self.row_lengths, share_prompt,
+                          packed)
 
     def select(self, pairs: list[int]) -> Batch:
         """The sub-batch of these pairs (indices in order), cut to its own longest row."""

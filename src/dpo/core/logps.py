@@ -227,13 +227,74 @@ def _shared_plan_if_cheaper(input_ids: torch.Tensor, prompt_lengths: tuple[int, 
 
 
 def tokens_run(input_ids: torch.Tensor, prompt_lengths: tuple[int, ...],
-               row_lengths: tuple[int, ...], share_prompt: bool) -> int:
-    """Tokens ``rows_logps`` runs for this batch, padding included."""
+               row_lengths: tuple[int, ...], share_prompt: bool, packed: bool = False) -> int:
+    """Tokens ``rows_logps`` runs for this batch, padding included (``packed``: the model
+    packs its rows, ``packs_rows``)."""
     if share_prompt and prompt_lengths:
         plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
         if plan is not None:
             return plan[1]
+    if packed and row_lengths:
+        return sum(row_lengths)
     return input_ids.numel()
+
+
+def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
+                 prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logps`` of right-padded rows run without their padding: the rows' real
+    tokens concatenated into one sequence [1, sum of lengths], position ids restarting at 0
+    for each row, and the rows' boundaries given to the attention as cumulative lengths
+    (``cu_seq_lens_q/k``, ``max_length_q/k``: the variable-length form flash-attention
+    kernels take, computed here on the host so that the kernel needs no device read).
+    Attention implementations without such a kernel get, from transformers, a block-diagonal
+    causal mask built from the restarting positions: the same function, at the cost of
+    attention over the whole concatenation, so ``rows_logps`` packs only where the kernel
+    exists (``packs_rows``).
+
+    Completion token t of row r (``prompt_lengths[r] <= t < row_lengths[r]``, t >= 1) is
+    predicted at the packed position of t - 1: the same positions and targets as the padded
+    rows, through the same chunked projection (``head_logps``).
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = input_ids.device
+    n, width = input_ids.shape
+    starts = [0]
+    for length in row_lengths:
+        starts.append(starts[-1] + length)
+    take = [r * width + t for r in range(n) for t in range(row_lengths[r])]
+    ids = input_ids.reshape(-1)[torch.tensor(take, device=device)][None]  # [1, total]
+    positions = torch.tensor([t for r in range(n) for t in range(row_lengths[r])],
+                             device=device)[None]
+    cumulative = torch.tensor(starts, dtype=torch.int32, device=device)
+    longest = max(row_lengths)
+    out = decoder(input_ids=ids, position_ids=positions, use_cache=False,
+                  cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative,
+                  max_length_q=longest, max_length_k=longest)
+    first = [max(prompt_lengths[r], 1) for r in range(n)]
+    targets = [(r, starts[r] + t) for r in range(n) for t in range(first[r], row_lengths[r])]
+    at = torch.tensor([i for _, i in targets], device=device)
+    token_logps = head_logps(out.last_hidden_state[0, at - 1], head.weight, head.bias, ids[0, at])
+    rows = torch.tensor([r for r, _ in targets], device=device)
+    logps = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
+    counts = torch.tensor([row_lengths[r] - first[r] for r in range(n)], device=device)
+    return logps, counts
+
+
+# Attention implementations (names containing one of these) whose kernels take variable-length
+# sequences as cumulative lengths: transformers' ``flash_attention_2``/``_3``, hub kernels such
+# as ``kernels-community/flash-attn``. Code registering its own such kernel with transformers'
+# ``AttentionInterface`` can add its name here.
+VARLEN_ATTENTION = ["flash"]
+
+
+def packs_rows(model: torch.nn.Module) -> bool:
+    """Whether ``rows_logps`` packs this model's rows (``packed_logps``): a decoder with a
+    plain output projection whose attention implementation runs variable-length sequences
+    without padding (``VARLEN_ATTENTION``)."""
+    implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
+    return (any(name in implementation for name in VARLEN_ATTENTION)
+            and supports_shared_prompt(model))
 
 
 def rows_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -243,12 +304,16 @@ def rows_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     """(logps [2B], counts [2B]) of a batch of pairs: with ``share_prompt`` (and a model and
     backend that allow it), ``shared_prompt_logps`` over the groups of
     ``shared_prompt_plan`` when they run fewer tokens than the padded rows; else
-    ``completion_logps``. Every path computes the same function, and the choice depends on the
-    lengths alone, so a batch is always scored the same way."""
+    ``completion_logps``, packed without padding (``packed_logps``) where the model's attention
+    has a variable-length kernel (``packs_rows``). Every path computes the same function, and
+    the choice depends on the lengths and the model alone, so a batch is always scored the
+    same way."""
     if share_prompt and prompt_lengths and not static_shapes and supports_shared_prompt(model):
         plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
         if plan is not None:
             return _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, plan[0])
+    if row_lengths and not static_shapes and packs_rows(model):
+        return packed_logps(model, input_ids, prompt_lengths, row_lengths)
     return completion_logps(model, input_ids, attention_mask, completion_mask, static_shapes)
 
 

@@ -65,6 +65,7 @@ class Settings:
     eval_at_start: bool = True
     share_prompt: bool = False  # each pair's prompt run once (``shared_prompt_logps``)
     backward_by_group: bool = False  # a micro-batch's shared-prompt groups one by one
+    packed: bool = False  # the model runs its rows packed (``dpo.core.logps.packs_rows``)
 
 
 @dataclass
@@ -366,7 +367,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                         (out.losses.sum() / step_pairs).backward()
                     _add(sums, metric_sums(out, logps))
                     real_tokens += batch.real_tokens
-                    padded_tokens += batch.tokens_run(settings.share_prompt)
+                    padded_tokens += batch.tokens_run(settings.share_prompt, settings.packed)
                     if t.flops is not None:
                         step_flops += t.flops.train_step(
                             batch.row_lengths, batch.completion_tokens,

@@ -51,6 +51,7 @@ from dpo.core.loop import (
     eval_batches,
     train,
 )
+from dpo.core.logps import packs_rows
 from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
 from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
@@ -261,6 +262,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
 
     share_prompt = resolve_share_prompt(config, backend, model, dist)
+    packed = not share_prompt and not backend.static_shapes and packs_rows(model)
 
     # Nothing is written above this line.
     strat.barrier(dist)  # every rank has checked its input
@@ -361,6 +363,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                      "models": sources,
                      "reference": describe_reference(config, loss.requires_reference, ref_path),
                      "reference_logps": ref_record, "share_prompt": share_prompt,
+                     "packed_rows": packed,
                      "memory": memory_note},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
@@ -388,7 +391,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                         # without checkpointing (4.23 -> 4.09 GiB) but raises it with it
                         # (2.98 -> 3.34 GiB: the checkpoints are small, and interleaving
                         # the groups' passes spreads the heap), so only without.
-                        backward_by_group=share_prompt and not config.gradient_checkpointing)
+                        backward_by_group=share_prompt and not config.gradient_checkpointing,
+                        packed=packed)
     try:
         outcome = train(trainee, settings, state, reporter, on_save=on_save)
     except DpoError as exc:
