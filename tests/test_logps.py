@@ -149,21 +149,6 @@ def pair_batch():
     return pairs, collate(pairs, pad_token_id=0)
 
 
-def test_shared_prompt_matches_padded_rows_values_counts_and_gradients(tiny_model):
-    """Running each prompt once and both completions on its keys and values is the same
-    function as running prompt + completion rows: log-probs, counts and every gradient."""
-    from dpo.core.logps import shared_prompt_logps
-
-    _, batch = pair_batch()
-    padded, padded_counts, want = with_grads(tiny_model, completion_logps, batch.input_ids,
-                                             batch.attention_mask, batch.completion_mask)
-    shared, counts, grads = with_grads(tiny_model, shared_prompt_logps, batch.input_ids,
-                                       batch.prompt_lengths, batch.row_lengths)
-    assert counts.tolist() == padded_counts.tolist() == [4, 2, 4, 2, 4, 4]
-    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
-    assert_all_close(grads, want, rtol=1e-4, atol=1e-6)
-
-
 def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
     """dpo, cdpo and ipo (whose per-token normalisation reads the counts): the same losses and
     gradients through shared-prompt log-probs as through padded rows."""
@@ -322,26 +307,30 @@ def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
     assert same is single
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_rows_match_padded_rows_values_counts_and_gradients(tiny_model, attention):
-    """The rows' real tokens concatenated, positions restarting per row: with an attention
-    that has no variable-length kernel, transformers masks the concatenation block by block
-    from the restarting positions, and the log-probs, counts and every gradient are those of
-    the padded rows."""
+@pytest.mark.parametrize("layout, attention", [("shared", "sdpa"), ("packed", "sdpa"),
+                                               ("packed", "eager")])
+def test_shared_and_packed_rows_match_padded_rows_values_counts_and_gradients(tiny_model, layout,
+                                                                             attention):
+    """The same function as prompt + completion rows, padded: log-probs, counts and every
+    gradient. ``shared``: each prompt run once, both completions on its keys and values.
+    ``packed``: the rows' real tokens concatenated, positions restarting per row; with an
+    attention that has no variable-length kernel, transformers masks the concatenation block
+    by block from the restarting positions (so ``rows_logps`` would not pack this model)."""
     import copy
 
-    from dpo.core.logps import packed_logps, packs_rows
+    from dpo.core.logps import packed_logps, packs_rows, shared_prompt_logps
 
     _, batch = pair_batch()
     model = copy.deepcopy(tiny_model)
     model.set_attn_implementation(attention)
     assert not packs_rows(model)
-    packed, counts, grads = with_grads(model, packed_logps, batch.input_ids,
-                                       batch.prompt_lengths, batch.row_lengths)
+    logps_fn = shared_prompt_logps if layout == "shared" else packed_logps
+    got, counts, grads = with_grads(model, logps_fn, batch.input_ids, batch.prompt_lengths,
+                                    batch.row_lengths)
     padded, padded_counts, want = with_grads(model, completion_logps, batch.input_ids,
                                              batch.attention_mask, batch.completion_mask)
     assert counts.tolist() == padded_counts.tolist() == [4, 2, 4, 2, 4, 4]
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, padded, rtol=1e-5, atol=1e-5)
     assert_all_close(grads, want, rtol=1e-4, atol=1e-6)
 
 
