@@ -56,9 +56,7 @@ class Batch:
 
     def select(self, pairs: list[int]) -> Batch:
         """The sub-batch of these pairs (indices in order), cut to its own longest row."""
-        b = self.num_pairs
-        rows = [*pairs, *(b + i for i in pairs)]
-        width = max(self.row_lengths[r] for r in rows)
+        rows, width = pair_rows(pairs, self.row_lengths)
         index = torch.tensor(rows, device=self.input_ids.device)
         return Batch(self.input_ids[index, :width], self.attention_mask[index, :width],
                      self.completion_mask[index, :width],
@@ -73,6 +71,14 @@ class Batch:
                        attention_mask=self.attention_mask.to(device),
                        completion_mask=self.completion_mask.to(device),
                        ref_logps=None if self.ref_logps is None else self.ref_logps.to(device))
+
+
+def pair_rows(pairs: list[int], row_lengths: tuple[int, ...]) -> tuple[list[int], int]:
+    """The rows of these pairs in a batch whose rows have ``row_lengths`` (chosen rows first,
+    then the rejected rows in the same order), and the longest of them."""
+    b = len(row_lengths) // 2
+    rows = [*pairs, *(b + i for i in pairs)]
+    return rows, max(row_lengths[r] for r in rows)
 
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int = 1,

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from dpo.core.batching import pair_rows
+
 if TYPE_CHECKING:
     from dpo.core.batching import Batch
 
@@ -334,13 +336,11 @@ def backward_parts(batch: Batch, share_prompt: bool, static_shapes: bool = False
 
 
 def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups):
-    b = input_ids.shape[0] // 2
     if len(groups) == 1:
         return shared_prompt_logps(model, input_ids, prompt_lengths, row_lengths)
     parts, counts, index = [], [], []
     for group in groups:
-        rows = group + [b + i for i in group]
-        width = max(row_lengths[r] for r in rows)
+        rows, width = pair_rows(group, row_lengths)  # as ``Batch.select`` takes a group
         logps, n = shared_prompt_logps(model, input_ids[rows, :width],
                                        tuple(prompt_lengths[r] for r in rows),
                                        tuple(row_lengths[r] for r in rows))
