@@ -262,7 +262,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
 
     share_prompt = resolve_share_prompt(config, backend, model, dist)
-    packed = not share_prompt and not backend.static_shapes and packs_rows(model)
+    # As rows_logps decides: rows the shared prompt does not take run packed where it can.
+    packed = not backend.static_shapes and packs_rows(model)
 
     # Nothing is written above this line.
     strat.barrier(dist)  # every rank has checked its input
