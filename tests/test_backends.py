@@ -54,6 +54,31 @@ def test_cpu_backend_devices_dtypes_and_autocast():
     assert backend.describe().startswith("cpu (") and "core" in backend.describe()
 
 
+def test_cpu_release_memory_trims_the_heap_at_most_once_per_interval(monkeypatch):
+    """``release_memory`` calls glibc's malloc_trim(0), then skips calls until
+    ``TRIM_INTERVAL_S`` has passed (a clock moved by hand: 0 s trims, 0.4 s skips, 0.6 s
+    trims again); where the C library has no malloc_trim it does nothing."""
+    from dpo.backends import cpu
+
+    trims, clock = [], [100.0]
+    monkeypatch.setattr(cpu, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(cpu.time, "monotonic", lambda: clock[0])
+    backend = CPUBackend()
+    backend.release_memory()
+    assert trims == [0]
+    clock[0] += 0.4 * cpu.TRIM_INTERVAL_S / 0.5
+    backend.release_memory()
+    assert trims == [0]
+    clock[0] += 0.2 * cpu.TRIM_INTERVAL_S / 0.5
+    backend.release_memory()
+    assert trims == [0, 0]
+    monkeypatch.setattr(cpu, "_malloc_trim", lambda: None)
+    bare = CPUBackend()
+    bare.release_memory()
+    bare.release_memory()
+    assert trims == [0, 0]
+
+
 def test_cpu_memory_stats_are_resident_bytes_with_peak_at_least_current():
     held = torch.ones(16 * MiB // 4)  # 16 MiB, written, so resident
     stats = CPUBackend().memory_stats()

@@ -59,6 +59,33 @@ def test_padding_does_not_change_a_row(tiny_model):
     torch.testing.assert_close(together[1:], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_on_replay_is_called_before_each_layer_runs_again_in_backward(tiny_model):
+    """``checkpoint_layers(model, on_replay=f)`` calls f once per layer replay and never in
+    forward or without a backward: 0 calls after the forward, one per layer after backward
+    on padded rows (one decoder call), two per layer with the shared prompt (prompts, then
+    completions: two calls of each layer, each replayed), 0 under ``torch.no_grad``."""
+    import copy
+
+    from dpo.core.activations import checkpoint_layers
+    from dpo.core.logps import batch_logps
+
+    _, batch = pair_batch()
+    model = copy.deepcopy(tiny_model)
+    calls = []
+    assert checkpoint_layers(model, on_replay=lambda: calls.append(1))
+    n_layers = len(model.get_decoder().layers)
+    for share, per_layer in ((False, 1), (True, 2)):
+        calls.clear()
+        logps, _ = batch_logps(model, batch, share_prompt=share)
+        assert calls == []
+        logps.sum().backward()
+        assert len(calls) == per_layer * n_layers
+    calls.clear()
+    with torch.no_grad():
+        batch_logps(model, batch, share_prompt=True)
+    assert calls == []
+
+
 # -- chunked output projection -----------------------------------------------------------------
 
 def test_head_logps_matches_full_logits_across_chunk_boundaries():
@@ -84,6 +111,34 @@ def test_head_logps_matches_full_logits_across_chunk_boundaries():
     torch.testing.assert_close(got, full.float(), rtol=1e-6, atol=1e-6)
     for mine, want in zip(grads, (hidden.grad, weight.grad, bias.grad)):
         torch.testing.assert_close(mine, want, rtol=1e-6, atol=1e-6)
+
+
+def test_head_logps_under_bf16_autocast_matches_the_plain_projection():
+    """Under bf16 autocast the chunked projection runs its products in bf16, as ``nn.Linear``
+    would, and keeps log-softmax and the weight's gradient sum in float32: values and the
+    gradients of hidden and weight equal those of the plain ``F.linear`` + float32
+    log_softmax under the same autocast, to bf16's precision (8 bits of mantissa: 1e-2)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 32, requires_grad=True)
+    weight = (torch.randn(64, 32) * 0.2).requires_grad_()
+    targets = torch.randint(0, 64, (9,))
+    g = torch.randn(9)
+
+    from dpo.core.logps import head_logps
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_logps(hidden, weight, None, targets, chunk_rows=4)
+        full = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1)
+        want = full.gather(1, targets[:, None])[:, 0]
+    assert got.dtype == torch.float32
+    (got * g).sum().backward()
+    grads = [hidden.grad.clone(), weight.grad.clone()]
+    assert grads[1].dtype == torch.float32
+    hidden.grad = weight.grad = None
+    (want * g).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    for mine, plain in zip(grads, (hidden.grad, weight.grad)):
+        torch.testing.assert_close(mine, plain, rtol=2e-2, atol=2e-2)
 
 
 def test_chunked_path_with_tied_embeddings_matches_plain(tiny_model, monkeypatch):

@@ -190,11 +190,18 @@ def test_shared_prompt_run_equals_padded_run_and_starts_exactly_at_the_reference
     assert json.loads((tmp_path / "padded" / "run.json").read_text())["resolved"]["share_prompt"] is False
 
 
-def test_gradient_checkpointing_keeps_the_shared_prompt_and_the_run(tmp_path, cli):
+def test_gradient_checkpointing_keeps_the_shared_prompt_and_the_run(tmp_path, cli, monkeypatch):
     """--gradient-checkpointing recomputes each layer in backward, the shared prompt's cache
-    included: the run keeps sharing prompts and gives the run without checkpointing."""
+    included: the run keeps sharing prompts and gives the run without checkpointing. The
+    backend's ``release_memory`` is called before the replays (only with checkpointing)."""
+    from dpo.backends.cpu import CPUBackend
+
+    released = []
+    monkeypatch.setattr(CPUBackend, "release_memory", lambda self: released.append(1))
     ok = cli(*run_args(tmp_path, "ok", "--share-prompt", "--gradient-checkpointing"))
     assert ok.exit_code == 0, ok.output
+    assert released
+    released.clear()
     resolved = json.loads((tmp_path / "ok" / "run.json").read_text())["resolved"]
     assert resolved["share_prompt"] is True
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
@@ -202,6 +209,7 @@ def test_gradient_checkpointing_keeps_the_shared_prompt_and_the_run(tmp_path, cl
     plain = cli(*run_args(tmp_path, "plain", "--share-prompt"))
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["resolved"]["memory"] is None
     assert plain.exit_code == 0, plain.output
+    assert released == []
     assert_same_run(tmp_path / "ok", tmp_path / "plain")
 
 

@@ -11,6 +11,7 @@ import ctypes
 import os
 import resource
 import sys
+import time
 from typing import Any, ContextManager
 
 import torch
@@ -23,6 +24,18 @@ from dpo.core.hookspecs import hookimpl
 # glibc's mallopt parameter (malloc.h) and the threshold ``CPUBackend.save_memory`` sets.
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
+# ``CPUBackend.release_memory`` trims the heap at most once per this many seconds: a trim walks
+# the heap (about 10 ms on SmolLM2-135M's), so its cost stays near 2% of the time it runs in.
+TRIM_INTERVAL_S = 0.5
+_UNSET = object()
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class CPUBackend(Backend):
@@ -103,6 +116,25 @@ class CPUBackend(Backend):
         except (OSError, AttributeError):
             return None
         return "freed blocks of 1 MiB and more go back to the system" if done == 1 else None
+
+    def release_memory(self) -> None:
+        """Give the free parts of the heap back to the system (``malloc_trim``), at most once
+        per ``TRIM_INTERVAL_S``.
+
+        Blocks under the mmap threshold (a layer's activations for a few hundred tokens, the
+        small weights' gradients) come from the heap, and glibc returns only its top: a block
+        freed below a live one stays resident, and over a backward these holes add up to a
+        third of a GiB on SmolLM2-135M. ``malloc_trim`` releases the pages of every free block.
+        Measured with checkpointing (``benchmarks/vs_trl.py``): peak 2.93 -> 2.64 GiB."""
+        trim = self.__dict__.get("_trim", _UNSET)
+        if trim is _UNSET:
+            trim = self._trim = _malloc_trim()
+            self._last_trim = 0.0
+        now = time.monotonic()
+        if trim is None or now - self._last_trim < TRIM_INTERVAL_S:
+            return
+        trim(0)
+        self._last_trim = time.monotonic()
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                 dtype: torch.dtype = torch.float32):

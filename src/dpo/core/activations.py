@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,25 +34,49 @@ def decoder_layers_of(model: torch.nn.Module) -> list[torch.nn.Module] | None:
     return None
 
 
+# What ``checkpoint_layers`` was asked to call before each replay, by layer (weakly, so that a
+# copy of a layer replays without it and nothing here keeps a layer alive).
+_ON_REPLAY: weakref.WeakKeyDictionary[torch.nn.Module, Callable[[], None]] = (
+    weakref.WeakKeyDictionary())
+
+
 def _checkpointed_forward(self: torch.nn.Module, *args, **kwargs):
     forward = functools.partial(type(self).forward, self)
-    if torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)  # no backward will replay it: evaluation, reference
+    on_replay = _ON_REPLAY.get(self)
+    if on_replay is None:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)  # no backward will replay it: evaluation, reference
+    calls = 0
+
+    def run(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the first call is forward; any later one, backward's replay
+            on_replay()
+        return forward(*args, **kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def checkpoint_layers(model: torch.nn.Module) -> bool:
+def checkpoint_layers(model: torch.nn.Module,
+                      on_replay: Callable[[], None] | None = None) -> bool:
     """Checkpoint every decoder layer of ``model`` (in place); False when it has none to find
     (the caller then falls back to transformers' own, without the shared prompt).
 
     The layer's ``forward`` is replaced on the instance by one that looks the class's up at
     each call, so copies (``copy.deepcopy``) and FSDP2's per-class wrappers keep working.
+    ``on_replay`` (e.g. ``Backend.release_memory``) is called in backward before each layer
+    runs again: between two layers' backward is where the memory the last one freed can go
+    back to the system before the next one's peak.
     """
     layers = decoder_layers_of(model)
     if layers is None:
         return False
     for layer in layers:
         layer.forward = types.MethodType(_checkpointed_forward, layer)
+        if on_replay is not None:
+            _ON_REPLAY[layer] = on_replay
     return True
 
 

@@ -105,6 +105,12 @@ class Backend(ABC):
         for the log, or None when there is nothing to do (the default)."""
         return None
 
+    def release_memory(self) -> None:
+        """Hand what the step has freed back to the system. With ``--gradient-checkpointing``
+        it is called in backward before each decoder layer runs again, so that the peak of a
+        step is what the step holds rather than what it once held. Called often: keep it cheap,
+        or let it skip calls. The default does nothing."""
+
     def configure_model(self, model: torch.nn.Module) -> None:
         """Adapt a loaded model (policy or reference) to this backend in place, before training
         or evaluation; e.g. XLA switches to eager attention, whose masks need no host reads."""

@@ -392,6 +392,15 @@ def head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _HeadLogps.apply(hidden, weight, bias, targets, chunk_rows)
 
 
+def _exp_shifted_(z: torch.Tensor) -> torch.Tensor:
+    """Overwrite the [rows, V] logits ``z`` with ``exp(z - max z)`` row by row and return each
+    row's ``max z`` [rows, 1]: softmax and log-sum-exp follow from it without the [rows, V]
+    temporary that ``torch.logsumexp`` or ``torch.softmax`` allocates beside ``z``."""
+    shift = z.amax(dim=1, keepdim=True)
+    z.sub_(shift).exp_()
+    return shift
+
+
 def _compute_dtype(tensor: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = tensor.device.type
     if torch.is_autocast_enabled(device_type):
@@ -411,8 +420,9 @@ class _HeadLogps(torch.autograd.Function):
                 h = hidden[start:start + chunk_rows].to(dtype)
                 z = F.linear(h, w, b).float()
                 y = targets[start:start + chunk_rows]
-                out[start:start + chunk_rows] = (z.gather(1, y[:, None]).squeeze(1)
-                                                 - torch.logsumexp(z, dim=1))
+                picked = z.gather(1, y[:, None]).squeeze(1)
+                shift = _exp_shifted_(z)  # one [chunk, V] buffer: log-sum-exp in place
+                out[start:start + chunk_rows] = picked - (z.sum(dim=1).log_() + shift[:, 0])
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
         return out
@@ -423,6 +433,9 @@ class _HeadLogps(torch.autograd.Function):
         chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
+        # The weight's gradient is accumulated chunk by chunk into one float32 buffer: no
+        # [V, H] product is made apart from it (a tied embedding's gradient is the model's
+        # largest, and a second copy of it was the step's peak).
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
                   if need_b and bias is not None else None)
@@ -434,14 +447,18 @@ class _HeadLogps(torch.autograd.Function):
                 y = targets[start:start + chunk_rows]
                 g = grad_out[start:start + chunk_rows].float()
                 # dz = g * (onehot(y) - softmax(z)), built in place on the chunk's logits:
-                # softmax(z) = exp(z - logsumexp(z)), so one [chunk, V] buffer is all it takes.
+                # softmax(z) = exp(z - max z) / sum exp(z - max z), so one [chunk, V] buffer is
+                # all it takes.
                 dz = F.linear(h, w, b).float()
-                dz = dz.sub_(torch.logsumexp(dz, dim=1, keepdim=True)).exp_().mul_(-g[:, None])
+                _exp_shifted_(dz)
+                dz.mul_((-g / dz.sum(dim=1))[:, None])
                 dz.scatter_add_(1, y[:, None], g[:, None])
                 if grad_h is not None:
                     grad_h[start:start + chunk_rows] = (dz.to(dtype) @ w).to(hidden.dtype)
-                if grad_w is not None:  # accumulated in float32 whatever the product's dtype
-                    grad_w.add_((dz.to(dtype).t() @ h).float())
+                if grad_w is not None and dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), h)
+                elif grad_w is not None:  # accumulated in float32 whatever the product's dtype
+                    grad_w.add_(dz.to(dtype).t() @ h)
                 if grad_b is not None:
                     grad_b.add_(dz.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),

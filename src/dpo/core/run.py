@@ -301,7 +301,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         score_reference(ref_source)
         ref_source = None  # the reference's weights go now (a separate copy only on resume)
         gc.collect()
-    if config.gradient_checkpointing and not checkpoint_layers(model):
+    if (config.gradient_checkpointing
+            and not checkpoint_layers(model, on_replay=backend.release_memory)):
         # No decoder layers to find: transformers' own (which turns the key/value cache off,
         # so resolve_share_prompt left the shared prompt off). Non-reentrant: works with inputs
         # that need no grad and under DDP/FSDP. transformers renamed the method (5.24).
