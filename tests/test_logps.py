@@ -141,6 +141,66 @@ def test_head_logps_under_bf16_autocast_matches_the_plain_projection():
         torch.testing.assert_close(mine, plain, rtol=2e-2, atol=2e-2)
 
 
+def _allocations_in_backward(loss: torch.Tensor, nbytes: int) -> int:
+    """How many allocations of ``nbytes`` exactly the backward of ``loss`` makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage == nbytes)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_tied_embedding_gradient_is_one_buffer_and_autograd_s_sum(tiny_model, monkeypatch,
+                                                                   share_prompt):
+    """The tiny model's input embedding is its output projection. Its gradient (projection
+    product + token rows, the padding row left 0 as ``nn.Embedding`` does) is built in one
+    [V, H] buffer: a single allocation of that size in backward, where autograd's own sum of
+    the uses makes one per use (padded rows: projection + lookup = 2; the shared prompt in
+    two groups: 2 projections + 4 lookups, the groups' buffers alive together). Values are
+    equal and every gradient equals autograd's sum, with the padding id among the tokens
+    (padding and one real token: its row stays 0)."""
+    import copy
+
+    import dpo.core.logps as logps_module
+    from dpo.core.batching import collate
+    from dpo.core.logps import TiedGradient, batch_logps
+    from dpo.core.tokenization import TokenizedPair
+
+    model = copy.deepcopy(tiny_model)
+    embedding = model.get_input_embeddings()
+    pad = embedding.padding_idx
+    assert pad is not None and model.get_output_embeddings().weight is embedding.weight
+    # A pair apart (its long completion) makes the shared prompt run two groups.
+    pairs = [TokenizedPair((5, 6, 7), (8, pad, 10), (12, 13)),
+             TokenizedPair((14, 9), (15, 16), (17, 18, 19)),
+             TokenizedPair((21, 22), (26,), tuple(range(30, 230)))]
+    batch = collate(pairs, pad_token_id=pad)
+    assert (batch.input_ids == pad).sum() > 1  # padding, and one real token
+    nbytes = embedding.weight.numel() * embedding.weight.element_size()
+
+    def run(tied: bool):
+        model.zero_grad(set_to_none=True)
+        if not tied:
+            monkeypatch.setattr(TiedGradient, "of", classmethod(lambda cls, m: None))
+        logps, counts = batch_logps(model, batch, share_prompt=share_prompt)
+        monkeypatch.undo()
+        weights = torch.linspace(0.5, 1.5, logps.shape[0])  # rows weighted differently
+        big = _allocations_in_backward((logps * weights).sum(), nbytes)
+        return logps.detach(), big, [p.grad.clone() for p in model.parameters()]
+
+    if share_prompt:
+        plan = logps_module._shared_plan_if_cheaper(batch.input_ids, batch.prompt_lengths,
+                                                    batch.row_lengths)
+        assert plan is not None and len(plan[0]) == 2
+    logps, big, grads = run(tied=True)
+    want, autograd_big, want_grads = run(tied=False)
+    torch.testing.assert_close(logps, want, rtol=0, atol=0)
+    assert big == 1
+    assert autograd_big == (6 if share_prompt else 2)
+    assert_all_close(grads, want_grads, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_path_with_tied_embeddings_matches_plain(tiny_model, monkeypatch):
     """The tiny model's completion rows through the projection 2 at a time: log-probs and every
     parameter's gradient (the tied embedding gets both its input and output gradient) equal the

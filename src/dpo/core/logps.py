@@ -80,10 +80,11 @@ def completion_logps(
         token_logps = -F.cross_entropy(logits[:, :-1][targets_mask].float(), targets,
                                        reduction="none")  # [M]
     else:
-        hidden = decoder(input_ids=input_ids, use_cache=False)
+        tied = TiedGradient.of(model) if isinstance(head, torch.nn.Linear) else None
+        hidden = decoder(**_tokens(input_ids, tied), use_cache=False)
         hidden = hidden.last_hidden_state[:, :-1][targets_mask]  # [M, H]
         if isinstance(head, torch.nn.Linear):
-            token_logps = head_logps(hidden, head.weight, head.bias, targets)
+            token_logps = head_logps(hidden, head.weight, head.bias, targets, tied=tied)
         else:
             token_logps = -F.cross_entropy(head(hidden).float(), targets, reduction="none")
     n = input_ids.shape[0]
@@ -93,8 +94,8 @@ def completion_logps(
 
 
 def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
-                       prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...],
+                       tied: TiedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logps`` of a batch of pairs (rows 0..B-1 chosen, B..2B-1 rejected, right
     padded) with each pair's prompt run once instead of twice.
 
@@ -110,9 +111,11 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     The same function as over prompt + completion rows, computed on B P_max + 2B C_max tokens
     instead of 2B (P + C)_max; the gradient reaches each prompt through its keys and values
     from both completions. ``prompt_lengths[r]`` and ``row_lengths[r]`` (host ints) are row
-    r's prompt length and real length; a pair's two rows share the prompt.
+    r's prompt length and real length; a pair's two rows share the prompt. ``tied``: the
+    ``TiedGradient`` of the batch these rows belong to (one of its own by default).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    tied = tied or TiedGradient.of(model)
     device = input_ids.device
     n, width = input_ids.shape
     b = n // 2
@@ -127,17 +130,19 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     tokens = input_ids[order].gather(1, (start + steps).clamp(max=width - 1))  # [2B, C_max]
 
     prompt_cache = PromptCache()
-    prompt = decoder(input_ids=input_ids[:b, :p_max], use_cache=True, **{_CACHE_ARG: prompt_cache})
+    prompt = decoder(**_tokens(input_ids[:b, :p_max], tied), use_cache=True,
+                     **{_CACHE_ARG: prompt_cache})
     seen = torch.cat([torch.arange(p_max, device=device)[None] < start,
                       torch.ones(2 * b, c_max, dtype=torch.bool, device=device)], dim=1)
-    out = decoder(input_ids=tokens, attention_mask=seen.long(), position_ids=start + steps,
-                  use_cache=True, **{_CACHE_ARG: PrefixCache(prompt_cache, repeats=2)})
+    out = decoder(**_tokens(tokens, tied), attention_mask=seen.long(),
+                  position_ids=start + steps, use_cache=True,
+                  **{_CACHE_ARG: PrefixCache(prompt_cache, repeats=2)})
     last = prompt.last_hidden_state[torch.arange(b, device=device), torch.tensor(prompts, device=device) - 1]
     hidden = torch.cat([last.repeat_interleave(2, dim=0)[:, None],
                         out.last_hidden_state[:, :-1]], dim=1)  # [2B, C_max, H]
     lengths = torch.tensor([completions[r] for r in order], device=device)[:, None]
     valid = steps < lengths  # [2B, C_max]
-    token_logps = head_logps(hidden[valid], head.weight, head.bias, tokens[valid])
+    token_logps = head_logps(hidden[valid], head.weight, head.bias, tokens[valid], tied=tied)
     rows = torch.tensor(order, device=device)[:, None].expand(-1, c_max)[valid]
     logps = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
     counts = torch.tensor(completions, device=device)
@@ -270,13 +275,15 @@ def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                              device=device)[None]
     cumulative = torch.tensor(starts, dtype=torch.int32, device=device)
     longest = max(row_lengths)
-    out = decoder(input_ids=ids, position_ids=positions, use_cache=False,
+    tied = TiedGradient.of(model)
+    out = decoder(**_tokens(ids, tied), position_ids=positions, use_cache=False,
                   cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative,
                   max_length_q=longest, max_length_k=longest)
     first = [max(prompt_lengths[r], 1) for r in range(n)]
     targets = [(r, starts[r] + t) for r in range(n) for t in range(first[r], row_lengths[r])]
     at = torch.tensor([i for _, i in targets], device=device)
-    token_logps = head_logps(out.last_hidden_state[0, at - 1], head.weight, head.bias, ids[0, at])
+    token_logps = head_logps(out.last_hidden_state[0, at - 1], head.weight, head.bias, ids[0, at],
+                             tied=tied)
     rows = torch.tensor([r for r, _ in targets], device=device)
     logps = torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows, token_logps)
     counts = torch.tensor([row_lengths[r] - first[r] for r in range(n)], device=device)
@@ -339,11 +346,12 @@ def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups)
     if len(groups) == 1:
         return shared_prompt_logps(model, input_ids, prompt_lengths, row_lengths)
     parts, counts, index = [], [], []
+    tied = TiedGradient.of(model)  # one gradient buffer for all the groups
     for group in groups:
         rows, width = pair_rows(group, row_lengths)  # as ``Batch.select`` takes a group
         logps, n = shared_prompt_logps(model, input_ids[rows, :width],
                                        tuple(prompt_lengths[r] for r in rows),
-                                       tuple(row_lengths[r] for r in rows))
+                                       tuple(row_lengths[r] for r in rows), tied)
         parts.append(logps)
         counts.append(n)
         index += rows
@@ -368,12 +376,98 @@ def supports_shared_prompt(model: torch.nn.Module) -> bool:
             and not any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS))
 
 
+class TiedGradient:
+    """The gradient of an input embedding that is also the output projection (tied weights,
+    as in SmolLM2 or Llama 3.2), built in one float32 buffer by all its uses in one batch's
+    forward: the projection's backward (``head_logps``) adds its product there, each token
+    lookup (``lookup``) its rows, and the last lookup to run in backward hands the buffer to
+    autograd as the weight's only gradient.
+
+    Left to autograd, each use gives a [V, H] gradient of its own, and a lookup's is a
+    zero-filled [V, H] with a few rows set (``embedding_dense_backward``), added to the others
+    at the end of backward, when every other gradient exists too: on SmolLM2-135M, 108 MiB
+    on top of the step's peak, and a [V, H] zero fill and sum per decoder call.
+
+    Every projection's backward runs before the last lookup's: a lookup's output feeds the
+    decoder call whose output feeds a projection, so a projection runs before its own
+    batch's lookups, and the last lookup runs after all of them. Each lookup's output must
+    reach the loss (so its backward runs): every decoder call here feeds the log-probs.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        self.weight = embedding.weight
+        self.padding_idx = embedding.padding_idx
+        self._buffer: torch.Tensor | None = None
+        self._pending = 0  # lookups whose backward has yet to run
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> TiedGradient | None:
+        """One for a forward of ``model`` that will run backward, where its input embedding is
+        a plain ``nn.Embedding`` sharing its weight with a linear output projection; else None
+        (autograd sums the uses' gradients as usual)."""
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if (type(embedding) is not torch.nn.Embedding or not isinstance(head, torch.nn.Linear)
+                or embedding.weight is not head.weight or not embedding.weight.requires_grad
+                or not torch.is_grad_enabled() or embedding.max_norm is not None
+                or embedding.scale_grad_by_freq or embedding.sparse):
+            return None
+        return cls(embedding)
+
+    def buffer(self) -> torch.Tensor:
+        """The float32 gradient buffer, zeros when first asked for."""
+        if self._buffer is None:
+            self._buffer = torch.zeros(self.weight.shape, dtype=torch.float32,
+                                       device=self.weight.device)
+        return self._buffer
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``embedding(input_ids)``, whose backward adds into the buffer."""
+        self._pending += 1
+        return _TiedLookup.apply(input_ids, self.weight, self)
+
+    def _add_rows(self, input_ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        ids = input_ids.reshape(-1)
+        grad = grad.reshape(ids.shape[0], -1)
+        if self.padding_idx is not None:  # nn.Embedding leaves the padding row's gradient 0
+            grad = grad.masked_fill((ids == self.padding_idx)[:, None], 0)
+        # index_put_ with accumulate: a deterministic sum on every device (index_add_ is
+        # atomic on CUDA).
+        self.buffer().index_put_((ids,), grad.to(torch.float32), accumulate=True)
+        self._pending -= 1
+        if self._pending:
+            return None
+        done, self._buffer = self._buffer, None
+        return done.to(self.weight.dtype)
+
+
+class _TiedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, tied):
+        ctx.save_for_backward(input_ids)
+        ctx.tied = tied
+        return F.embedding(input_ids, weight, tied.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (input_ids,) = ctx.saved_tensors
+        return None, ctx.tied._add_rows(input_ids, grad), None
+
+
+def _tokens(input_ids: torch.Tensor, tied: TiedGradient | None) -> dict[str, torch.Tensor]:
+    """A decoder call's token argument: the ids, or with ``tied`` their embeddings."""
+    if tied is None:
+        return {"input_ids": input_ids}
+    return {"inputs_embeds": tied.lookup(input_ids)}
+
+
 # Rows of logits alive at once in ``head_logps``: 1024 x a 50k vocabulary is 200 MB in float32.
 CHUNK_ROWS = 1024
 
 
 def head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+               targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS,
+               tied: TiedGradient | None = None) -> torch.Tensor:
     """``log_softmax(hidden @ weight.T + bias)[m, targets[m]]`` for each row m, in float32,
     without ever holding the [M, V] logits or their gradient: rows go through the projection
     ``chunk_rows`` at a time, and backward recomputes each chunk's logits instead of keeping
@@ -385,11 +479,12 @@ def head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     db = sum over rows of dz.
 
     Under autocast the product runs in the autocast dtype (as ``nn.Linear`` would), the
-    log-softmax in float32.
+    log-softmax in float32. With ``tied`` (``weight`` is also the input embedding), the
+    weight's gradient goes into ``tied``'s buffer instead of to autograd.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return _HeadLogps.apply(hidden, weight, bias, targets, chunk_rows)
+    return _HeadLogps.apply(hidden, weight, bias, targets, chunk_rows, tied)
 
 
 def _exp_shifted_(z: torch.Tensor) -> torch.Tensor:
@@ -410,7 +505,7 @@ def _compute_dtype(tensor: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _HeadLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, tied=None):
         dtype = _compute_dtype(hidden, weight)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
@@ -424,19 +519,23 @@ class _HeadLogps(torch.autograd.Function):
                 shift = _exp_shifted_(z)  # one [chunk, V] buffer: log-sum-exp in place
                 out[start:start + chunk_rows] = picked - (z.sum(dim=1).log_() + shift[:, 0])
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
+        ctx.chunk_rows, ctx.dtype, ctx.tied = chunk_rows, dtype, tied
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets = ctx.saved_tensors
-        chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
+        chunk_rows, dtype, tied = ctx.chunk_rows, ctx.dtype, ctx.tied
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        # The weight's gradient is accumulated chunk by chunk into one float32 buffer: no
-        # [V, H] product is made apart from it (a tied embedding's gradient is the model's
-        # largest, and a second copy of it was the step's peak).
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # The weight's gradient is accumulated chunk by chunk into one float32 buffer (the
+        # tied embedding's, where there is one): no [V, H] product is made apart from it.
+        if not need_w:
+            grad_w = None
+        elif tied is not None:
+            grad_w = tied.buffer()
+        else:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
                   if need_b and bias is not None else None)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -461,8 +560,10 @@ class _HeadLogps(torch.autograd.Function):
                     grad_w.add_(dz.to(dtype).t() @ h)
                 if grad_b is not None:
                     grad_b.add_(dz.sum(0))
+        if tied is not None:
+            grad_w = None  # in the buffer: the last lookup's backward hands it to autograd
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
 
 def _masked_completion_logps(model, input_ids, attention_mask, completion_mask):
