@@ -125,7 +125,8 @@ class CPUBackend(Backend):
         small weights' gradients) come from the heap, and glibc returns only its top: a block
         freed below a live one stays resident, and over a backward these holes add up to a
         third of a GiB on SmolLM2-135M. ``malloc_trim`` releases the pages of every free block.
-        Measured with checkpointing (``benchmarks/vs_trl.py``): peak 2.93 -> 2.69 GiB."""
+        Measured with checkpointing on ``benchmarks/vs_trl.py``'s batches: peak 2.83 -> 2.60
+        GiB, steps about 3% slower."""
         trim = self.__dict__.get("_trim", _UNSET)
         if trim is _UNSET:
             trim = self._trim = _malloc_trim()
