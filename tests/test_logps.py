@@ -113,6 +113,32 @@ def test_head_logps_matches_full_logits_across_chunk_boundaries():
         torch.testing.assert_close(mine, want, rtol=1e-6, atol=1e-6)
 
 
+def test_head_logps_is_stable_where_exp_of_the_logits_overflows():
+    """Logits near +-3000 (hidden states 100x larger than usual): exp of them is inf in
+    float32, so log-sum-exp and softmax must subtract each row's maximum first. Values and
+    gradients stay finite and equal those of float64 log_softmax over the full logits."""
+    torch.manual_seed(1)
+    hidden = (torch.randn(5, 16) * 100).requires_grad_()
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (5,))
+    g = torch.randn(5)
+
+    from dpo.core.logps import head_logps
+
+    got = head_logps(hidden, weight, None, targets, chunk_rows=2)
+    (got * g).sum().backward()
+    grads = [hidden.grad.clone(), weight.grad.clone()]
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logits = h64 @ w64.T
+    assert torch.isinf(logits.float().exp()).any()
+    want = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    (want * g.double()).sum().backward()
+    assert torch.isfinite(got).all() and all(torch.isfinite(t).all() for t in grads)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grads[0], h64.grad.float(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grads[1], w64.grad.float(), rtol=1e-4, atol=1e-2)
+
+
 def test_head_logps_under_bf16_autocast_matches_the_plain_projection():
     """Under bf16 autocast the chunked projection runs its products in bf16, as ``nn.Linear``
     would, and keeps log-softmax and the weight's gradient sum in float32: values and the
