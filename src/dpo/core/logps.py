@@ -431,8 +431,8 @@ class TiedGradient:
         grad = grad.reshape(ids.shape[0], -1)
         if self.padding_idx is not None:  # nn.Embedding leaves the padding row's gradient 0
             grad = grad.masked_fill((ids == self.padding_idx)[:, None], 0)
-        # index_put_ with accumulate: a deterministic sum on every device (index_add_ is
-        # atomic on CUDA).
+        # index_put_ with accumulate: CUDA sorts the ids and sums each row's updates in order,
+        # where index_add_ would add them atomically, in no fixed order.
         self.buffer().index_put_((ids,), grad.to(torch.float32), accumulate=True)
         self._pending -= 1
         if self._pending:
