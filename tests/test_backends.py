@@ -61,7 +61,7 @@ def test_cpu_release_memory_trims_the_heap_at_most_once_per_interval(monkeypatch
     from dpo.backends import cpu
 
     trims, clock = [], [100.0]
-    monkeypatch.setattr(cpu, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(cpu, "_glibc", lambda name: trims.append if name == "malloc_trim" else None)
     monkeypatch.setattr(cpu.time, "monotonic", lambda: clock[0])
     backend = CPUBackend()
     backend.release_memory()
@@ -72,7 +72,7 @@ def test_cpu_release_memory_trims_the_heap_at_most_once_per_interval(monkeypatch
     clock[0] += 0.2 * cpu.TRIM_INTERVAL_S / 0.5
     backend.release_memory()
     assert trims == [0, 0]
-    monkeypatch.setattr(cpu, "_malloc_trim", lambda: None)
+    monkeypatch.setattr(cpu, "_glibc", lambda name: None)
     bare = CPUBackend()
     bare.release_memory()
     bare.release_memory()

@@ -30,10 +30,11 @@ TRIM_INTERVAL_S = 0.5
 _UNSET: Any = object()  # malloc_trim not looked up yet
 
 
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
+def _glibc(function: str) -> Any:
+    """glibc's ``function`` (``mallopt``, ``malloc_trim``), or None where the C library is
+    not glibc."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), function)
     except (OSError, AttributeError):
         return None
 
@@ -112,11 +113,10 @@ class CPUBackend(Backend):
         set ``MALLOC_MMAP_THRESHOLD_`` or the C library is not glibc."""
         if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
             return None
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            done = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        except (OSError, AttributeError):
+        mallopt = _glibc("mallopt")
+        if mallopt is None:
             return None
+        done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         return "freed blocks of 1 MiB and more go back to the system" if done == 1 else None
 
     def release_memory(self) -> None:
@@ -130,7 +130,7 @@ class CPUBackend(Backend):
         block. Measured with checkpointing on ``benchmarks/vs_trl.py``'s batches: peak 2.83 ->
         2.60 GiB, steps about 3% slower."""
         if self._trim is _UNSET:
-            self._trim = _malloc_trim()
+            self._trim = _glibc("malloc_trim")
         if self._trim is None or time.monotonic() - self._last_trim < TRIM_INTERVAL_S:
             return
         self._trim(0)

@@ -45,14 +45,13 @@ def _checkpointed_forward(self: torch.nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)  # no backward will replay it: evaluation, reference
     on_replay = _ON_REPLAY.get(self)
-    if on_replay is None:
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     calls = 0
 
     def run(*args, **kwargs):
         nonlocal calls
         calls += 1
-        if calls > 1:  # the first call is forward; any later one, backward's replay
+        # The first call is forward; any later one, backward's replay.
+        if calls > 1 and on_replay is not None:
             on_replay()
         return forward(*args, **kwargs)
 

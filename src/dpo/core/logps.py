@@ -80,7 +80,7 @@ def completion_logps(
         token_logps = -F.cross_entropy(logits[:, :-1][targets_mask].float(), targets,
                                        reduction="none")  # [M]
     else:
-        tied = TiedGradient.of(model) if isinstance(head, torch.nn.Linear) else None
+        tied = TiedGradient.of(model)  # None unless the head is a Linear tied to the embedding
         hidden = decoder(**_tokens(input_ids, tied), use_cache=False)
         hidden = hidden.last_hidden_state[:, :-1][targets_mask]  # [M, H]
         if isinstance(head, torch.nn.Linear):
