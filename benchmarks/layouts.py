@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpo.core.batching import collate
     from dpo.core.logps import completion_logps, packed_logps, rows_logps
     from dpo.core.models import load_model
+    from dpo.core.paths import resolve
     from dpo.core.tokenization import tokenize_pairs
 
     model, tokenizer = load_model(args.model, seed=0)
@@ -73,16 +74,19 @@ def main(argv: list[str] | None = None) -> None:
                for i in range(args.batches)]
     if any(b.num_pairs < size for b in batches):
         sys.exit(f"{args.data}: fewer than {args.batches * size} usable pairs")
+    shared = resolve(model, share_prompt=True)
+    padded = shared.without(["shared_prompt"], "compared")
 
     run = {
         "padded": lambda b: completion_logps(model, b.input_ids, b.attention_mask,
-                                             b.completion_mask),
+                                             b.completion_mask, padded),
         "shared": lambda b: rows_logps(model, b.input_ids, b.attention_mask, b.completion_mask,
-                                       b.prompt_lengths, b.row_lengths, share_prompt=True),
-        "packed": lambda b: packed_logps(model, b.input_ids, b.prompt_lengths, b.row_lengths),
+                                       b.prompt_lengths, b.row_lengths, shared),
+        "packed": lambda b: packed_logps(model, b.input_ids, b.prompt_lengths, b.row_lengths,
+                                         padded),
     }
     tokens = {"padded": sum(b.padded_tokens for b in batches),
-              "shared": sum(b.tokens_run(share_prompt=True) for b in batches),
+              "shared": sum(b.tokens_run(shared) for b in batches),
               "packed": sum(b.real_tokens for b in batches)}
     seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for _ in range(args.rounds):

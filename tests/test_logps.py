@@ -6,6 +6,16 @@ import pytest
 import torch
 
 from dpo.core.logps import completion_logps
+from dpo.core.paths import Paths
+
+# The speed paths as the tiny Llama takes them (its embedding is tied: the gradient buffer too).
+PADDED = Paths(batched=True, unmasked=True, chunked_head=True, tied_buffer=True)
+SHARED = Paths(batched=True, unmasked=True, chunked_head=True, tied_buffer=True, shared_prompt=True)
+PACKED = Paths(batched=True, unmasked=True, chunked_head=True, tied_buffer=True, packed_rows=True)
+
+
+def on(share: bool) -> Paths:
+    return SHARED if share else PADDED
 
 
 def plain_logps(model, input_ids, attention_mask, completion_mask):
@@ -76,13 +86,13 @@ def test_on_replay_is_called_before_each_layer_runs_again_in_backward(tiny_model
     n_layers = len(model.get_decoder().layers)
     for share, per_layer in ((False, 1), (True, 2)):
         calls.clear()
-        logps, _ = batch_logps(model, batch, share_prompt=share)
+        logps, _ = batch_logps(model, batch, paths=on(share))
         assert calls == []
         logps.sum().backward()
         assert len(calls) == per_layer * n_layers
     calls.clear()
     with torch.no_grad():
-        batch_logps(model, batch, share_prompt=True)
+        batch_logps(model, batch, paths=SHARED)
     assert calls == []
 
 
@@ -209,7 +219,7 @@ def test_tied_embedding_gradient_is_one_buffer_and_autograd_s_sum(tiny_model, mo
         model.zero_grad(set_to_none=True)
         if not tied:
             monkeypatch.setattr(TiedGradient, "of", classmethod(lambda cls, m: None))
-        logps, counts = batch_logps(model, batch, share_prompt=share_prompt)
+        logps, counts = batch_logps(model, batch, paths=on(share_prompt))
         monkeypatch.undo()
         weights = torch.linspace(0.5, 1.5, logps.shape[0])  # rows weighted differently
         big = _allocations_in_backward((logps * weights).sum(), nbytes)
@@ -302,7 +312,7 @@ def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
 
     def run(share: bool):
         tiny_model.zero_grad()
-        logps, counts = batch_logps(tiny_model, batch, share_prompt=share)
+        logps, counts = batch_logps(tiny_model, batch, paths=on(share))
         out = loss(PairLogps(logps[:3], logps[3:], counts[:3], counts[3:], *reference))
         out.losses.sum().backward()
         return out.losses.detach(), [p.grad.clone() for p in tiny_model.parameters()]
@@ -333,12 +343,12 @@ def test_a_batch_that_costs_more_shared_runs_padded(tiny_model, monkeypatch):
     long_completion = TokenizedPair((5, 6), tuple(range(30, 38)), (40, 41))
     mixed = collate([long_prompt, long_completion], pad_token_id=0)
     assert logps_module.shared_prompt_plan(mixed.prompt_lengths, mixed.row_lengths) == ([[0, 1]], 48)
-    assert mixed.tokens_run(share_prompt=True) == mixed.padded_tokens == 40
-    logps_module.batch_logps(tiny_model, mixed, share_prompt=True)
+    assert mixed.tokens_run(paths=SHARED) == mixed.padded_tokens == 40
+    logps_module.batch_logps(tiny_model, mixed, paths=SHARED)
     assert calls == []
     alone = collate([long_prompt], pad_token_id=0)
-    assert alone.tokens_run(share_prompt=True) == 12
-    logps_module.batch_logps(tiny_model, alone, share_prompt=True)
+    assert alone.tokens_run(paths=SHARED) == 12
+    logps_module.batch_logps(tiny_model, alone, paths=SHARED)
     assert calls == [1]
 
 
@@ -355,10 +365,10 @@ def test_an_odd_pair_runs_apart_and_the_result_is_unchanged(tiny_model):
     odd = TokenizedPair((5, 6), tuple(range(20, 320)), (13, 14))
     batch = collate([short[0], odd, short[1], short[2]], pad_token_id=0)
     assert shared_prompt_plan(batch.prompt_lengths, batch.row_lengths) == ([[0, 2, 3], [1]], 626)
-    assert batch.tokens_run(share_prompt=True) == 626 and batch.padded_tokens == 2416
+    assert batch.tokens_run(paths=SHARED) == 626 and batch.padded_tokens == 2416
 
-    shared, counts, grads = with_grads(tiny_model, batch_logps, batch, share_prompt=True)
-    padded, padded_counts, want = with_grads(tiny_model, batch_logps, batch, share_prompt=False)
+    shared, counts, grads = with_grads(tiny_model, batch_logps, batch, paths=SHARED)
+    padded, padded_counts, want = with_grads(tiny_model, batch_logps, batch, paths=PADDED)
     assert counts.tolist() == padded_counts.tolist() == [2, 300, 2, 2, 2, 2, 2, 2]
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-4)
     assert_all_close(grads, want, rtol=1e-4, atol=1e-5)
@@ -390,10 +400,10 @@ def test_checkpointed_layers_keep_values_and_gradients_on_both_paths(tiny_model,
     inner_hook = layers[0].mlp.register_forward_pre_hook(lambda *_: inner.append(1))
     forward_calls, mlp_calls = {}, {}
     for share in (False, True):
-        want = with_grads(model, batch_logps, batch, share_prompt=share)
+        want = with_grads(model, batch_logps, batch, paths=on(share))
         calls.clear()
         inner.clear()
-        got = with_grads(checkpointed, batch_logps, batch, share_prompt=share)
+        got = with_grads(checkpointed, batch_logps, batch, paths=on(share))
         forward_calls[share], mlp_calls[share] = len(calls), len(inner)
         assert got[1].tolist() == want[1].tolist()
         torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
@@ -405,8 +415,8 @@ def test_checkpointed_layers_keep_values_and_gradients_on_both_paths(tiny_model,
     assert forward_calls == {False: 1, True: 2}
     assert mlp_calls == {False: 2, True: 4}
     with torch.no_grad():
-        torch.testing.assert_close(batch_logps(checkpointed, batch, share_prompt=True)[0],
-                                   batch_logps(model, batch, share_prompt=True)[0])
+        torch.testing.assert_close(batch_logps(checkpointed, batch, paths=SHARED)[0],
+                                   batch_logps(model, batch, paths=SHARED)[0])
 
 
 def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
@@ -421,17 +431,17 @@ def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
     short = [TokenizedPair((5 + i, 6, 7, 8), (9, 10), (11, 12 + i)) for i in range(3)]
     odd = TokenizedPair((5, 6), tuple(range(20, 320)), (13, 14))
     batch = collate([short[0], odd, short[1], short[2]], pad_token_id=0)
-    parts = backward_parts(batch, share_prompt=True)
+    parts = backward_parts(batch, paths=SHARED)
     assert [p.num_pairs for p in parts] == [3, 1]
     assert parts[1].input_ids.shape == (2, 302) and parts[0].input_ids.shape == (6, 6)
-    assert sum(p.tokens_run(share_prompt=True) for p in parts) == batch.tokens_run(True) == 626
+    assert sum(p.tokens_run(paths=SHARED) for p in parts) == batch.tokens_run(SHARED) == 626
     assert sum(p.completion_tokens for p in parts) == batch.completion_tokens
 
-    whole, _, want = with_grads(tiny_model, batch_logps, batch, share_prompt=True)
+    whole, _, want = with_grads(tiny_model, batch_logps, batch, paths=SHARED)
     tiny_model.zero_grad()
     got = []
     for part in parts:
-        logps, _ = batch_logps(tiny_model, part, share_prompt=True)
+        logps, _ = batch_logps(tiny_model, part, paths=SHARED)
         logps.sum().backward()
         got.append(logps.detach())
     grads = [p.grad.clone() for p in tiny_model.parameters()]
@@ -441,10 +451,10 @@ def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
     assert torch.equal(got[1], whole.detach()[[1, 5]])
     assert_all_close(grads, want, rtol=1e-5, atol=1e-7)
 
-    [same] = backward_parts(batch, share_prompt=False)
+    [same] = backward_parts(batch, paths=PADDED)
     assert same is batch
     _, single = pair_batch()
-    [same] = backward_parts(single, share_prompt=True)
+    [same] = backward_parts(single, paths=SHARED)
     assert same is single
 
 
@@ -459,17 +469,18 @@ def test_shared_and_packed_rows_match_padded_rows_values_counts_and_gradients(ti
     by block from the restarting positions (so ``rows_logps`` would not pack this model)."""
     import copy
 
-    from dpo.core.logps import packed_logps, packs_rows, shared_prompt_logps
+    from dpo.core.logps import packed_logps, shared_prompt_logps
+    from dpo.core.paths import verified_paths
 
     _, batch = pair_batch()
     model = copy.deepcopy(tiny_model)
     model.set_attn_implementation(attention)
-    assert not packs_rows(model)
+    assert not verified_paths(model).packed_rows
     logps_fn = shared_prompt_logps if layout == "shared" else packed_logps
     got, counts, grads = with_grads(model, logps_fn, batch.input_ids, batch.prompt_lengths,
                                     batch.row_lengths)
     padded, padded_counts, want = with_grads(model, completion_logps, batch.input_ids,
-                                             batch.attention_mask, batch.completion_mask)
+                                             batch.attention_mask, batch.completion_mask, PADDED)
     assert counts.tolist() == padded_counts.tolist() == [4, 2, 4, 2, 4, 4]
     torch.testing.assert_close(got, padded, rtol=1e-5, atol=1e-5)
     assert_all_close(grads, want, rtol=1e-4, atol=1e-6)
@@ -479,8 +490,9 @@ def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_pack
         tiny_model, monkeypatch):
     """An attention with a variable-length kernel (here a stand-in that attends within each
     sequence from the cumulative lengths it is given, as flash-attention's variable-length
-    kernel does, named in ``VARLEN_ATTENTION`` as flash-attention's names are) makes
-    ``batch_logps`` pack the rows: every layer's kernel sees the rows' boundaries (cumulative
+    kernel does, named in ``VARLEN_ATTENTION`` as flash-attention's names are) makes the
+    run's paths (``dpo.core.paths.resolve``) pack the rows, the shared prompt being off by
+    default off the CPU: every layer's kernel sees the rows' boundaries (cumulative
     real lengths, from the host) and the longest row, and the log-probs, counts and gradients
     equal the padded rows' under sdpa."""
     import copy
@@ -489,10 +501,10 @@ def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_pack
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    import dpo.core.logps as logps_module
-    from dpo.core.logps import batch_logps, packs_rows
+    import dpo.core.paths as paths_module
+    from dpo.core.logps import batch_logps
 
-    monkeypatch.setattr(logps_module, "VARLEN_ATTENTION", ["flash", "dpo_test_varlen"])
+    monkeypatch.setattr(paths_module, "VARLEN_ATTENTION", ["flash", "dpo_test_varlen"])
     seen = []
 
     def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -511,15 +523,17 @@ def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_pack
     _, batch = pair_batch()
     model = copy.deepcopy(tiny_model)
     model.set_attn_implementation("dpo_test_varlen")
-    assert packs_rows(model)
-    got = with_grads(model, batch_logps, batch)
-    want = with_grads(tiny_model, batch_logps, batch)
+    paths = paths_module.resolve(model)
+    assert paths.used() == ["batched", "unmasked", "chunked_head", "tied_buffer", "packed_rows"]
+    assert not paths_module.resolve(tiny_model).packed_rows
+    got = with_grads(model, batch_logps, batch, paths)
+    want = with_grads(tiny_model, batch_logps, batch, PADDED)
     lengths = list(batch.row_lengths)
     bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     layers = len(model.get_decoder().layers)
     assert seen == [(bounds, max(lengths), bounds)] * layers
     # rows 3+4, 1+2, 5+4 (chosen) and 3+2, 1+4, 5+4 (rejected): 38 tokens, none padding
-    assert batch.tokens_run(share_prompt=False, packed=True) == bounds[-1] == 38
+    assert batch.tokens_run(PACKED) == bounds[-1] == 38
     assert got[1].tolist() == want[1].tolist()
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert_all_close(got[2], want[2], rtol=1e-4, atol=1e-6)

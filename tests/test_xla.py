@@ -80,11 +80,13 @@ def test_masked_logps_equal_the_selected_ones_with_their_gradients(tiny_model):
     log-probs, token counts and gradients as the selection path, on a padded batch."""
     batch = collate([pair(5, 4, 7), pair(9, 3, 2), pair(2, 6, 6)], pad_token_id=0,
                     pad_length=bucket_length)
+    from dpo.core.paths import Paths
+
     results = []
-    for static in (False, True):
+    for paths in (Paths(batched=True, unmasked=True, chunked_head=True), Paths(static_shapes=True)):
         tiny_model.zero_grad()
         logps, counts = completion_logps(tiny_model, batch.input_ids, batch.attention_mask,
-                                         batch.completion_mask, static_shapes=static)
+                                         batch.completion_mask, paths)
         logps.sum().backward()
         grads = [p.grad.clone() for p in tiny_model.parameters()]
         results.append((logps.detach(), counts, grads))

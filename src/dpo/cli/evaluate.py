@@ -53,3 +53,5 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             if key in result["metrics"]:
                 table.add_row(key, _fmt(result["metrics"][key]))
         Console().print(table)
+        for label, used in result["paths"].items():
+            Console().print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}")

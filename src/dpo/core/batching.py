@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
+    from dpo.core.paths import Paths
     from dpo.core.refcache import RefLogps
     from dpo.core.tokenization import TokenizedPair
 
@@ -46,13 +47,12 @@ class Batch:
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def tokens_run(self, share_prompt: bool, packed: bool = False) -> int:
-        """Tokens the model runs for this batch, padding included
+    def tokens_run(self, paths: Paths) -> int:
+        """Tokens the model runs for this batch on ``paths``, padding included
         (``dpo.core.logps.tokens_run``)."""
         from dpo.core.logps import tokens_run
 
-        return tokens_run(self.input_ids, self.prompt_lengths, self.row_lengths, share_prompt,
-                          packed)
+        return tokens_run(self.input_ids, self.prompt_lengths, self.row_lengths, paths)
 
     def select(self, pairs: list[int]) -> Batch:
         """The sub-batch of these pairs (indices in order), cut to its own longest row."""

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import torch
 
+from dpo.core.dropout import saved_config
+
 PREFIX = "checkpoint-"
 FINAL = "final"
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
@@ -68,7 +70,8 @@ def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any,
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
     with transformers_bars_off():
         host = state_dict if state_dict is not None else _host_state_dict(model)
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=host)
+        with saved_config(model):  # the user's dropout, not the zeros training runs with
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=host)
         _match_config_dtype(tmp, host if host is not None else model.state_dict())
         tokenizer.save_pretrained(tmp)
 

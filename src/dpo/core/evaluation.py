@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo.core.batching import collate
 from dpo.core.dataset import DataStats, load_pairs, tokenize_pairs
 from dpo.core.errors import UsageError
 from dpo.core.loop import disable_dropout, preference_metrics
 from dpo.core.models import load_model, resolve_source
+from dpo.core.paths import CHECK_PAIRS, check, resolve
 from dpo.core.plugins import Catalog
 
 RUN_FILE = "run.json"
@@ -99,8 +101,20 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         if m is not None:
             disable_dropout(m)
             m.requires_grad_(False).eval().to(device)
+    # The same speed paths and check as a run's, for each model.
+    check_batch = collate(pairs[:CHECK_PAIRS], tokenizer.pad_token_id,
+                          pad_length=backend.padded_length).to(device)
+    found, checks = {}, {}
+    for label, model in (("policy", policy), ("reference", reference)):
+        if model is not None:
+            paths = resolve(model, static_shapes=backend.static_shapes,
+                            share_prompt_default=backend.share_prompt_default,
+                            backend_name=backend.name)
+            found[label], report = check(model, check_batch, paths, training=False)
+            checks[label] = report.record()
     metrics = preference_metrics(policy, reference, tokenizer, loss, pairs, backend, device,
-                                 dtype, request.batch_size)
+                                 dtype, request.batch_size, paths=found["policy"],
+                                 ref_paths=found.get("reference"))
     return {
         "model": policy_spec,
         "ref": ref if loss.requires_reference else None,
@@ -111,5 +125,7 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         "data_stats": stats.as_dict(),
         "backend": backend.name,
         "dtype": str(dtype).removeprefix("torch."),
+        "paths": {label: paths.used() for label, paths in found.items()},
+        "paths_check": checks,
         "metrics": {k.removeprefix("eval/"): v for k, v in metrics.items()},
     }

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo.core.batching import pair_rows
+from dpo.core.paths import PLAIN, Paths, verified_paths
 
 if TYPE_CHECKING:
     from dpo.core.batching import Batch
@@ -27,75 +28,85 @@ try:
 except ImportError:  # pragma: no cover
     DynamicCache = object  # type: ignore[assignment,misc]
 
-# Config attributes that change logits after the output projection; models carrying them go
-# through the plain path, which lets the model apply them itself.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-
-
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    static_shapes: bool = False,
+    paths: Paths | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the completion tokens of each row, in float32.
 
     Args:
         input_ids: [N, T] token ids, right-padded (every row's real tokens first).
-        attention_mask: [N, T], 1 for real tokens (read only with ``static_shapes``).
+        attention_mask: [N, T], 1 for real tokens.
         completion_mask: [N, T] bool, True where token t belongs to the completion (its
             probability is read from the logits at t - 1). The prompt and padding are False.
+        paths: the speed paths to take (``dpo.core.paths``); None: every one verified for
+            this model.
 
     Returns:
         (logps [N] float32, token_counts [N] int64).
 
-    The rows are right-padded, so the model runs without the attention mask: under causal
+    The plain path (every speed path off) runs each row alone through the model's own
+    forward, full logits and log-softmax; ``batched`` runs the rows together, right-padded,
+    with the attention mask. With ``unmasked`` they run without the mask: under causal
     attention a real token only sees the tokens before it, all real, so padding after the row
-    cannot change it, and the padding's own outputs are never read. Without a mask the
-    attention kernel runs its causal path (flash attention where the backend has one) instead
-    of building and applying an [N, 1, T, T] mask: measured 3x faster forward + backward and
-    less memory on CPU (``benchmarks/techniques.py``).
+    cannot change it, and the padding's own outputs are never read. The attention kernel then
+    runs its causal path (flash attention where the backend has one) instead of building and
+    applying an [N, 1, T, T] mask: measured 3x faster forward + backward and less memory on
+    CPU (``benchmarks/techniques.py``).
 
-    Only the positions that predict a completion token go through the output projection, so
-    prompt and padding positions never materialise vocabulary-sized logits, and those that do
-    go through it in chunks (``head_logps``): at most ``CHUNK_ROWS`` rows of logits exist at a
-    time, in forward and in backward. That selection has a data-dependent size; with
-    ``static_shapes`` (XLA, see ``Backend.static_shapes``) every position is scored and the
-    mask zeroes the others instead, so shapes follow the batch's (and the attention mask is
-    kept there: XLA runs eager attention, which builds a mask either way).
+    With ``chunked_head`` only the positions that predict a completion token go through the
+    output projection, so prompt and padding positions never materialise vocabulary-sized
+    logits, and those that do go through it in chunks (``head_logps``): at most
+    ``CHUNK_ROWS`` rows of logits exist at a time, in forward and in backward. That selection
+    has a data-dependent size; with ``static_shapes`` (XLA, see ``Backend.static_shapes``)
+    every position is scored and the mask zeroes the others instead, so shapes follow the
+    batch's.
     """
-    if static_shapes:
+    paths = verified_paths(model) if paths is None else paths
+    if paths.static_shapes:
         return _masked_completion_logps(model, input_ids, attention_mask, completion_mask)
+    if not paths.batched and input_ids.shape[0] > 1:
+        return _row_by_row(model, input_ids, attention_mask, completion_mask, paths)
     targets_mask = completion_mask[:, 1:]
     targets = input_ids[:, 1:][targets_mask]  # [M]
     rows = torch.nonzero(targets_mask, as_tuple=True)[0]  # [M] row of each target
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    plain = head is None or decoder is None or any(
-        getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS
-    )
-    if plain:
-        logits = model(input_ids=input_ids, use_cache=False).logits
+    mask = {} if paths.unmasked else {"attention_mask": attention_mask}
+    if not paths.chunked_head:
+        logits = model(input_ids=input_ids, use_cache=False, **mask).logits
         token_logps = -F.cross_entropy(logits[:, :-1][targets_mask].float(), targets,
                                        reduction="none")  # [M]
     else:
-        tied = TiedGradient.of(model)  # None unless the head is a Linear tied to the embedding
-        hidden = decoder(**_tokens(input_ids, tied), use_cache=False)
+        head, decoder = model.get_output_embeddings(), model.get_decoder()
+        tied = TiedGradient.of(model) if paths.tied_buffer else None
+        hidden = decoder(**_tokens(model, input_ids, paths, tied), use_cache=False, **mask)
         hidden = hidden.last_hidden_state[:, :-1][targets_mask]  # [M, H]
-        if isinstance(head, torch.nn.Linear):
-            token_logps = head_logps(hidden, head.weight, head.bias, targets, tied=tied)
-        else:
-            token_logps = -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+        token_logps = head_logps(hidden, head.weight, head.bias, targets, tied=tied)
     n = input_ids.shape[0]
     logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     counts = targets_mask.sum(dim=1)
     return logps, counts
 
 
+def _row_by_row(model, input_ids, attention_mask, completion_mask, paths):
+    """``completion_logps`` of each row alone, cut to its real tokens: no padding and no other
+    row beside it, for models whose batched forward is not proven to ignore both."""
+    logps, counts = [], []
+    for row, length in enumerate(attention_mask.sum(dim=1).tolist()):
+        value, count = completion_logps(model, input_ids[row:row + 1, :length],
+                                        attention_mask[row:row + 1, :length],
+                                        completion_mask[row:row + 1, :length], paths)
+        logps.append(value)
+        counts.append(count)
+    return torch.cat(logps), torch.cat(counts)
+
+
 def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                        prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...],
-                       tied: TiedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       paths: Paths | None = None, tied: TiedGradient | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logps`` of a batch of pairs (rows 0..B-1 chosen, B..2B-1 rejected, right
     padded) with each pair's prompt run once instead of twice.
 
@@ -111,11 +122,21 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     The same function as over prompt + completion rows, computed on B P_max + 2B C_max tokens
     instead of 2B (P + C)_max; the gradient reaches each prompt through its keys and values
     from both completions. ``prompt_lengths[r]`` and ``row_lengths[r]`` (host ints) are row
-    r's prompt length and real length; a pair's two rows share the prompt. ``tied``: the
-    ``TiedGradient`` of the batch these rows belong to (one of its own by default).
+    r's prompt length and real length; a pair's two rows share the prompt. ``paths``: the
+    speed paths (``tied_buffer`` among them; None: every one verified for the model), of which
+    the caller has checked ``shared_prompt``. ``tied``: the ``TiedGradient`` of the batch
+    these rows belong to (one of its own by default).
+
+    Completion token j of a pair whose prompt is shorter than the group's longest sits at
+    cache index ``P_max + j``, not at its position ``P_i + j``: the same masks wherever
+    attention depends on positions and the mask, and on cache indices only within a window
+    (sliding, local or chunked attention) that covers the whole group
+    (``shared_prompt_plan``'s ``window``).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    tied = tied or TiedGradient.of(model)
+    paths = verified_paths(model) if paths is None else paths
+    if tied is None and paths.tied_buffer:
+        tied = TiedGradient.of(model)
     device = input_ids.device
     n, width = input_ids.shape
     b = n // 2
@@ -130,11 +151,11 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     tokens = input_ids[order].gather(1, (start + steps).clamp(max=width - 1))  # [2B, C_max]
 
     prompt_cache = PromptCache()
-    prompt = decoder(**_tokens(input_ids[:b, :p_max], tied), use_cache=True,
+    prompt = decoder(**_tokens(model, input_ids[:b, :p_max], paths, tied), use_cache=True,
                      **{_CACHE_ARG: prompt_cache})
     seen = torch.cat([torch.arange(p_max, device=device)[None] < start,
                       torch.ones(2 * b, c_max, dtype=torch.bool, device=device)], dim=1)
-    out = decoder(**_tokens(tokens, tied), attention_mask=seen.long(),
+    out = decoder(**_tokens(model, tokens, paths, tied), attention_mask=seen.long(),
                   position_ids=start + steps, use_cache=True,
                   **{_CACHE_ARG: PrefixCache(prompt_cache, repeats=2)})
     last = prompt.last_hidden_state[torch.arange(b, device=device), torch.tensor(prompts, device=device) - 1]
@@ -190,8 +211,8 @@ class PrefixCache(DynamicCache):
 GROUP_COST_TOKENS = 192
 
 
-def shared_prompt_plan(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]
-                       ) -> tuple[list[list[int]], int]:
+def shared_prompt_plan(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...],
+                       window: int | None = None) -> tuple[list[list[int]], int]:
     """How ``rows_logps`` splits a batch of pairs for ``shared_prompt_logps``: groups of pair
     indices, and the tokens they run (each group: its prompts padded to the longest, then its
     completions padded to the longest).
@@ -199,7 +220,13 @@ def shared_prompt_plan(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, 
     Pairs are ordered by length and cut into consecutive groups by dynamic programming over
     the cut points, minimising tokens plus ``GROUP_COST_TOKENS`` per group: similar pairs run
     together, and a pair unlike the others (a long completion among short ones) runs apart
-    instead of padding the rest to its length. Depends on the lengths alone.
+    instead of padding the rest to its length. Depends on the lengths (and ``window``) alone.
+
+    ``window``: the model's smallest attention window (``Paths.window``). A group whose
+    prompts differ in length puts completions at cache indices past their positions, which a
+    window counted in cache indices would see differently; so such a group must fit its
+    longest prompt and longest completion within the window, where nothing is ever hidden by
+    it. A pair alone, or pairs with equal prompts, have cache indices equal to positions.
     """
     b = len(row_lengths) // 2
     prompts = prompt_lengths[:b]
@@ -210,6 +237,8 @@ def shared_prompt_plan(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, 
     for j in range(1, b + 1):
         for i in range(j):
             group = order[i:j]
+            if window is not None and not _fits_window(group, prompts, longest, window):
+                continue
             cost = (best[i] + len(group) * (max(prompts[k] for k in group)
                                             + 2 * max(longest[k] for k in group))
                     + GROUP_COST_TOKENS)
@@ -223,32 +252,42 @@ def shared_prompt_plan(prompt_lengths: tuple[int, ...], row_lengths: tuple[int, 
     return groups, best[b] - GROUP_COST_TOKENS * len(groups)
 
 
+def _fits_window(group: list[int], prompts: tuple[int, ...], longest: list[int],
+                 window: int) -> bool:
+    """Whether ``group``'s completions see through the window what they would in their own
+    rows: its prompts are all equal, or its widest cache (longest prompt + longest
+    completion) is within the window."""
+    if len({prompts[k] for k in group}) == 1:
+        return True
+    return max(prompts[k] for k in group) + max(longest[k] for k in group) <= window
+
+
 def _shared_plan_if_cheaper(input_ids: torch.Tensor, prompt_lengths: tuple[int, ...],
-                            row_lengths: tuple[int, ...]) -> tuple[list[list[int]], int] | None:
+                            row_lengths: tuple[int, ...], window: int | None = None
+                            ) -> tuple[list[list[int]], int] | None:
     """``shared_prompt_plan`` when it costs less than the padded rows (one group of calls),
     else None."""
-    groups, tokens = shared_prompt_plan(prompt_lengths, row_lengths)
+    groups, tokens = shared_prompt_plan(prompt_lengths, row_lengths, window)
     if tokens + GROUP_COST_TOKENS * len(groups) < input_ids.numel() + GROUP_COST_TOKENS:
         return groups, tokens
     return None
 
 
 def tokens_run(input_ids: torch.Tensor, prompt_lengths: tuple[int, ...],
-               row_lengths: tuple[int, ...], share_prompt: bool, packed: bool = False) -> int:
-    """Tokens ``rows_logps`` runs for this batch, padding included (``packed``: the model
-    packs its rows, ``packs_rows``)."""
-    if share_prompt and prompt_lengths:
-        plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
+               row_lengths: tuple[int, ...], paths: Paths) -> int:
+    """Tokens ``rows_logps`` runs for this batch on ``paths``, padding included."""
+    if paths.shared_prompt and prompt_lengths:
+        plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths, paths.window)
         if plan is not None:
             return plan[1]
-    if packed and row_lengths:
+    if paths.packed_rows and row_lengths:
         return sum(row_lengths)
     return input_ids.numel()
 
 
 def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
-                 prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 prompt_lengths: tuple[int, ...], row_lengths: tuple[int, ...],
+                 paths: Paths | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logps`` of right-padded rows run without their padding: the rows' real
     tokens concatenated into one sequence [1, sum of lengths], position ids restarting at 0
     for each row, and the rows' boundaries given to the attention as cumulative lengths
@@ -257,7 +296,7 @@ def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     Attention implementations without such a kernel get, from transformers, a block-diagonal
     causal mask built from the restarting positions: the same function, at the cost of
     attention over the whole concatenation, so ``rows_logps`` packs only where the kernel
-    exists (``packs_rows``).
+    exists (``Paths.packed_rows``).
 
     Completion token t of row r (``prompt_lengths[r] <= t < row_lengths[r]``, t >= 1) is
     predicted at the packed position of t - 1: the same positions and targets as the padded
@@ -275,8 +314,9 @@ def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
                              device=device)[None]
     cumulative = torch.tensor(starts, dtype=torch.int32, device=device)
     longest = max(row_lengths)
-    tied = TiedGradient.of(model)
-    out = decoder(**_tokens(ids, tied), position_ids=positions, use_cache=False,
+    paths = verified_paths(model) if paths is None else paths
+    tied = TiedGradient.of(model) if paths.tied_buffer else None
+    out = decoder(**_tokens(model, ids, paths, tied), position_ids=positions, use_cache=False,
                   cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative,
                   max_length_q=longest, max_length_k=longest)
     first = [max(prompt_lengths[r], 1) for r in range(n)]
@@ -290,68 +330,53 @@ def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     return logps, counts
 
 
-# Attention implementations (names containing one of these) whose kernels take variable-length
-# sequences as cumulative lengths: transformers' ``flash_attention_2``/``_3``, hub kernels such
-# as ``kernels-community/flash-attn``. Code registering its own such kernel with transformers'
-# ``AttentionInterface`` can add its name here.
-VARLEN_ATTENTION = ["flash"]
-
-
-def packs_rows(model: torch.nn.Module) -> bool:
-    """Whether ``rows_logps`` packs this model's rows (``packed_logps``): a decoder with a
-    plain output projection whose attention implementation runs variable-length sequences
-    without padding (``VARLEN_ATTENTION``)."""
-    implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
-    return (any(name in implementation for name in VARLEN_ATTENTION)
-            and supports_shared_prompt(model))
-
-
 def rows_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                completion_mask: torch.Tensor, prompt_lengths: tuple[int, ...] = (),
-               row_lengths: tuple[int, ...] = (), static_shapes: bool = False,
-               share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps [2B], counts [2B]) of a batch of pairs: with ``share_prompt`` (and a model and
-    backend that allow it), ``shared_prompt_logps`` over the groups of
-    ``shared_prompt_plan`` when they run fewer tokens than the padded rows; else
-    ``completion_logps``, packed without padding (``packed_logps``) where the model's attention
-    has a variable-length kernel (``packs_rows``). Every path computes the same function, and
-    the choice depends on the lengths and the model alone, so a batch is always scored the
-    same way."""
-    if share_prompt and prompt_lengths and not static_shapes and supports_shared_prompt(model):
-        plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths)
+               row_lengths: tuple[int, ...] = (), paths: Paths | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps [2B], counts [2B]) of a batch of pairs on ``paths`` (None: every path verified
+    for the model): with ``shared_prompt``, ``shared_prompt_logps`` over the groups of
+    ``shared_prompt_plan`` when they run fewer tokens than the padded rows; else with
+    ``packed_rows`` the rows packed without padding (``packed_logps``); else
+    ``completion_logps``. Every path computes the same function, and the choice depends on the
+    lengths and the paths alone, so a batch is always scored the same way."""
+    paths = verified_paths(model) if paths is None else paths
+    if paths.shared_prompt and prompt_lengths:
+        plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths, paths.window)
         if plan is not None:
-            return _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, plan[0])
-    if row_lengths and not static_shapes and packs_rows(model):
-        return packed_logps(model, input_ids, prompt_lengths, row_lengths)
-    return completion_logps(model, input_ids, attention_mask, completion_mask, static_shapes)
+            return _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, plan[0],
+                                         paths)
+    if paths.packed_rows and row_lengths:
+        return packed_logps(model, input_ids, prompt_lengths, row_lengths, paths)
+    return completion_logps(model, input_ids, attention_mask, completion_mask, paths)
 
 
-def backward_parts(batch: Batch, share_prompt: bool, static_shapes: bool = False) -> list[Batch]:
+def backward_parts(batch: Batch, paths: Paths) -> list[Batch]:
     """The parts of a training batch that can run forward and backward one after the other:
     the shared prompt's groups, when ``rows_logps`` would run the batch in several. Each group
     already has forward calls of its own, and per-pair losses make the batch's gradient the sum
     of its groups', so running each group's backward before the next group's forward leaves one
     group's activations alive at a time instead of all of them, for the same computation (each
-    part is scored by the very calls ``rows_logps`` makes for its group). Otherwise [batch].
-
-    The caller has checked that the model can share prompts (``supports_shared_prompt``)."""
-    if share_prompt and batch.prompt_lengths and not static_shapes:
-        plan = _shared_plan_if_cheaper(batch.input_ids, batch.prompt_lengths, batch.row_lengths)
+    part is scored by the very calls ``rows_logps`` makes for its group). Otherwise [batch]."""
+    if paths.shared_prompt and batch.prompt_lengths:
+        plan = _shared_plan_if_cheaper(batch.input_ids, batch.prompt_lengths, batch.row_lengths,
+                                       paths.window)
         if plan is not None and len(plan[0]) > 1:
             return [batch.select(group) for group in plan[0]]
     return [batch]
 
 
-def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups):
+def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups, paths):
     if len(groups) == 1:
-        return shared_prompt_logps(model, input_ids, prompt_lengths, row_lengths)
+        return shared_prompt_logps(model, input_ids, prompt_lengths, row_lengths, paths)
     parts, counts, index = [], [], []
-    tied = TiedGradient.of(model)  # one gradient buffer for all the groups
+    # one gradient buffer for all the groups
+    tied = TiedGradient.of(model) if paths.tied_buffer else None
     for group in groups:
         rows, width = pair_rows(group, row_lengths)  # as ``Batch.select`` takes a group
         logps, n = shared_prompt_logps(model, input_ids[rows, :width],
                                        tuple(prompt_lengths[r] for r in rows),
-                                       tuple(row_lengths[r] for r in rows), tied)
+                                       tuple(row_lengths[r] for r in rows), paths, tied)
         parts.append(logps)
         counts.append(n)
         index += rows
@@ -361,19 +386,11 @@ def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups)
             torch.zeros_like(where).index_add(0, where, torch.cat(counts)))
 
 
-def batch_logps(model: torch.nn.Module, batch: Batch, static_shapes: bool = False,
-                share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_logps(model: torch.nn.Module, batch: Batch, paths: Paths | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows_logps`` of a ``Batch``."""
     return rows_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                      batch.prompt_lengths, batch.row_lengths, static_shapes, share_prompt)
-
-
-def supports_shared_prompt(model: torch.nn.Module) -> bool:
-    """Whether ``shared_prompt_logps`` can run ``model``: a decoder that takes a key/value cache
-    and a plain linear output projection with nothing applied to the logits after it."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (hasattr(model, "get_decoder") and isinstance(head, torch.nn.Linear)
-            and not any(getattr(model.config, name, None) for name in _LOGIT_TRANSFORMS))
+                      batch.prompt_lengths, batch.row_lengths, paths)
 
 
 class TiedGradient:
@@ -400,19 +417,24 @@ class TiedGradient:
         self._buffer: torch.Tensor | None = None
         self._pending = 0  # lookups whose backward has yet to run
 
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> TiedGradient | None:
-        """One for a forward of ``model`` that will run backward, where its input embedding is
-        a plain ``nn.Embedding`` sharing its weight with a linear output projection; else None
-        (autograd sums the uses' gradients as usual)."""
+    @staticmethod
+    def applies(model: torch.nn.Module) -> bool:
+        """Whether the input embedding is a plain ``nn.Embedding`` sharing its weight with a
+        linear output projection."""
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if (type(embedding) is not torch.nn.Embedding or not isinstance(head, torch.nn.Linear)
-                or embedding.weight is not head.weight or not embedding.weight.requires_grad
-                or not torch.is_grad_enabled() or embedding.max_norm is not None
-                or embedding.scale_grad_by_freq or embedding.sparse):
+        return (type(embedding) is torch.nn.Embedding and isinstance(head, torch.nn.Linear)
+                and embedding.weight is head.weight and embedding.max_norm is None
+                and not embedding.scale_grad_by_freq and not embedding.sparse)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> TiedGradient | None:
+        """One for a forward of ``model`` that will run backward, where ``applies``; else None
+        (autograd sums the uses' gradients as usual)."""
+        if (not cls.applies(model) or not torch.is_grad_enabled()
+                or not model.get_input_embeddings().weight.requires_grad):
             return None
-        return cls(embedding)
+        return cls(model.get_input_embeddings())
 
     def buffer(self) -> torch.Tensor:
         """The float32 gradient buffer, zeros when first asked for."""
@@ -454,11 +476,17 @@ class _TiedLookup(torch.autograd.Function):
         return None, ctx.tied._add_rows(input_ids, grad), None
 
 
-def _tokens(input_ids: torch.Tensor, tied: TiedGradient | None) -> dict[str, torch.Tensor]:
-    """A decoder call's token argument: the ids, or with ``tied`` their embeddings."""
-    if tied is None:
+def _tokens(model: torch.nn.Module, input_ids: torch.Tensor, paths: Paths,
+            tied: TiedGradient | None) -> dict[str, torch.Tensor]:
+    """A decoder call's token argument: the ids, or on the ``tied_buffer`` path their
+    embeddings (through ``tied``'s lookup where a backward will run; the same values either
+    way, so scoring without a gradient takes the very path training does)."""
+    if not paths.tied_buffer:
         return {"input_ids": input_ids}
-    return {"inputs_embeds": tied.lookup(input_ids)}
+    if tied is not None:
+        return {"inputs_embeds": tied.lookup(input_ids)}
+    embedding = model.get_input_embeddings()
+    return {"inputs_embeds": F.embedding(input_ids, embedding.weight, embedding.padding_idx)}
 
 
 # Rows of logits alive at once in ``head_logps``: 1024 x a 50k vocabulary is 200 MB in float32.
@@ -577,7 +605,7 @@ def _masked_completion_logps(model, input_ids, attention_mask, completion_mask):
     return logps, targets_mask.sum(dim=1)
 
 
-def reference_completion_logps(model, input_ids, attention_mask, completion_mask):
+def reference_completion_logps(model, input_ids, attention_mask, completion_mask, paths=None):
     """``completion_logps`` under ``torch.no_grad`` for a frozen reference model."""
     with torch.no_grad():
-        return completion_logps(model, input_ids, attention_mask, completion_mask)
+        return completion_logps(model, input_ids, attention_mask, completion_mask, paths)

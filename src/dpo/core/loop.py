@@ -28,8 +28,10 @@ from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_d
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
 from dpo.core.flops import FlopCounter
+from dpo.core.dropout import disable_dropout  # noqa: F401  (part of this module's API)
 from dpo.core.logps import backward_parts, batch_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
+from dpo.core.paths import PLAIN, Paths
 from dpo.core.refcache import RefLogps
 from dpo.core.report import Reporter
 from dpo.core.stopping import Decision, StoppingPolicy
@@ -63,9 +65,9 @@ class Settings:
     dtype: torch.dtype
     batch_size: int
     eval_at_start: bool = True
-    share_prompt: bool = False  # each pair's prompt run once (``shared_prompt_logps``)
+    paths: Paths = PLAIN  # the policy's speed paths (``dpo.core.paths``)
+    ref_paths: Paths | None = None  # the reference model's (None: the policy's)
     backward_by_group: bool = False  # a micro-batch's shared-prompt groups one by one
-    packed: bool = False  # the model runs its rows packed (``dpo.core.logps.packs_rows``)
 
 
 @dataclass
@@ -103,26 +105,21 @@ class Outcome:
     restored_step: int | None = None  # final weights are those of this step's evaluation
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """DPO compares log-probs of two models; dropout would make both noisy and unequal."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 # -- one micro-batch ---------------------------------------------------------------------------
 
 def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
-               backend: Backend, dtype: torch.dtype, share_prompt: bool = False) -> PairLogps:
-    """Policy (with graph) and reference (without) log-probs of a batch's pairs; the
-    reference's come from the batch when it carries precomputed ones."""
+               backend: Backend, dtype: torch.dtype, paths: Paths = PLAIN,
+               ref_paths: Paths | None = None) -> PairLogps:
+    """Policy (with graph) and reference (without) log-probs of a batch's pairs, on their
+    speed paths (``ref_paths``: the policy's by default); the reference's come from the batch
+    when it carries precomputed ones."""
     b = batch.num_pairs
     with backend.autocast(dtype):
-        logps, counts = _logps(policy, batch, backend, share_prompt)
+        logps, counts = _logps(policy, batch, paths)
         ref = batch.ref_logps
         if ref is None and reference is not None:
             with torch.no_grad():
-                ref, _ = _logps(reference, batch, backend, share_prompt)
+                ref, _ = _logps(reference, batch, paths if ref_paths is None else ref_paths)
     return PairLogps(
         policy_chosen=logps[:b], policy_rejected=logps[b:],
         chosen_tokens=counts[:b], rejected_tokens=counts[b:],
@@ -131,14 +128,14 @@ def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch
     )
 
 
-def _logps(model: torch.nn.Module, batch: Batch, backend: Backend, share_prompt: bool
+def _logps(model: torch.nn.Module, batch: Batch, paths: Paths
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A DDP/FSDP-wrapped ``LogpsModel`` is called (its forward arms the collectives); a plain
-    Hugging Face model goes straight through ``completion_logps``."""
+    """A DDP/FSDP-wrapped ``LogpsModel`` is called (its forward arms the collectives, and it
+    holds the same paths); a plain Hugging Face model goes straight through ``batch_logps``."""
     if strat.is_logps_module(model):
         return model(batch.input_ids, batch.attention_mask, batch.completion_mask,
                      batch.prompt_lengths, batch.row_lengths)
-    return batch_logps(model, batch, backend.static_shapes, share_prompt)
+    return batch_logps(model, batch, paths)
 
 
 def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
@@ -186,7 +183,7 @@ def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
     """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
     return preference_metrics(t.policy, t.reference, t.tokenizer, t.loss, t.eval_pairs,
                               t.backend, t.device, settings.dtype, settings.batch_size, t.dist,
-                              t.ref_table, settings.share_prompt)
+                              t.ref_table, settings.paths, settings.ref_paths)
 
 
 def eval_batches(pairs: list[TokenizedPair], batch_size: int, dist: DistInfo
@@ -210,7 +207,8 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
                        loss: Loss, pairs: list[TokenizedPair], backend: Backend,
                        device: torch.device, dtype: torch.dtype, batch_size: int,
                        dist: DistInfo | None = None, ref_table: RefLogps | None = None,
-                       share_prompt: bool = False) -> dict[str, float]:
+                       paths: Paths = PLAIN, ref_paths: Paths | None = None
+                       ) -> dict[str, float]:
     """The loss and TRL-named metrics of ``policy`` against ``reference`` on ``pairs``, averaged
     over pairs (and ranks), under ``eval/`` names; empty when there are no pairs."""
     if not pairs:
@@ -229,7 +227,7 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
         for i, chunk in enumerate(batches):
             batch = collate(chunk, tokenizer.pad_token_id, pad_length=backend.padded_length,
                             ref=ref_table).to(device)
-            logps = pair_logps(policy, reference, batch, backend, dtype, share_prompt)
+            logps = pair_logps(policy, reference, batch, backend, dtype, paths, ref_paths)
             part = metric_sums(loss(logps), logps)
             if not (tail and i == len(batches) - 1) or dist.is_main:
                 count += batch.num_pairs
@@ -351,11 +349,11 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             for i, pairs in enumerate(micro):
                 whole = collate(pairs, t.tokenizer.pad_token_id,
                                 pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
-                parts = (backward_parts(whole, settings.share_prompt, t.backend.static_shapes)
+                parts = (backward_parts(whole, settings.paths)
                          if settings.backward_by_group else [whole])
                 for j, batch in enumerate(parts):
                     logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
-                                       settings.share_prompt)
+                                       settings.paths, settings.ref_paths)
                     out = t.loss(logps)
                     # Sum over the part divided by the step's pairs: the accumulated gradient
                     # is the gradient of the mean loss over the whole step, whatever the split.
@@ -367,7 +365,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                         (out.losses.sum() / step_pairs).backward()
                     _add(sums, metric_sums(out, logps))
                     real_tokens += batch.real_tokens
-                    padded_tokens += batch.tokens_run(settings.share_prompt, settings.packed)
+                    padded_tokens += batch.tokens_run(settings.paths)
                     if t.flops is not None:
                         step_flops += t.flops.train_step(
                             batch.row_lengths, batch.completion_tokens,

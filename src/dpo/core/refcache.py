@@ -14,10 +14,13 @@ log-probs of the chosen and of the rejected completion:
 - ``logps``: float32 [N, 2], the chosen and rejected log-probs.
 - metadata: ``format`` ("dpo-ref-logps"), ``version``, ``model_digest`` (BLAKE2b of the
   reference's parameter names, shapes, dtypes and values), ``dtype`` (the compute dtype),
-  ``model`` (where the weights came from, for people), ``device``.
+  ``paths`` (the speed paths that scored them, ``dpo.core.paths``), ``model`` (where the
+  weights came from, for people), ``device``.
 
-A file made with other weights, another compute dtype or another format version is stale: it is
-rebuilt (and the run says so), never read.
+A file made with other weights, another compute dtype or another format version is stale, and
+so is one scored on a speed path that is not exact for this model (found wrong after the file
+was made: by a newer architecture table, or by the check on real data): it is rebuilt (and the
+run says so), never read. Format version 1 files did not record their paths: rebuilt.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from dpo.core.models import cache_dir
 
 if TYPE_CHECKING:
     from dpo.core.backend import Backend
+    from dpo.core.paths import Paths
     from dpo.core.tokenization import TokenizedPair
 
 FORMAT = "dpo-ref-logps"
-VERSION = "1"
+VERSION = "2"
 SUFFIX = ".safetensors"
 
 
@@ -139,20 +143,30 @@ def write(path: Path, table: RefLogps) -> None:
         raise
 
 
-def stale_reason(table: RefLogps, digest: str, dtype: str) -> str | None:
-    """Why ``table`` cannot serve this reference, or None when it can."""
+def recorded_paths(table: RefLogps) -> list[str]:
+    """The speed paths that scored ``table``."""
+    return [name for name in table.meta.get("paths", "").split(",") if name]
+
+
+def stale_reason(table: RefLogps, digest: str, dtype: str,
+                 trusted: frozenset[str] | None = None) -> str | None:
+    """Why ``table`` cannot serve this reference, or None when it can. ``trusted``: the speed
+    paths exact for this reference model (None: any)."""
     if table.meta.get("version") != VERSION:
         return f"format version {table.meta.get('version')!r}, not {VERSION}"
     if table.model_digest != digest:
         return "made with other reference weights"
     if table.dtype != dtype:
         return f"computed in {table.dtype}, not {dtype}"
+    wrong = [name for name in recorded_paths(table) if trusted is not None and name not in trusted]
+    if wrong:
+        return f"scored on the {', '.join(wrong)} path, not exact for this model"
     return None
 
 
 def compute(model: torch.nn.Module, batches: list[list[TokenizedPair]], *, backend: Backend,
-            device: torch.device, dtype: torch.dtype, pad_token_id: int,
-            share_prompt: bool = False, progress: Callable[[int], None] | None = None
+            device: torch.device, dtype: torch.dtype, pad_token_id: int, paths: Paths,
+            progress: Callable[[int], None] | None = None
             ) -> dict[bytes, tuple[float, float]]:
     """The reference log-probs of the pairs of ``batches``, scored batch by batch under no_grad
     and the run's autocast. Given the batches training will see first, each pair is scored in
@@ -169,7 +183,7 @@ def compute(model: torch.nn.Module, batches: list[list[TokenizedPair]], *, backe
             for chunk in batches:
                 batch = collate(chunk, pad_token_id, pad_length=backend.padded_length).to(device)
                 with backend.autocast(dtype):
-                    logps, _ = batch_logps(model, batch, backend.static_shapes, share_prompt)
+                    logps, _ = batch_logps(model, batch, paths)
                 backend.materialize()
                 values = logps.float().cpu().tolist()
                 b = len(chunk)
@@ -184,7 +198,7 @@ def compute(model: torch.nn.Module, batches: list[list[TokenizedPair]], *, backe
 
 def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[TokenizedPair]], *,
            backend: Backend, device: torch.device, dtype: torch.dtype, pad_token_id: int,
-           describe: str = "", share_prompt: bool = False,
+           paths: Paths, trusted: frozenset[str] | None = None, describe: str = "",
            share: Callable[[dict], dict] | None = None,
            is_main: bool = True, info: Callable[[str], None] = lambda _: None,
            progress: Callable[[int], None] | None = None) -> tuple[RefLogps, Path, int]:
@@ -193,14 +207,15 @@ def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[Tokeniz
     pairs already known) and the file updated; a stale file is rebuilt. Returns the table, its
     file and how many pairs were computed (over all processes).
 
-    ``share`` spreads the work over processes: each scores its own batches and ``share``
-    merges every rank's values.
+    ``paths``: the speed paths to score on; ``trusted``: those exact for this model, so that a
+    file scored on another is rebuilt. ``share`` spreads the work over processes: each scores
+    its own batches and ``share`` merges every rank's values.
     """
     digest = model_digest(model)
     dtype_name = str(dtype).removeprefix("torch.")
     path = path or default_path(digest, dtype)
     table = read(path) if path.is_file() else None
-    if table is not None and (reason := stale_reason(table, digest, dtype_name)):
+    if table is not None and (reason := stale_reason(table, digest, dtype_name, trusted)):
         info(f"reference log-probs: {path} is stale ({reason}); rebuilding it")
         table = None
     table = table or RefLogps(digest, dtype_name, {}, {})
@@ -218,12 +233,14 @@ def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[Tokeniz
          + (f", {count - len(scheduled)} read from {path}" if len(scheduled) < count else "")
          + "; the reference model is then not kept in memory")
     new = compute(model, todo, backend=backend, device=device, dtype=dtype,
-                  pad_token_id=pad_token_id, share_prompt=share_prompt, progress=progress)
+                  pad_token_id=pad_token_id, paths=paths, progress=progress)
     if share is not None:
         new = share(new)
     if new:
         table.values.update(new)
-        table.meta.update({"model": describe, "device": backend.describe()})
+        used = set(recorded_paths(table)) | set(paths.used())  # every path behind the values
+        table.meta.update({"model": describe, "device": backend.describe(),
+                           "paths": ",".join(sorted(used))})
         if is_main:
             write(path, table)
     return table, path, len(new)

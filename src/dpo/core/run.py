@@ -51,7 +51,9 @@ from dpo.core.loop import (
     eval_batches,
     train,
 )
-from dpo.core.logps import packs_rows
+from dpo.core import paths as speed
+from dpo.core.batching import collate
+from dpo.core.paths import Paths
 from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
 from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
@@ -261,9 +263,17 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     if sharded:
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
 
-    share_prompt = resolve_share_prompt(config, backend, model, dist)
-    # As rows_logps decides: rows the shared prompt does not take run packed where it can.
-    packed = not backend.static_shapes and packs_rows(model)
+    paths = resolve_paths(config, backend, model, dist)
+    if (config.gradient_checkpointing and not paths.layer_checkpointing
+            and not getattr(model, "supports_gradient_checkpointing", False)):
+        raise UsageError(f"--gradient-checkpointing: {type(model).__name__} supports no "
+                         "activation checkpointing (transformers' own or ours: "
+                         f"{paths.reasons().get('layer_checkpointing')}); run without it")
+    ref_paths = None
+    if reference is not None and config.ref_model:
+        ref_paths = resolve_paths(config, backend, reference, dist)
+    elif ref_source is not None and ref_source is not model:
+        ref_paths = resolve_paths(config, backend, ref_source, dist)
 
     # Nothing is written above this line.
     strat.barrier(dist)  # every rank has checked its input
@@ -279,6 +289,15 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
             m.to(device)
             backend.configure_model(m)  # before the optimizer sees the parameters
     sampler = make_sampler(train_pairs, config, dist)
+    # Before anything is scored: the paths' log-probs against the plain path's, on real pairs.
+    check_pairs = first_check_pairs(train_pairs, config, dist)
+    paths, checked = check_paths(model, paths, check_pairs, backend, device,
+                                 tokenizer.pad_token_id, dist, reporter, "policy")
+    ref_checked = None
+    if ref_paths is not None:
+        scorer = reference if reference is not None else ref_source
+        ref_paths, ref_checked = check_paths(scorer, ref_paths, check_pairs, backend, device,
+                                             tokenizer.pad_token_id, dist, reporter, "reference")
     ref_table = ref_path = None
     ref_record = None
 
@@ -289,7 +308,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
             scorer, first_batches(train_pairs, eval_pairs, sampler, config, dist),
             config, backend, device, dtype,
             tokenizer.pad_token_id, dist, reporter,
-            describe=sources.get("ref_model", sources["model"]), share_prompt=share_prompt)
+            describe=sources.get("ref_model", sources["model"]),
+            paths=paths if ref_paths is None else ref_paths)
         ref_record = {"file": str(ref_path), "pairs_scored": computed,
                       "seconds": round(time.perf_counter() - started, 3)}
 
@@ -301,11 +321,12 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         score_reference(ref_source)
         ref_source = None  # the reference's weights go now (a separate copy only on resume)
         gc.collect()
-    if (config.gradient_checkpointing
-            and not checkpoint_layers(model, on_replay=backend.release_memory)):
-        # No decoder layers to find: transformers' own (which turns the key/value cache off,
-        # so resolve_share_prompt left the shared prompt off). Non-reentrant: works with inputs
-        # that need no grad and under DDP/FSDP. transformers renamed the method (5.24).
+    if config.gradient_checkpointing and paths.layer_checkpointing:
+        checkpoint_layers(model, on_replay=backend.release_memory)
+    elif config.gradient_checkpointing:
+        # Ours is not verified for this model: transformers' own (which turns the key/value
+        # cache off, so resolve_paths left the shared prompt off). Non-reentrant: works with
+        # inputs that need no grad and under DDP/FSDP. transformers renamed the method (5.24).
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -316,12 +337,9 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
             layer.compile()
     if dist.world_size > 1:
         # Wrapped before the optimizer is built: FSDP2 replaces the parameters by shards.
-        static = backend.static_shapes
-        reference = strat.wrap_reference(reference, config.strategy, dist, static)
-        trained = strat.wrap_policy(model, config.strategy, dist, device, static)
-        for wrapped in (trained, reference):
-            if wrapped is not None and strat.is_logps_module(wrapped):
-                getattr(wrapped, "module", wrapped).share_prompt = share_prompt
+        reference = strat.wrap_reference(reference, config.strategy, dist,
+                                         paths if ref_paths is None else ref_paths)
+        trained = strat.wrap_policy(model, config.strategy, dist, device, paths)
     else:
         trained = model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -364,8 +382,11 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                                  **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
                      "models": sources,
                      "reference": describe_reference(config, loss.requires_reference, ref_path),
-                     "reference_logps": ref_record, "share_prompt": share_prompt,
-                     "packed_rows": packed,
+                     "reference_logps": ref_record, "share_prompt": paths.shared_prompt,
+                     "packed_rows": paths.packed_rows,
+                     "paths": {**paths.record(), "check": checked.record()},
+                     "reference_paths": (None if ref_paths is None else
+                                         {**ref_paths.record(), "check": ref_checked.record()}),
                      "memory": memory_note},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
@@ -388,13 +409,13 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                         max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,
                         dtype=dtype, batch_size=config.batch_size,
-                        eval_at_start=config.eval_at_start, share_prompt=share_prompt,
+                        eval_at_start=config.eval_at_start, paths=paths, ref_paths=ref_paths,
                         # Measured on the vs-TRL batches: group by group lowers the peak
                         # without checkpointing (4.23 -> 4.09 GiB) but raises it with it
                         # (2.98 -> 3.34 GiB: the checkpoints are small, and interleaving
                         # the groups' passes spreads the heap), so only without.
-                        backward_by_group=share_prompt and not config.gradient_checkpointing,
-                        packed=packed)
+                        backward_by_group=(paths.shared_prompt
+                                           and not config.gradient_checkpointing))
     try:
         outcome = train(trainee, settings, state, reporter, on_save=on_save)
     except DpoError as exc:
@@ -437,28 +458,56 @@ def check_compile(device: torch.device) -> None:
                          "install what it names, or run without --compile") from None
 
 
-def resolve_share_prompt(config: RunConfig, backend: Backend, model: torch.nn.Module,
-                         dist: DistInfo | None = None) -> bool:
-    """``--share-prompt``: on where asked for or where the backend gains from it, unless
-    something rules it out (refused with the reason when it was asked for)."""
-    from dpo.core.logps import supports_shared_prompt
-
-    if config.share_prompt is False:
-        return False
+def resolve_paths(config: RunConfig, backend: Backend, model: torch.nn.Module,
+                  dist: DistInfo | None = None) -> Paths:
+    """The speed paths ``model`` takes in this run (``dpo.core.paths``): those verified for
+    it, less what the run's options and the backend rule out. ``--share-prompt`` asked for
+    where it cannot run is refused, with the reason."""
     dist = dist or DistInfo()
-    reason = None
-    if backend.static_shapes:
-        reason = f"backend {backend.name!r} compiles static shapes"
-    elif dist.world_size > 1 and config.strategy == "fsdp":
-        reason = "under --strategy fsdp every rank must run the same forward calls"
-    elif config.gradient_checkpointing and decoder_layers_of(model) is None:
-        reason = (f"--gradient-checkpointing cannot find the decoder layers of "
-                  f"{type(model).__name__} and runs it without its key/value cache")
-    elif not supports_shared_prompt(model):
-        reason = f"{type(model).__name__} has no plain linear output projection and decoder"
-    if reason and config.share_prompt:
+    result = speed.resolve(model, static_shapes=backend.static_shapes,
+                           share_prompt=config.share_prompt,
+                           share_prompt_default=backend.share_prompt_default,
+                           gradient_checkpointing=config.gradient_checkpointing,
+                           sharded=dist.world_size > 1 and config.strategy == "fsdp",
+                           backend_name=backend.name)
+    if config.share_prompt and not result.shared_prompt:
+        reason = result.reasons().get("shared_prompt", "not available")
         raise UsageError(f"--share-prompt: {reason}; use --no-share-prompt")
-    return reason is None and (config.share_prompt or backend.share_prompt_default)
+    return result
+
+
+def first_check_pairs(train_pairs: list[TokenizedPair], config: RunConfig, dist: DistInfo
+                      ) -> list[TokenizedPair]:
+    """The pairs ``check_paths`` scores: the start of the first batch of the run (rank 0's,
+    so that every rank checks the same pairs and decides alike)."""
+    sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
+                           shuffle=config.shuffle, group_by_length=config.group_by_length,
+                           rank=0, world_size=dist.world_size)
+    return [train_pairs[i] for i in sampler.batches(0)[0][:speed.CHECK_PAIRS]]
+
+
+def check_paths(model: torch.nn.Module, paths: Paths, pairs: list[TokenizedPair],
+                backend: Backend, device: torch.device, pad_token_id: int, dist: DistInfo,
+                reporter: Reporter, label: str) -> tuple[Paths, speed.CheckReport]:
+    """``dpo.core.paths.check`` on ``pairs``, said in the log (``label``: "policy", whose
+    paths are checked as training runs it, or "reference"); under several processes a path
+    stays on only where every rank found it exact."""
+    batch = collate(pairs, pad_token_id, pad_length=backend.padded_length).to(device)
+    checked, report = speed.check(model, batch, paths, training=label == "policy")
+    if dist.world_size > 1:
+        parts: list[Any] = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, checked.used())
+        agreed = set.intersection(*(set(p) for p in parts))
+        dropped = [name for name in checked.used() if name not in agreed]
+        if dropped:
+            checked = checked.without(dropped, "another process found it inexact")
+    for name, difference in report.turned_off.items():
+        reporter.warn(f"{label}: speed path {name} turned off: its log-probs differed from the "
+                      f"plain path's by {difference:.3g} nats on {report.pairs} pairs")
+    reporter.info(f"{label} {checked.describe()}"
+                  + (f"; checked against the plain path on {report.pairs} pairs in "
+                     f"{report.seconds:.2f} s" if paths.used() else ""))
+    return checked, report
 
 
 def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None) -> str:
@@ -492,7 +541,7 @@ def precompute_reference(model: torch.nn.Module, batches: list[list[TokenizedPai
                          config: RunConfig,
                          backend: Backend, device: torch.device, dtype: torch.dtype,
                          pad_token_id: int, dist: DistInfo, reporter: Reporter,
-                         describe: str = "", share_prompt: bool = False
+                         describe: str = "", paths: Paths = speed.PLAIN
                          ) -> tuple[RefLogps, Path, int]:
     """The reference log-probs of the pairs of ``batches`` (this rank's) from
     ``config.ref_logps`` (or the cache), the missing ones computed by ``model``; the ranks'
@@ -509,8 +558,9 @@ def precompute_reference(model: torch.nn.Module, batches: list[list[TokenizedPai
     with reporter.task("reference", sum(len(b) for b in batches)) as advance:
         table, path, computed = refcache.ensure(
             path, model, batches, backend=backend, device=device, dtype=dtype,
-            pad_token_id=pad_token_id, describe=describe,
-            share_prompt=share_prompt, share=share, is_main=dist.is_main, info=reporter.info, progress=advance)
+            pad_token_id=pad_token_id, describe=describe, paths=paths,
+            trusted=frozenset(speed.trusted(model, paths)), share=share, is_main=dist.is_main,
+            info=reporter.info, progress=advance)
     strat.barrier(dist)  # the file is complete before any rank goes on
     return table, path, computed
 
@@ -565,12 +615,15 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     batches = first_batches(train_pairs, eval_pairs, make_sampler(train_pairs, config, DistInfo()),
                             config, DistInfo())
     pairs = train_pairs + eval_pairs
+    paths, _ = check_paths(model, resolve_paths(config, backend, model),
+                           first_check_pairs(train_pairs, config, DistInfo()), backend, device,
+                           tokenizer.pad_token_id, DistInfo(), reporter, "reference")
     started = time.perf_counter()
     table, path, computed = precompute_reference(model, batches, config, backend, device, dtype,
                                                  tokenizer.pad_token_id, DistInfo(), reporter,
-                                                 describe,
-                                                 resolve_share_prompt(config, backend, model))
+                                                 describe, paths)
     return {"path": str(path), "pairs": len(pairs), "computed": computed,
             "pairs_in_file": len(table.values), "reference": describe, "dtype": table.dtype,
+            "paths": paths.used(),
             "model_digest": table.model_digest,
             "seconds": round(time.perf_counter() - started, 3)}

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from dpo.core.activations import decoder_layers_of
 from dpo.core.distributed import DistInfo
 from dpo.core.errors import UsageError
+from dpo.core.paths import Paths
 
 STRATEGIES = ("ddp", "fsdp")
 # How long a rank waits in a collective for the others (seconds); a dead peer is normally
@@ -41,11 +42,10 @@ class LogpsModel(torch.nn.Module):
     """``forward(input_ids, attention_mask, completion_mask) -> (logps [N], counts [N])``
     around a causal LM; its parameters are the LM's."""
 
-    def __init__(self, lm: torch.nn.Module, static_shapes: bool = False):
+    def __init__(self, lm: torch.nn.Module, paths: Paths):
         super().__init__()
         self.lm = lm
-        self.static_shapes = static_shapes
-        self.share_prompt = False  # set by the run: ``dpo.core.logps.shared_prompt_logps``
+        self.paths = paths  # the speed paths of the run (``dpo.core.paths``)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor, prompt_lengths: tuple[int, ...] = (),
@@ -53,7 +53,7 @@ class LogpsModel(torch.nn.Module):
         from dpo.core.logps import rows_logps
 
         return rows_logps(self.lm, input_ids, attention_mask, completion_mask, prompt_lengths,
-                          row_lengths, self.static_shapes, self.share_prompt)
+                          row_lengths, self.paths)
 
 
 def is_logps_module(module: torch.nn.Module) -> bool:
@@ -94,12 +94,12 @@ def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def wrap_policy(lm: torch.nn.Module, strategy: str, info: DistInfo, device: torch.device,
-                static_shapes: bool = False) -> torch.nn.Module:
+                paths: Paths) -> torch.nn.Module:
     """The policy as the loop calls it: ``lm`` itself for one process, else a wrapped
     ``LogpsModel`` around it."""
     if info.world_size <= 1:
         return lm
-    module = LogpsModel(lm, static_shapes)
+    module = LogpsModel(lm, paths)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -115,11 +115,11 @@ def wrap_policy(lm: torch.nn.Module, strategy: str, info: DistInfo, device: torc
 
 
 def wrap_reference(lm: torch.nn.Module | None, strategy: str, info: DistInfo,
-                   static_shapes: bool = False) -> torch.nn.Module | None:
+                   paths: Paths) -> torch.nn.Module | None:
     """The frozen reference: a full copy per rank under DDP, sharded like the policy under FSDP."""
     if lm is None or info.world_size <= 1 or strategy == "ddp":
         return lm
-    return _fully_shard(LogpsModel(lm, static_shapes))
+    return _fully_shard(LogpsModel(lm, paths))
 
 
 def _fully_shard(module: LogpsModel) -> torch.nn.Module:

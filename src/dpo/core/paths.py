@@ -1,0 +1,375 @@
+"""Which speed paths the log-prob computation takes for a model, and why the others are off.
+
+The **plain path** is the textbook computation: each sequence alone through the model's own
+forward (no padding, no other rows beside it), full ``[T, V]`` logits, log-softmax, the
+completion tokens' log-probs summed. Whatever a model does in its forward, the plain path does
+too, so it is right for every model that runs on token ids.
+
+A **speed path** computes the same function faster or in less memory, by calling parts of the
+model itself. Each one needs something of the model that the plain path does not, and is used
+only where that is proven:
+
+| path | what it does | what it needs of the model |
+|---|---|---|
+| ``batched`` | runs a batch's rows together, right-padded, with the attention mask (what most trainers do) | a real token's output depends neither on the padding nor on the other rows |
+| ``unmasked`` | runs right-padded rows without the attention mask (the kernel's causal path) | a real token's output never depends on the padding after it |
+| ``chunked_head`` | runs the decoder, then the output projection on completion positions only, in chunks (``head_logps``) | the logits are exactly ``head(decoder(ids).last_hidden_state)``: nothing between the two, nothing after the head |
+| ``tied_buffer`` | one float32 gradient buffer for a tied input embedding and output projection (``TiedGradient``) | the decoder given ``inputs_embeds = embedding(ids)`` computes what it computes from ``ids`` |
+| ``shared_prompt`` | each pair's prompt once, both completions on its keys and values (``shared_prompt_logps``) | a plain key/value cache, and attention that places tokens by their position ids and mask, not by their index in the cache (within ``window`` of each other) |
+| ``packed_rows`` | rows' real tokens in one sequence, for a variable-length attention kernel (``packed_logps``) | every attention layer keeps the rows apart by the cumulative lengths |
+| ``layer_checkpointing`` | our own per-decoder-layer activation checkpointing, which keeps the key/value cache (``dpo.core.activations``) | decoder layers that can be found and that compute the same when replayed |
+
+"Proven" has three layers:
+
+1. **Verified architectures** (``dpo.core.verified``): for each model type of transformers,
+   the paths that the architecture test (``tests/test_architectures.py``) shows equal to a
+   naive computation, on tiny random models of every causal-LM architecture transformers
+   ships, tied and untied, with and without a small sliding window, with and without logit
+   scaling. A path is on only for a model whose class is transformers' own class for a listed
+   type: an unknown architecture, remote code or a subclass gets the plain path.
+2. **What the model declares**: each verified type names the config attributes that set its
+   attention windows (shared-prompt groups are kept within the smallest window, where cache
+   indices and positions give the same masks), and those that must keep their neutral value
+   for the head to be plain (``neutral_head``) or for ``inputs_embeds`` to be what the model
+   makes of ids (``neutral_embedding``).
+3. **A check on real data** (``check``): before the first step, the paths' log-probs of one
+   small batch are compared with the plain path's; a path that differs is turned off, with a
+   line in the log and in ``run.json``. That catches config values no test has seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from dpo.core.batching import Batch
+
+SPEED_PATHS = ("batched", "unmasked", "chunked_head", "tied_buffer", "shared_prompt",
+               "packed_rows", "layer_checkpointing")
+
+# What each path builds on: a path is on only with these on too.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "unmasked": ("batched",),
+    "tied_buffer": ("chunked_head",),
+    "shared_prompt": ("chunked_head", "unmasked"),
+    "packed_rows": ("chunked_head", "batched"),
+}
+
+# Attention implementations (names containing one of these) whose kernels take variable-length
+# sequences as cumulative lengths: transformers' ``flash_attention_2``/``_3``, hub kernels such
+# as ``kernels-community/flash-attn``. Code registering its own such kernel with transformers'
+# ``AttentionInterface`` can add its name here.
+VARLEN_ATTENTION = ["flash"]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The speed paths one model runs on (all off: the plain path), and why the others are off.
+
+    ``window``: the smallest attention window of the model (sliding, local or chunked
+    attention), or None; shared-prompt groups then keep every token within it.
+    ``static_shapes``: shapes must not depend on values (XLA): the batch's padded rows run
+    together with their mask, every position scored and masked, and no other path is on.
+    """
+
+    batched: bool = False
+    unmasked: bool = False
+    chunked_head: bool = False
+    tied_buffer: bool = False
+    shared_prompt: bool = False
+    packed_rows: bool = False
+    layer_checkpointing: bool = False
+    static_shapes: bool = False
+    window: int | None = None
+    off: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    inexact: frozenset[str] = frozenset()  # turned off by ``check``: found wrong on real data
+
+    def used(self) -> list[str]:
+        return [name for name in SPEED_PATHS if getattr(self, name)]
+
+    def reasons(self) -> dict[str, str]:
+        return dict(self.off)
+
+    def without(self, names: list[str] | tuple[str, ...], reason: str) -> Paths:
+        """These paths (and those built on them) off, each with ``reason``."""
+        drop = set(names)
+        changed = True
+        while changed:  # a path needing one that is dropped goes too
+            changed = False
+            for path, needs in NEEDS.items():
+                if path not in drop and getattr(self, path) and drop & set(needs):
+                    drop.add(path)
+                    changed = True
+        off = dict(self.off)
+        for name in SPEED_PATHS:
+            if name in drop and getattr(self, name):
+                off[name] = reason if name in names else f"needs {', '.join(sorted(drop & set(NEEDS[name])))}, off: {reason}"
+        return dataclasses.replace(self, off=tuple(off.items()),
+                                   **{name: False for name in drop if name in SPEED_PATHS})
+
+    def describe(self) -> str:
+        """One line for the log."""
+        used = ", ".join(self.used()) or "none (the plain path)"
+        line = f"speed paths: {used}"
+        if self.window is not None and self.shared_prompt:
+            line += f" (shared-prompt groups within the attention window of {self.window})"
+        return line
+
+    def record(self) -> dict[str, Any]:
+        """For ``run.json`` and the reference log-prob file's metadata."""
+        return {"used": self.used(), "off": self.reasons(), "window": self.window,
+                "static_shapes": self.static_shapes}
+
+
+PLAIN = Paths()
+
+
+# -- what a model is ---------------------------------------------------------------------------
+
+def architecture(model: torch.nn.Module) -> tuple[str | None, str | None]:
+    """(model type, None) when ``model`` is transformers' own causal-LM class for its config's
+    model type, else (None, why not): remote code, a subclass, an unknown type."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    cls = type(model)
+    if not model_type:
+        return None, f"{cls.__name__} has no Hugging Face config"
+    if not cls.__module__.startswith("transformers.models."):
+        return None, (f"{cls.__name__} comes from {cls.__module__.split('.')[0]}, not from "
+                      "transformers (remote code or a custom class): not verified")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if expected != cls.__name__:
+        return None, (f"{cls.__name__} is not transformers' causal LM for model type "
+                      f"{model_type!r} ({expected or 'none'}): not verified")
+    return model_type, None
+
+
+def _config_value(config: Any, name: str) -> Any:
+    """``config.name``, looked up in the text config of a composite config too."""
+    for part in (config, getattr(config, "text_config", None)):
+        if part is not None and hasattr(part, name):
+            return getattr(part, name)
+    return None
+
+
+def attention_window(config: Any, names: tuple[str, ...]) -> int | None:
+    """The smallest positive window among these config attributes (ints, or lists of ints per
+    layer), or None where none is set."""
+    windows = []
+    for name in names:
+        value = _config_value(config, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        windows += [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(windows) if windows else None
+
+
+def _differs(value: Any, neutral: Any) -> bool:
+    numbers = (int, float)
+    if (isinstance(neutral, numbers) and isinstance(value, numbers)
+            and not isinstance(value, bool) and not isinstance(neutral, bool)):
+        return not math.isclose(float(value), float(neutral))
+    return value != neutral
+
+
+def verified_paths(model: torch.nn.Module) -> Paths:
+    """Every speed path this model may take, whatever the run asks (``resolve`` then applies
+    the run's options and the backend)."""
+    from dpo.core.activations import decoder_layers_of
+    from dpo.core.verified import VERIFIED
+
+    model_type, why = architecture(model)
+    arch = VERIFIED.get(model_type) if model_type else None
+    if model_type and arch is None:
+        why = f"model type {model_type!r} is not among the verified architectures"
+    off: dict[str, str] = {}
+    on: dict[str, bool] = {}
+    for name in SPEED_PATHS:
+        if arch is None:
+            off[name] = why or "not verified"
+        elif name not in arch.paths:
+            off[name] = f"not exact on {model_type} (tests/test_architectures.py)"
+        else:
+            on[name] = True
+    window = attention_window(model.config, arch.window) if arch else None
+    if arch is not None:
+        config = model.config
+        for name, neutral in arch.neutral_head:
+            value = _config_value(config, name)
+            if value is not None and _differs(value, neutral):
+                for path in ("chunked_head", "tied_buffer", "shared_prompt", "packed_rows"):
+                    if on.pop(path, False):
+                        off[path] = (f"config {name} = {value!r} changes the logits after the "
+                                     f"head (verified at {neutral!r} only)")
+        for name, neutral in arch.neutral_embedding:
+            value = _config_value(config, name)
+            if value is not None and _differs(value, neutral) and on.pop("tied_buffer", False):
+                off["tied_buffer"] = (f"config {name} = {value!r} scales embeddings made from "
+                                      f"ids only (verified at {neutral!r} only)")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if on.get("chunked_head") and (not isinstance(head, torch.nn.Linear) or decoder is None
+                                   or decoder is model):
+        on.pop("chunked_head")
+        off["chunked_head"] = "no linear output projection apart from a decoder"
+    if on.get("tied_buffer"):
+        from dpo.core.logps import TiedGradient
+
+        if not TiedGradient.applies(model):
+            on.pop("tied_buffer")
+            off["tied_buffer"] = "input embedding and output projection are not one plain weight"
+    if on.get("layer_checkpointing") and decoder_layers_of(model) is None:
+        on.pop("layer_checkpointing")
+        off["layer_checkpointing"] = "no decoder layers to find"
+    if on.get("packed_rows") and not has_varlen_attention(model):
+        on.pop("packed_rows")
+        implementation = getattr(model.config, "_attn_implementation", None)
+        off["packed_rows"] = f"attention {implementation!r} has no variable-length kernel"
+    paths = Paths(window=window, off=tuple(off.items()), **on)
+    missing = [name for name in SPEED_PATHS if getattr(paths, name)
+               and any(not getattr(paths, need) for need in NEEDS.get(name, ()))]
+    return paths.without(missing, "needs a path that is off") if missing else paths
+
+
+def has_varlen_attention(model: torch.nn.Module) -> bool:
+    implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
+    return any(name in implementation for name in VARLEN_ATTENTION)
+
+
+def resolve(model: torch.nn.Module, *, static_shapes: bool = False,
+            share_prompt: bool | None = None, share_prompt_default: bool = False,
+            gradient_checkpointing: bool = False, sharded: bool = False,
+            backend_name: str = "") -> Paths:
+    """The paths a run takes: the model's verified ones, less what the run's options and the
+    backend rule out. ``share_prompt``: the flag (None: ``share_prompt_default``, the
+    backend's preference). ``sharded``: FSDP, where every rank must make the same calls."""
+    paths = verified_paths(model)
+    if static_shapes:
+        reason = f"backend {backend_name!r} compiles static shapes"
+        return dataclasses.replace(paths.without(list(SPEED_PATHS), reason), static_shapes=True)
+    if share_prompt is False:
+        paths = paths.without(["shared_prompt"], "--no-share-prompt")
+    elif share_prompt is None and not share_prompt_default and paths.shared_prompt:
+        paths = paths.without(["shared_prompt"], f"off by default on backend {backend_name!r}; "
+                              "--share-prompt turns it on")
+    if sharded and paths.shared_prompt:
+        paths = paths.without(["shared_prompt"], "under --strategy fsdp every rank must run "
+                              "the same forward calls")
+    if gradient_checkpointing and not paths.layer_checkpointing and paths.shared_prompt:
+        paths = paths.without(["shared_prompt"], "transformers' own activation checkpointing "
+                              "turns the key/value cache off")
+    if not gradient_checkpointing and paths.layer_checkpointing:
+        paths = paths.without(["layer_checkpointing"], "no --gradient-checkpointing")
+    return paths
+
+
+def trusted(model: torch.nn.Module, paths: Paths) -> set[str]:
+    """The speed paths exact for ``model``, whether this run takes them or not: verified for
+    it, and not found wrong by ``check`` (``paths``' findings)."""
+    return set(verified_paths(model).used()) - paths.inexact
+
+
+# -- the check on real data --------------------------------------------------------------------
+
+# Summed log-probs of a completion agree within this between two exact paths in float32
+# (different kernels sum in different orders: 1e-7 relative on SmolLM2's completions); the
+# errors this check exists for are nats.
+CHECK_RTOL = 1e-4
+CHECK_ATOL = 1e-3
+CHECK_PAIRS = 4
+
+
+@dataclass
+class CheckReport:
+    pairs: int = 0
+    max_difference: float = 0.0
+    seconds: float = 0.0
+    turned_off: dict[str, float] = field(default_factory=dict)  # path -> its difference
+
+    def record(self) -> dict[str, Any]:
+        return {"pairs": self.pairs, "max_difference": self.max_difference,
+                "seconds": round(self.seconds, 3), "turned_off": self.turned_off}
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    """How far beyond tolerance ``got`` is from ``want``: <= 0 within it (nan: inf)."""
+    excess = (got - want).abs() - (CHECK_ATOL + CHECK_RTOL * want.abs())
+    if not torch.isfinite(got).all():
+        return math.inf
+    return float(excess.max())
+
+
+def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = True,
+          logps_of: Callable[[torch.nn.Module, Batch, Paths], torch.Tensor] | None = None,
+          ) -> tuple[Paths, CheckReport]:
+    """Compare ``paths``' log-probs of ``batch`` with the plain path's: without a gradient, in
+    float32, the model as training runs it (in training mode, with ``training``) against the
+    plain path (each sequence alone) in eval mode.
+    A path that fails (differs beyond ``CHECK_ATOL + CHECK_RTOL |plain|``, or raises) is turned
+    off: the first whose removal brings the two together, or every one where none does.
+    Returns the paths to use and what was found; the cost is a forward of ``batch`` on the
+    paths and one of each of its sequences alone (more only where a path fails). A model whose plain path itself differs in training mode (some
+    randomness ``disable_dropout`` did not reach) is refused: DPO needs deterministic
+    log-probs."""
+    from dpo.core.errors import UsageError
+    from dpo.core.logps import batch_logps
+
+    logps_of = logps_of or (lambda m, b, p: batch_logps(m, b, p)[0])
+    started = time.perf_counter()
+    report = CheckReport(pairs=batch.num_pairs)
+    if paths.used():
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()
+                want = logps_of(model, batch, PLAIN).float()
+                model.train(training)
+                report.max_difference, fails = _compare(model, batch, paths, want, logps_of)
+                if fails:
+                    culprit = None
+                    for name in ("shared_prompt", "packed_rows", "tied_buffer", "unmasked",
+                                 "chunked_head", "batched"):
+                        if getattr(paths, name) and not _compare(
+                                model, batch, paths.without([name], ""), want, logps_of)[1]:
+                            culprit = name
+                            break
+                    if culprit is None and training:
+                        plain, fails = _compare(model, batch, PLAIN, want, logps_of)
+                        if fails:
+                            raise UsageError(
+                                f"{type(model).__name__} computes different log-probs in "
+                                f"training mode than in eval mode even with every dropout "
+                                f"probability at 0 ({plain:.3g} nats apart on the first pairs): "
+                                "something in it is random while training, and DPO needs "
+                                "deterministic log-probs")
+                    names = [culprit] if culprit else paths.used()
+                    report.turned_off = {name: report.max_difference for name in names}
+                    reason = (f"its log-probs differed from the plain path's by "
+                              f"{report.max_difference:.3g} nats on {batch.num_pairs} pairs"
+                              if math.isfinite(report.max_difference) else
+                              "it failed to run this model or gave non-finite log-probs")
+                    paths = dataclasses.replace(paths.without(names, reason),
+                                                inexact=paths.inexact | set(names))
+        finally:
+            model.train(was_training)
+    report.seconds = time.perf_counter() - started
+    return paths, report
+
+
+def _compare(model, batch, paths, want, logps_of) -> tuple[float, bool]:
+    """(largest difference, whether beyond tolerance) of ``paths``' log-probs from ``want``."""
+    try:
+        got = logps_of(model, batch, paths).float()
+    except Exception:  # noqa: BLE001 - a path that cannot run this model is a failed path
+        return math.inf, True
+    if got.shape != want.shape or not torch.isfinite(got).all():
+        return math.inf, True
+    difference = (got - want).abs()
+    return float(difference.max()), bool((difference > CHECK_ATOL + CHECK_RTOL * want.abs()).any())
