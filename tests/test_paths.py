@@ -316,3 +316,28 @@ def test_eval_and_precompute_take_and_say_the_same_paths(tmp_path, cli):
     assert pre.exit_code == 0, pre.output
     info = json.loads(pre.output[pre.output.index("{"):])
     assert info["paths"] == ["batched", "unmasked", "chunked_head", "tied_buffer", "shared_prompt"]
+
+
+def test_dpo_paths_lists_the_verified_architectures_and_explains_one_model(cli):
+    table = cli("paths", "--json")
+    assert table.exit_code == 0, table.output
+    rows = {r["model_type"]: r for r in json.loads(table.output)}
+    assert len(rows) == len(verified.VERIFIED)
+    assert rows["llama"]["paths"] == list(speed.SPEED_PATHS)
+    assert rows["mistral"]["window"] == ["sliding_window"]
+    assert rows["granite"]["neutral"] == {"logits_scaling": 1.0}
+
+    one = cli("paths", "--model", "tiny", "--backend", "cpu", "--gradient-checkpointing",
+              "--json")
+    assert one.exit_code == 0, one.output
+    found = json.loads(one.output)
+    assert found["model_type"] == "llama" and found["verified_architecture"]
+    assert [name for name, e in found["paths"].items() if e["on"]] == [
+        "batched", "unmasked", "chunked_head", "tied_buffer", "shared_prompt",
+        "layer_checkpointing"]
+    assert found["paths"]["packed_rows"]["why_off"] == (
+        "attention 'sdpa' has no variable-length kernel")
+    text = cli("paths", "--model", "tiny", "--backend", "cpu", "--no-share-prompt")
+    assert text.exit_code == 0 and "--no-share-prompt" in text.output
+    bad = cli("paths", "--model", "no/such/dir/at/all")
+    assert bad.exit_code == 2 and "no such directory" in bad.output

@@ -40,7 +40,7 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_app(pm: DpoPluginManager) -> typer.Typer:
     """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
-    from dpo.cli import backends, evaluate, plugins, precompute, run
+    from dpo.cli import backends, evaluate, paths, plugins, precompute, run
 
     app = typer.Typer(
         name="dpo",
@@ -56,6 +56,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
     precompute.register(app, catalog)
     plugins.register(app, pm, catalog, commands_by_plugin)
     backends.register(app, catalog)
+    paths.register(app, catalog)
     for impl in hook_impls(pm, "dpo_register_commands"):
         before = len(app.registered_commands)
         try:
