@@ -253,7 +253,8 @@ def run_mode(model: torch.nn.Module, pairs: list[TokenizedPair], pad: int, ref: 
              ) -> tuple[Step | None, Paths, str]:
     """dpo's step in ``mode`` (``paths``: these instead of the resolved ones; ``rebuild``: makes
     the same model afresh, for the modes that change a copy)."""
-    prepared, resolved, note = prepare(model, mode, rebuild)
+    with varlen_known():
+        prepared, resolved, note = prepare(model, mode, rebuild)
     if prepared is None:
         return None, resolved, note
     paths = resolved if paths is None else paths

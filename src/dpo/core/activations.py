@@ -25,12 +25,22 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+# Where transformers' decoders keep their repeated blocks: ``layers`` (Llama and most), ``h``
+# (GPT-2, GPT-J, Bloom, Falcon, ...), ``blocks`` (MPT, DBRX, RWKV), ``layer`` (XLNet).
+LAYER_LISTS = ("layers", "h", "blocks", "layer")
+
+
 def decoder_layers_of(model: torch.nn.Module) -> list[torch.nn.Module] | None:
-    """The repeated transformer blocks (``model.get_decoder().layers``), or None."""
+    """The repeated blocks of ``model.get_decoder()`` (the ``ModuleList`` under the first of
+    ``LAYER_LISTS`` it has; hybrid models mix attention and state-space blocks there), or
+    None."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers):
-        return list(layers)
+    if decoder is None or decoder is model:
+        return None
+    for name in LAYER_LISTS:
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return list(layers)
     return None
 
 

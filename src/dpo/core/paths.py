@@ -146,10 +146,15 @@ def architecture(model: torch.nn.Module) -> tuple[str | None, str | None]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if expected != cls.__name__:
-        return None, (f"{cls.__name__} is not transformers' causal LM for model type "
-                      f"{model_type!r} ({expected or 'none'}): not verified")
-    return model_type, None
+    if expected == cls.__name__:
+        return model_type, None
+    # A class built on a sub-config (Emu3ForCausalLM on "emu3_text_model"): the one type that
+    # maps to the class.
+    owners = [t for t, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name == cls.__name__]
+    if len(owners) == 1:
+        return owners[0], None
+    return None, (f"{cls.__name__} is not transformers' causal LM for model type "
+                  f"{model_type!r} ({expected or 'none'}): not verified")
 
 
 def _config_value(config: Any, name: str) -> Any:
