@@ -270,13 +270,21 @@ def test_share_prompt_asked_for_on_an_unverified_model_is_one_line(tmp_path, cli
     assert plain.exit_code == 0, plain.output
     resolved = json.loads((tmp_path / "plain" / "run.json").read_text())["resolved"]
     assert resolved["paths"]["used"] == []
+    # The same run on every path: the same numbers, to float rounding.
+    monkeypatch.undo()
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    fast = cli(*run_args(tmp_path, "fast"))
+    assert fast.exit_code == 0, fast.output
+    from test_refcache import assert_same_run
+
+    assert_same_run(tmp_path / "plain", tmp_path / "fast")
 
 
 def test_a_reference_file_scored_on_a_path_later_found_wrong_is_rebuilt(tmp_path, cli,
                                                                          monkeypatch):
     path = tmp_path / "ref.safetensors"
     assert cli(*run_args(tmp_path, "a", "--ref-logps", str(path))).exit_code == 0
-    assert refcache.read(path).meta["paths"] == "batched,chunked_head,shared_prompt,tied_buffer,unmasked"
+    assert refcache.read(path).meta["paths"] == "batched,unmasked,chunked_head,shared_prompt"
     again = cli(*run_args(tmp_path, "b", "--ref-logps", str(path)))
     assert "all 24 pairs read from" in " ".join(again.output.split())
     monkeypatch.setitem(verified.VERIFIED, "llama",
@@ -285,7 +293,19 @@ def test_a_reference_file_scored_on_a_path_later_found_wrong_is_rebuilt(tmp_path
     assert rebuilt.exit_code == 0, rebuilt.output
     assert ("is stale (scored on the shared_prompt path, not exact for this model); "
             "rebuilding it") in " ".join(rebuilt.output.split())
-    assert refcache.read(path).meta["paths"] == "batched,chunked_head,tied_buffer,unmasked"
+    assert refcache.read(path).meta["paths"] == "batched,unmasked,chunked_head"
+    # exact paths that round differently: a run without the shared prompt rebuilds it too,
+    # and the default files are one per set of paths
+    monkeypatch.undo()
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    shared = cli(*run_args(tmp_path, "d", "--ref-logps", str(path)))
+    assert ("is stale (scored on batched, unmasked, chunked_head, this run takes batched, "
+            "unmasked, chunked_head, shared_prompt, which round differently)"
+            in " ".join(shared.output.split()))
+    assert len(list((tmp_path / "cache" / "ref-logps").glob("*"))) == 0  # named file only
+    assert cli(*run_args(tmp_path, "e")).exit_code == 0
+    assert cli(*run_args(tmp_path, "f", "--no-share-prompt")).exit_code == 0
+    assert len(list((tmp_path / "cache" / "ref-logps").glob("*.safetensors"))) == 2
 
 
 def test_a_reference_file_of_format_1_is_rebuilt(tmp_path, cli):

@@ -4,7 +4,8 @@ One optimizer step:
   1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward (with a
      shared prompt: the prompts in one forward, then both sides' completions in another; a
      micro-batch the shared prompt cuts into groups runs forward and backward group by group).
-  2. Summed completion log-probs in float32 (``dpo.core.logps``); the reference under no_grad.
+  2. Summed completion log-probs in float32 (``dpo.core.logps``), on the speed paths the run
+     resolved and checked for each model (``dpo.core.paths``); the reference under no_grad.
   3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
      step's gradient is that of the mean loss over all its pairs.
   4. Clip -> optimizer step -> schedule. A non-finite loss or gradient norm skips the update.

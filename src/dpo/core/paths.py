@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 SPEED_PATHS = ("batched", "unmasked", "chunked_head", "tied_buffer", "shared_prompt",
                "packed_rows", "layer_checkpointing")
 
+# The paths that change how the log-probs are computed (the others change only what backward
+# keeps or how the gradient is gathered: the same values). Reference log-probs are kept per set
+# of these, so that the policy, still the reference at step 1, reproduces them bit for bit.
+VALUE_PATHS = ("batched", "unmasked", "chunked_head", "shared_prompt", "packed_rows")
+
 # What each path builds on: a path is on only with these on too.
 NEEDS: dict[str, tuple[str, ...]] = {
     "unmasked": ("batched",),
@@ -95,6 +100,10 @@ class Paths:
 
     def reasons(self) -> dict[str, str]:
         return dict(self.off)
+
+    def values_key(self) -> list[str]:
+        """The ``VALUE_PATHS`` on: what the log-probs' rounding depends on."""
+        return [name for name in VALUE_PATHS if getattr(self, name)]
 
     def without(self, names: list[str] | tuple[str, ...], reason: str) -> Paths:
         """These paths (and those built on them) off, each with ``reason``."""
@@ -299,8 +308,13 @@ class CheckReport:
     turned_off: dict[str, float] = field(default_factory=dict)  # path -> its difference
 
     def record(self) -> dict[str, Any]:
-        return {"pairs": self.pairs, "max_difference": self.max_difference,
-                "seconds": round(self.seconds, 3), "turned_off": self.turned_off}
+        """For ``run.json`` (strict JSON: a path that failed to run shows as null)."""
+        def finite(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
+        return {"pairs": self.pairs, "max_difference": finite(self.max_difference),
+                "seconds": round(self.seconds, 3),
+                "turned_off": {k: finite(v) for k, v in self.turned_off.items()}}
 
 
 def _difference(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -14,13 +14,16 @@ log-probs of the chosen and of the rejected completion:
 - ``logps``: float32 [N, 2], the chosen and rejected log-probs.
 - metadata: ``format`` ("dpo-ref-logps"), ``version``, ``model_digest`` (BLAKE2b of the
   reference's parameter names, shapes, dtypes and values), ``dtype`` (the compute dtype),
-  ``paths`` (the speed paths that scored them, ``dpo.core.paths``), ``model`` (where the
-  weights came from, for people), ``device``.
+  ``paths`` (the speed paths that computed them, of ``dpo.core.paths.VALUE_PATHS``), ``model``
+  (where the weights came from, for people), ``device``.
 
 A file made with other weights, another compute dtype or another format version is stale, and
-so is one scored on a speed path that is not exact for this model (found wrong after the file
-was made: by a newer architecture table, or by the check on real data): it is rebuilt (and the
-run says so), never read. Format version 1 files did not record their paths: rebuilt.
+so is one computed on other speed paths than the run's: on a path not exact for this model
+(found wrong after the file was made, by a newer architecture table or by the check on real
+data), or on exact ones that round differently (so that at step 1 the policy, still the
+reference, reproduces every value bit for bit: no pair ranked right or wrong by rounding). It
+is rebuilt (and the run says so), never read. The default file is one per reference model,
+dtype and set of paths. Format version 1 files did not record their paths: rebuilt.
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ def model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def default_path(digest: str, dtype: torch.dtype) -> Path:
+def default_path(digest: str, dtype: torch.dtype, paths: list[str]) -> Path:
     """Where a reference's log-probs live unless a file is named: the cache directory, one file
-    per reference model and compute dtype."""
-    return cache_dir() / "ref-logps" / f"{digest}-{str(dtype).removeprefix('torch.')}{SUFFIX}"
+    per reference model, compute dtype and set of value paths (``Paths.values_key``)."""
+    tag = hashlib.blake2b(",".join(paths).encode(), digest_size=4).hexdigest()
+    return (cache_dir() / "ref-logps"
+            / f"{digest}-{str(dtype).removeprefix('torch.')}-{tag}{SUFFIX}")
 
 
 @dataclass
@@ -148,19 +153,24 @@ def recorded_paths(table: RefLogps) -> list[str]:
     return [name for name in table.meta.get("paths", "").split(",") if name]
 
 
-def stale_reason(table: RefLogps, digest: str, dtype: str,
+def stale_reason(table: RefLogps, digest: str, dtype: str, paths: list[str] | None = None,
                  trusted: frozenset[str] | None = None) -> str | None:
-    """Why ``table`` cannot serve this reference, or None when it can. ``trusted``: the speed
-    paths exact for this reference model (None: any)."""
+    """Why ``table`` cannot serve this reference, or None when it can. ``paths``: the value
+    paths of this run (None: any); ``trusted``: the speed paths exact for this reference model
+    (None: any)."""
     if table.meta.get("version") != VERSION:
         return f"format version {table.meta.get('version')!r}, not {VERSION}"
     if table.model_digest != digest:
         return "made with other reference weights"
     if table.dtype != dtype:
         return f"computed in {table.dtype}, not {dtype}"
-    wrong = [name for name in recorded_paths(table) if trusted is not None and name not in trusted]
+    recorded = recorded_paths(table)
+    wrong = [name for name in recorded if trusted is not None and name not in trusted]
     if wrong:
         return f"scored on the {', '.join(wrong)} path, not exact for this model"
+    if paths is not None and sorted(recorded) != sorted(paths):
+        return (f"scored on {', '.join(recorded) or 'the plain path'}, this run takes "
+                f"{', '.join(paths) or 'the plain path'}, which round differently")
     return None
 
 
@@ -213,9 +223,11 @@ def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[Tokeniz
     """
     digest = model_digest(model)
     dtype_name = str(dtype).removeprefix("torch.")
-    path = path or default_path(digest, dtype)
+    value_paths = paths.values_key()
+    path = path or default_path(digest, dtype, value_paths)
     table = read(path) if path.is_file() else None
-    if table is not None and (reason := stale_reason(table, digest, dtype_name, trusted)):
+    if table is not None and (reason := stale_reason(table, digest, dtype_name, value_paths,
+                                                     trusted)):
         info(f"reference log-probs: {path} is stale ({reason}); rebuilding it")
         table = None
     table = table or RefLogps(digest, dtype_name, {}, {})
@@ -238,9 +250,8 @@ def ensure(path: Path | None, model: torch.nn.Module, batches: list[list[Tokeniz
         new = share(new)
     if new:
         table.values.update(new)
-        used = set(recorded_paths(table)) | set(paths.used())  # every path behind the values
         table.meta.update({"model": describe, "device": backend.describe(),
-                           "paths": ",".join(sorted(used))})
+                           "paths": ",".join(value_paths)})
         if is_main:
             write(path, table)
     return table, path, len(new)
