@@ -1,8 +1,11 @@
 """One DPO step of a tiny model, computed naively and by dpo on given speed paths, compared.
 
-Not a test module: ``test_architectures.py`` runs it on every architecture of ``zoo.py``, and
-``python tests/archcheck.py [TYPE ...]`` probes each speed path on its own, whatever
-``dpo.core.verified`` says, and prints the entries it would support (to add new types).
+Not a test module: ``test_architectures.py`` runs it on every architecture of ``zoo.py``.
+``python tests/archcheck.py [TYPE ...] > probe.jsonl`` probes each speed path on its own (with
+what it builds on), whatever ``dpo.core.verified`` says, one JSON line per variant, and
+``python tests/archcheck.py --suggest < probe.jsonl`` turns those lines into the entries of
+``dpo.core.verified`` they support: how the table was written, and how to add a type (about
+8 minutes for every type on 2 cores).
 
 The naive step is the textbook one: each sequence alone through the model's own forward (no
 padding, no batching), in eval mode, full logits, log-softmax, the completion tokens'
