@@ -54,6 +54,22 @@ def test_a_local_directory_loads_in_float32(tmp_path):
     assert next(model.parameters()).dtype == torch.float32 and tokenizer.pad_token_id is not None
 
 
+def test_a_loaded_model_keeps_its_own_layers_in_both_modes(tmp_path):
+    """transformers 5.25 swaps layers for hub kernels by default at load and at each switch of
+    mode; dpo's models keep their own (what the architecture test verified): kernels off after
+    loading and after train() and eval(), and the logits those of the saved model."""
+    tokenizer = build_tiny_tokenizer()
+    saved = build_tiny_model(tokenizer, seed=3)
+    saved.save_pretrained(tmp_path / "m")
+    model = models.causal_lm(tmp_path / "m")
+    for switch in (model.train, model.eval):
+        switch()
+        assert not getattr(model, "use_kernels", False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, saved(ids).logits, rtol=0, atol=0)
+
+
 def test_unreachable_hub_is_one_line_saying_what_to_do(offline):
     with pytest.raises(UsageError) as err:
         load_model("someorg/somemodel", seed=0)

@@ -274,10 +274,10 @@ def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
     record_path = t.output / BEST / BEST_RECORD
     if not record_path.is_file():
         return None
-    from transformers import AutoModelForCausalLM
+    from dpo.core.models import causal_lm
 
     record = json.loads(record_path.read_text())
-    best = AutoModelForCausalLM.from_pretrained(t.output / BEST, dtype=torch.float32)
+    best = causal_lm(t.output / BEST)
     strat.load_full_state_dict(t.policy, best.state_dict())
     return int(record["step"]), record["metrics"]
 

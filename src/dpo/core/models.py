@@ -97,6 +97,20 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+def causal_lm(location: str | Path, **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in float32, with the model's own layers.
+
+    transformers 5.25 swaps layers for kernels from the hub by default, at load and again at
+    every switch between training and eval mode (``kernelize``): code no test here has checked
+    for exactness (``dpo.core.paths``), and which refuses models on an XLA device ("Unsupported
+    device type 'xla'"). ``use_kernels=False`` keeps the model's own layers (the default of
+    earlier 5.x releases)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, use_kernels=False,
+                                                **kwargs)
+
+
 def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
     """(model in float32, tokenizer) for ``spec``. Training keeps float32 master weights;
     ``--dtype`` applies through autocast."""
@@ -113,12 +127,12 @@ def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
 
 
 def _from_pretrained(location: str, spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         with transformers_bars_off():
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+            model = causal_lm(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {spec}: could not load it ({_first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
@@ -217,7 +231,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
         with transformers_bars_off():
             kwargs = {"gguf_file": path.name}
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-            loaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+            loaded = causal_lm(path.parent, **kwargs)
             config = loaded.config.to_dict()
             config.pop("quantization_config", None)
             model_type = config.pop("model_type")

@@ -256,9 +256,9 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     if loss.requires_reference and config.precompute_ref:
         ref_source, reference = (reference if reference is not None else model), None
     if checkpoint is not None:
-        from transformers import AutoModelForCausalLM
+        from dpo.core.models import causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        model = causal_lm(checkpoint)
     sharded = dist.world_size > 1 and config.strategy == "fsdp"
     if sharded:
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
