@@ -118,7 +118,8 @@ class Paths:
         off = dict(self.off)
         for name in SPEED_PATHS:
             if name in drop and getattr(self, name):
-                off[name] = reason if name in names else f"needs {', '.join(sorted(drop & set(NEEDS[name])))}, off: {reason}"
+                needed = ", ".join(sorted(drop & set(NEEDS.get(name, ()))))
+                off[name] = reason if name in names else f"needs {needed}, off: {reason}"
         return dataclasses.replace(self, off=tuple(off.items()),
                                    **{name: False for name in drop if name in SPEED_PATHS})
 
@@ -334,9 +335,9 @@ def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = T
     A path that fails (differs beyond ``CHECK_ATOL + CHECK_RTOL |plain|``, or raises) is turned
     off: the first whose removal brings the two together, or every one where none does.
     Returns the paths to use and what was found; the cost is a forward of ``batch`` on the
-    paths and one of each of its sequences alone (more only where a path fails). A model whose plain path itself differs in training mode (some
-    randomness ``disable_dropout`` did not reach) is refused: DPO needs deterministic
-    log-probs."""
+    paths and one of each of its sequences alone (more only where a path fails). A model
+    whose plain path itself differs in training mode (some randomness ``disable_dropout`` did
+    not reach) is refused: DPO needs deterministic log-probs."""
     from dpo.core.errors import UsageError
     from dpo.core.logps import batch_logps
 
