@@ -15,7 +15,8 @@ from typing import Any
 from dpo.core.batching import collate
 from dpo.core.dataset import DataStats, load_pairs, tokenize_pairs
 from dpo.core.errors import UsageError
-from dpo.core.loop import disable_dropout, preference_metrics
+from dpo.core.dropout import disable_dropout
+from dpo.core.loop import preference_metrics
 from dpo.core.models import load_model, resolve_source
 from dpo.core.paths import CHECK_PAIRS, check, resolve
 from dpo.core.plugins import Catalog

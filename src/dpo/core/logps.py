@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo.core.batching import pair_rows
-from dpo.core.paths import PLAIN, Paths, verified_paths
+from dpo.core.paths import Paths, verified_paths
 
 if TYPE_CHECKING:
     from dpo.core.batching import Batch

@@ -29,7 +29,6 @@ from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_d
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
 from dpo.core.flops import FlopCounter
-from dpo.core.dropout import disable_dropout  # noqa: F401  (part of this module's API)
 from dpo.core.logps import backward_parts, batch_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
 from dpo.core.paths import PLAIN, Paths

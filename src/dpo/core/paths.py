@@ -43,7 +43,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -318,16 +318,7 @@ class CheckReport:
                 "turned_off": {k: finite(v) for k, v in self.turned_off.items()}}
 
 
-def _difference(got: torch.Tensor, want: torch.Tensor) -> float:
-    """How far beyond tolerance ``got`` is from ``want``: <= 0 within it (nan: inf)."""
-    excess = (got - want).abs() - (CHECK_ATOL + CHECK_RTOL * want.abs())
-    if not torch.isfinite(got).all():
-        return math.inf
-    return float(excess.max())
-
-
-def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = True,
-          logps_of: Callable[[torch.nn.Module, Batch, Paths], torch.Tensor] | None = None,
+def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = True
           ) -> tuple[Paths, CheckReport]:
     """Compare ``paths``' log-probs of ``batch`` with the plain path's: without a gradient, in
     float32, the model as training runs it (in training mode, with ``training``) against the
@@ -339,9 +330,7 @@ def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = T
     whose plain path itself differs in training mode (some randomness ``disable_dropout`` did
     not reach) is refused: DPO needs deterministic log-probs."""
     from dpo.core.errors import UsageError
-    from dpo.core.logps import batch_logps
 
-    logps_of = logps_of or (lambda m, b, p: batch_logps(m, b, p)[0])
     started = time.perf_counter()
     report = CheckReport(pairs=batch.num_pairs)
     if paths.used():
@@ -349,19 +338,19 @@ def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = T
         try:
             with torch.no_grad():
                 model.eval()
-                want = logps_of(model, batch, PLAIN).float()
+                want = _logps_of(model, batch, PLAIN)
                 model.train(training)
-                report.max_difference, fails = _compare(model, batch, paths, want, logps_of)
+                report.max_difference, fails = _compare(model, batch, paths, want)
                 if fails:
                     culprit = None
                     for name in ("shared_prompt", "packed_rows", "tied_buffer", "unmasked",
                                  "chunked_head", "batched"):
                         if getattr(paths, name) and not _compare(
-                                model, batch, paths.without([name], ""), want, logps_of)[1]:
+                                model, batch, paths.without([name], ""), want)[1]:
                             culprit = name
                             break
                     if culprit is None and training:
-                        plain, fails = _compare(model, batch, PLAIN, want, logps_of)
+                        plain, fails = _compare(model, batch, PLAIN, want)
                         if fails:
                             raise UsageError(
                                 f"{type(model).__name__} computes different log-probs in "
@@ -383,10 +372,16 @@ def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = T
     return paths, report
 
 
-def _compare(model, batch, paths, want, logps_of) -> tuple[float, bool]:
+def _logps_of(model: torch.nn.Module, batch: Batch, paths: Paths) -> torch.Tensor:
+    from dpo.core.logps import batch_logps
+
+    return batch_logps(model, batch, paths)[0].float()
+
+
+def _compare(model, batch, paths, want) -> tuple[float, bool]:
     """(largest difference, whether beyond tolerance) of ``paths``' log-probs from ``want``."""
     try:
-        got = logps_of(model, batch, paths).float()
+        got = _logps_of(model, batch, paths)
     except Exception:  # noqa: BLE001 - a path that cannot run this model is a failed path
         return math.inf, True
     if got.shape != want.shape or not torch.isfinite(got).all():

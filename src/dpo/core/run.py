@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from dpo import __version__
-from dpo.core.activations import checkpoint_layers, decoder_layers_of
+from dpo.core.activations import checkpoint_layers
 from dpo.core.backend import Backend
 from dpo.core.checkpoint import (
     latest_checkpoint,
@@ -40,6 +40,7 @@ from dpo.core.dataset import (
     tokenize_pairs,
 )
 from dpo.core.distributed import DistInfo
+from dpo.core.dropout import disable_dropout
 from dpo.core.errors import DpoError, UsageError
 from dpo.core.flops import FlopCounter
 from dpo.core.loop import (
@@ -47,7 +48,6 @@ from dpo.core.loop import (
     Settings,
     Trainee,
     TrainState,
-    disable_dropout,
     eval_batches,
     train,
 )
@@ -480,9 +480,7 @@ def first_check_pairs(train_pairs: list[TokenizedPair], config: RunConfig, dist:
                       ) -> list[TokenizedPair]:
     """The pairs ``check_paths`` scores: the start of the first batch of the run (rank 0's,
     so that every rank checks the same pairs and decides alike)."""
-    sampler = BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
-                           shuffle=config.shuffle, group_by_length=config.group_by_length,
-                           rank=0, world_size=dist.world_size)
+    sampler = make_sampler(train_pairs, config, DistInfo(world_size=dist.world_size))
     return [train_pairs[i] for i in sampler.batches(0)[0][:speed.CHECK_PAIRS]]
 
 
