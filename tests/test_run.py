@@ -187,7 +187,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, invoke):
 
     Crash.armed_at = 5  # dies after the checkpoint at step 3, before the one at step 6
     crashed = invoke(*base_args(tmp_path, "resumed", 8), *common)
-    assert isinstance(crashed.exception, RuntimeError)
+    assert crashed.exit_code == 1
+    assert "error: stopping policy 'crash-at' raised RuntimeError" in crashed.output
     out = tmp_path / "resumed"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     assert max(r["step"] for r in records(out)) == 5

@@ -18,7 +18,8 @@ from dpo.core.errors import DpoError, UsageError
 from dpo.core.config import read_config_file, resolve_config, with_preset
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
-from dpo.core.run import read_run_record, run
+from dpo.core.rundir import check_output, extends, finished, read_record
+from dpo.core.run import recorded_config, run
 
 DATA = "Data"
 OPTIM = "Optimisation"
@@ -75,6 +76,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         eval_at_start: Annotated[Optional[bool], typer.Option("--eval-at-start/--no-eval-at-start", help="Evaluate once before training: the baseline. [default: on]", rich_help_panel=OUT)] = None,
         save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end). [default: 100]", rich_help_panel=OUT)] = None,
         save_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]", rich_help_panel=OUT)] = None,
+        keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints/--no-keep-checkpoints", help="Keep the checkpoints once the run is complete, so that --resume with more --max-steps can extend it (off: only final/ remains). [default: on; the demo: off]", rich_help_panel=OUT)] = None,
         progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar.", rich_help_panel=OUT)] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options; flags win.")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its newest checkpoint.", rich_help_panel=OUT)] = None,
@@ -99,15 +101,18 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             "warmup_ratio": warmup_ratio, "scheduler": scheduler, "max_grad_norm": max_grad_norm,
             "seed": seed, "output": output, "eval_steps": eval_steps,
             "eval_at_start": eval_at_start, "save_steps": save_steps,
-            "save_total_limit": save_total_limit, "progress": progress,
+            "save_total_limit": save_total_limit, "keep_checkpoints": keep_checkpoints,
+            "progress": progress,
             "options": parse_assignments(option or []),
         }
         layers = []
         if resume is not None:
             # A resumed run starts from its recorded configuration; flags given now still win.
-            recorded = read_run_record(resume)["config"]
-            layers.append(recorded)
+            check_output(resume, "--resume")
+            layers.append(recorded_config(resume))
             flags["output"] = str(resume)
+            if _already_complete(resume, resolve_config(*layers, flags)):
+                return
         if config is not None:
             layers.append(read_config_file(config))
         layers = layers if resume is not None else with_preset([*layers, flags])[:-1]
@@ -119,6 +124,20 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             if not outcome.saved:
                 # Stopped by a policy that distrusts the weights (e.g. nan-guard): a failed run.
                 raise typer.Exit(1)
+
+
+def _already_complete(output: Path, config: Any) -> bool:
+    """``--resume`` of a run that has ended, asking for no more steps: say so, and leave its
+    record as it is."""
+    try:
+        record = read_record(output)
+    except UsageError:
+        return False
+    if not finished(record, output) or extends(record["config"], config.model_dump()):
+        return False
+    print(f"{output}: the run is already complete ({record['status']}, {record.get('steps')} "
+          f"steps); its model is in {output / 'final'}", file=sys.stderr)
+    return True
 
 
 class _exit_code_recorded:

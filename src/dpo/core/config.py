@@ -82,6 +82,9 @@ class RunConfig(BaseModel):
     eval_at_start: bool = Field(True, description="evaluate once before training (the baseline)")
     save_steps: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    keep_checkpoints: bool = Field(True, description="keep the checkpoints once the run is "
+                                   "complete, so that --resume with more --max-steps can extend "
+                                   "it (off: only final/ remains)")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -10,6 +10,12 @@ class DpoError(Exception):
     exit_code = 1
 
 
+class Interrupted(DpoError):
+    """The run was stopped by Ctrl-C (or a termination signal); the message says how to go on."""
+
+    exit_code = 130
+
+
 class UsageError(DpoError):
     """Bad command-line or configuration input (unknown name, bad option value)."""
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from dpo.core.backend import Backend
 from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_dir
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
+from dpo.core.errors import DpoError, Interrupted
 from dpo.core.flops import FlopCounter
 from dpo.core.logps import backward_parts, batch_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
@@ -68,6 +71,7 @@ class Settings:
     paths: Paths = PLAIN  # the policy's speed paths (``dpo.core.paths``)
     ref_paths: Paths | None = None  # the reference model's (None: the policy's)
     backward_by_group: bool = False  # a micro-batch's shared-prompt groups one by one
+    config: dict[str, Any] = field(default_factory=dict)  # kept in each checkpoint
 
 
 @dataclass
@@ -163,6 +167,55 @@ def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
         total[key] = total[key] + value if key in total else value
 
 
+class PluginError(DpoError):
+    """A plugin's code raised while the run used it."""
+
+
+def plugin_call(plugin: Any, what: str, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``; an exception other than dpo's own errors becomes one line naming the
+    plugin (the run's record says so too), not a traceback from inside the loop."""
+    try:
+        return call(*args)
+    except DpoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of third-party code
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise PluginError(f"{plugin.kind} {plugin.name!r} raised {type(exc).__name__} in "
+                          f"{what}{': ' + detail if detail else ''}; fix the plugin or choose "
+                          "another") from exc
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to stop after the step in
+    progress and checkpoint it; a second one stops at once. Only in the main thread (signal
+    handlers can be set nowhere else); elsewhere the signals keep their usual effect."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, reporter: Reporter):
+        self.requested = False
+        self._reporter = reporter
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._reporter.warn("stopping after this step, with a checkpoint; press Ctrl-C again to "
+                            "stop at once")
+
+
 def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo,
               backend: Backend) -> dict[str, float]:
     """One host sync for all metrics of a step."""
@@ -228,7 +281,7 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | Non
             batch = collate(chunk, tokenizer.pad_token_id, pad_length=backend.padded_length,
                             ref=ref_table).to(device)
             logps = pair_logps(policy, reference, batch, backend, dtype, paths, ref_paths)
-            part = metric_sums(loss(logps), logps)
+            part = metric_sums(plugin_call(loss, "evaluation", loss, logps), logps)
             if not (tail and i == len(batches) - 1) or dist.is_main:
                 count += batch.num_pairs
             else:  # the shared tail: the same keys on every rank, rank 0's values only
@@ -247,7 +300,7 @@ def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy],
     wins. Also says whether a policy that restores its best weights marked these as best."""
     stopped, keep_best = None, False
     for name, policy in policies.items():
-        decision = ask(policy)
+        decision = plugin_call(policy, "deciding", ask, policy)
         keep_best = keep_best or (decision.best and policy.restores_best())
         if decision.stop and stopped is None:
             stopped = (name, decision)
@@ -281,6 +334,32 @@ def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
     return int(record["step"]), record["metrics"]
 
 
+class NonFiniteWeights(DpoError):
+    """An optimizer step left non-finite values in the weights or the optimizer state."""
+
+
+def _newest(t: Trainee, checkpointed: list[Path]) -> Path | None:
+    from dpo.core.checkpoint import latest_checkpoint
+
+    return checkpointed[-1] if checkpointed else latest_checkpoint(t.output)
+
+
+def _interrupted(t: Trainee, step: int, checkpointed: list[Path]) -> str:
+    newest = _newest(t, checkpointed)
+    if newest is None:
+        return (f"stopped on request at step {step}, before any checkpoint; --resume "
+                f"{t.output} starts the run again from step 0")
+    return f"stopped on request at step {step}; resume with --resume {t.output} (from {newest.name})"
+
+
+def _poisoned(t: Trainee, step: int, lr: float, checkpointed: list[Path]) -> str:
+    newest = _newest(t, checkpointed)
+    where = (f"resume from {newest.name} with --resume {t.output} --lr LOWER" if newest
+             else "start again with a lower --lr")
+    return (f"step {step}'s update (learning rate {lr:.3g}) made the weights or optimizer state "
+            f"non-finite; nothing from it was saved; {where}")
+
+
 def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
           on_save: Callable[[Path], None] | None = None) -> Outcome:
     """Run optimizer steps from ``state`` until the step budget or a stopping policy ends it."""
@@ -305,6 +384,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             state.micro_in_epoch += 1
         return taken
 
+    checkpointed: list[Path] = []  # written by this process, newest last
+
     def checkpoint() -> None:
         # Every rank gathers (FSDP's full state is collective); rank 0 alone writes.
         weights = strat.full_state_dict(t.policy, t.dist)
@@ -314,11 +395,13 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
         trainer_state = {"train": state.to_dict(),
                          "policies": {n: p.state_dict() for n, p in t.policies.items()},
                          "distributed": {"world_size": t.dist.world_size,
-                                         "strategy": t.strategy}}
+                                         "strategy": t.strategy},
+                         "config": settings.config}
         tensors = {"optimizer": optimizer_state, "scheduler": t.scheduler.state_dict(),
                    "rng": rng_states(t.backend.rng_state())}
         path = save_checkpoint(t.output, state.step, strat.unwrap(t.policy), t.tokenizer,
                                trainer_state, tensors, settings.save_total_limit, weights)
+        checkpointed.append(path)
         if on_save:
             on_save(path)
 
@@ -328,7 +411,9 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
     initial_eval: dict[str, float] = {}
     stopped: tuple[str, Decision] | None = None
     reporter.start(settings.total_steps, state.step)
+    stop_request = StopRequest(reporter)
     try:
+        stop_request.__enter__()
         if state.step == 0 and settings.eval_at_start and t.eval_pairs:
             # The baseline: policy == reference here unless --ref-model names another model.
             initial_eval = eval_metrics = evaluate(t, settings)
@@ -339,6 +424,10 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             if stopped and stopped[1].save:
                 checkpoint()
         while state.step < settings.total_steps and not stopped:
+            if stop_request.requested and t.dist.world_size == 1:  # e.g. during an evaluation
+                if state.step and not (t.output / f"checkpoint-{state.step}").is_dir():
+                    checkpoint()
+                raise Interrupted(_interrupted(t, state.step, checkpointed))
             started = time.perf_counter()
             t.backend.reset_peak_memory()
             micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
@@ -354,7 +443,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 for j, batch in enumerate(parts):
                     logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
                                        settings.paths, settings.ref_paths)
-                    out = t.loss(logps)
+                    out = plugin_call(t.loss, f"step {state.step + 1}", t.loss, logps)
                     # Sum over the part divided by the step's pairs: the accumulated gradient
                     # is the gradient of the mean loss over the whole step, whatever the split.
                     # Several ranks hold equal shares of the step, and DDP/FSDP average
@@ -377,7 +466,12 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             # The norm is of the global gradient (the same on every rank): weighting it by the
             # rank's pairs makes the cross-rank average below give it back unchanged.
             sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_pairs
+            if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
+                sums["stop_requested"] = torch.tensor(float(stop_request.requested),
+                                                      device=sums["loss"].device)
             metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
+            stop_now = metrics.pop("stop_requested", 0.0) > 0 or (
+                t.dist.world_size == 1 and stop_request.requested)
             lr = t.scheduler.get_last_lr()[0]
             # Decided on the host from the values just read, so skipping costs no extra sync.
             if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
@@ -412,6 +506,9 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             train_metrics = metrics
             reporter.record({"step": state.step, **metrics})
             reporter.step(state.step, metrics)
+            if not strat.all_finite(params, t.optimizer, t.dist):
+                # Nothing from this update may be saved: not as a checkpoint, best or final.
+                raise NonFiniteWeights(_poisoned(t, state.step, lr, checkpointed))
             stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
             if keep_best:
                 save_best(t, state.step, metrics)
@@ -427,11 +524,16 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                         save_best(t, state.step, eval_metrics)
             if stopped and not stopped[1].save:
                 break
-            if stopped or last or (settings.save_steps and state.step % settings.save_steps == 0):
+            stop_now = stop_now or (t.dist.world_size == 1 and stop_request.requested)
+            if stopped or last or stop_now or (
+                    settings.save_steps and state.step % settings.save_steps == 0):
                 checkpoint()
+            if stop_now and not (stopped or last):
+                raise Interrupted(_interrupted(t, state.step, checkpointed))
             if stopped:
                 break
     finally:
+        stop_request.__exit__()
         reporter.close()
 
     saved = not (stopped and not stopped[1].save)

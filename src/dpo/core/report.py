@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dpo.core.errors import DataError
+
 METRICS_FILE = "metrics.jsonl"
 
 # The columns of the closing summary, in this order, when present.
@@ -28,14 +30,30 @@ SUMMARY_KEYS = (
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file. A last line cut short (the process was killed while
+    writing it) is left out; every complete line is kept."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if number == len(lines):  # no newline after it: a write that never finished
+                break
+            raise DataError("not a metrics record; the file is damaged (restore it, or "
+                            "delete the line)", str(path), number) from None
+        records.append(record)
+    return records
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step`` (a resumed run rewrites them), atomically."""
-    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    """Keep the complete records up to ``last_step`` (a resumed run rewrites the later ones),
+    atomically."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)

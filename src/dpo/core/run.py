@@ -6,6 +6,7 @@ before anything is written, so bad input leaves nothing half-written on disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -24,8 +25,10 @@ from dpo.core.activations import checkpoint_layers
 from dpo.core.backend import Backend
 from dpo.core.checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint_state,
     restore_rng_states,
+    transformers_bars_off,
     write_json_atomic,
 )
 from dpo.core import refcache
@@ -41,7 +44,7 @@ from dpo.core.dataset import (
 )
 from dpo.core.distributed import DistInfo
 from dpo.core.dropout import disable_dropout
-from dpo.core.errors import DpoError, UsageError
+from dpo.core.errors import DpoError, Interrupted, UsageError
 from dpo.core.flops import FlopCounter
 from dpo.core.loop import (
     Outcome,
@@ -57,10 +60,11 @@ from dpo.core.paths import Paths
 from dpo.core.models import load_model, resolve_source
 from dpo.core.plugins import Catalog
 from dpo.core.report import METRICS_FILE, Reporter, truncate_metrics
-from dpo.core.schedule import build_scheduler
+from dpo.core import rundir
+from dpo.core.schedule import build_scheduler, set_peak_lr
 from dpo.core import strategy as strat
 
-RUN_FILE = "run.json"
+RUN_FILE = rundir.RUN_FILE
 DEMO_DATA = "demo"  # --data demo: the built-in demo dataset (dpo.core.demo)
 AUTO_BACKENDS = ("cuda", "rocm", "xpu", "cpu")
 
@@ -156,19 +160,65 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
         reporter: Reporter | None = None,
         on_save: Callable[[Path], None] | None = None) -> Outcome:
     """Validate, set up and train. ``resume`` continues from the newest checkpoint in
-    ``config.output``."""
+    ``config.output`` (from step 0 when the run wrote none yet)."""
     dist = DistInfo.from_env()
     output = Path(config.output)
     reporter = reporter or Reporter(output, enabled=dist.is_main, progress=config.progress)
+    taken = _Taken(output, dist.is_main)
     try:
-        outcome = _run(config, catalog, dist, output, reporter, resume, overwrite, on_save)
+        outcome = _run(config, catalog, dist, output, reporter, resume, overwrite, on_save, taken)
         # Every rank is past its last collective before any rank tears the group down: a rank
         # that destroys it while another still has gloo work in flight can abort at exit.
         strat.barrier(dist)
         return outcome
+    except KeyboardInterrupt:
+        exc = Interrupted(taken.interrupted())
+        taken.end(f"interrupted: {exc}")
+        raise exc from None
+    except Interrupted as exc:
+        taken.end(f"interrupted: {exc}")
+        raise
+    except DpoError as exc:
+        taken.end(f"failed: {exc}")
+        raise
+    except BaseException as exc:
+        taken.end(f"failed: {type(exc).__name__}: {exc}")
+        raise
     finally:
         strat.destroy_process_group()
         gc.collect()  # wrapped models holding the group go now, not at interpreter exit
+
+
+class _Taken:
+    """The run directory once this process has taken it: ``run.json`` is written first, and
+    whatever ends the run (an error, Ctrl-C) is recorded there as its status."""
+
+    def __init__(self, output: Path, is_main: bool):
+        self.output, self.is_main = output, is_main
+        self.record: dict[str, Any] | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.record = record
+        if self.is_main:
+            write_json_atomic(self.output / RUN_FILE, record)
+
+    def end(self, status: str) -> None:
+        if self.record is None or self.record.get("status") != "running":
+            return
+        try:
+            self.write({**self.record, "status": status,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except OSError:  # e.g. the disk is full: the error being raised says more
+            pass
+
+    def interrupted(self) -> str:
+        if self.record is None:
+            return "interrupted before anything was written"
+        newest = latest_checkpoint(self.output)
+        if newest is None:
+            return (f"interrupted before the first checkpoint; --resume {self.output} starts "
+                    "the run again from step 0")
+        return f"interrupted; resume with --resume {self.output} (from {newest.name})"
 
 
 def check_world(backend: Backend, dist: DistInfo) -> None:
@@ -196,7 +246,8 @@ def check_resume_world(checkpoint: Path, dist: DistInfo, strategy: str) -> None:
 
 
 def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, reporter: Reporter,
-         resume: bool, overwrite: bool, on_save: Callable[[Path], None] | None) -> Outcome:
+         resume: bool, overwrite: bool, on_save: Callable[[Path], None] | None,
+         taken: _Taken) -> Outcome:
 
     # 1. Names and options: cheap checks first.
     backend = resolve_backend(config.backend, catalog)
@@ -228,15 +279,35 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         sources["ref_model"] = resolve_source(config.ref_model).describe()
 
     # 2. The output directory and the checkpoint to resume from.
+    rundir.check_output(config.output, "--resume" if resume else "--output")
     checkpoint = None
+    previous: dict[str, Any] = {}
     if resume:
+        if not rundir.is_run_dir(output) and latest_checkpoint(output) is None:
+            raise UsageError(f"{output}: not a dpo run directory (no {RUN_FILE}); start a run "
+                             f"there with --output {output}")
+        with contextlib.suppress(UsageError):  # a damaged run.json is rewritten below
+            previous = rundir.read_record(output)
+        if rundir.finished(previous, output) and not rundir.extends(previous["config"],
+                                                                     config.model_dump()):
+            raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
+                             f"its model is {output / 'final'}")
         checkpoint = latest_checkpoint(output)
+        if checkpoint is None and rundir.finished(previous, output):
+            raise UsageError(f"{output}: the run is complete and its checkpoints were removed "
+                             "(--no-keep-checkpoints), so it cannot be extended; start a new run "
+                             f"from its model with --model {output / 'final'}")
         if checkpoint is None:
-            raise UsageError(f"{output}: no checkpoint to resume from")
-        check_resume_world(checkpoint, dist, config.strategy)
-    elif output.exists() and any(output.iterdir()) and not overwrite:
-        raise UsageError(f"{output}: already holds files; resume with --resume {output}, "
-                         "or pass --overwrite to start over there")
+            reporter.info(f"{output}: no checkpoint yet; starting the run again from step 0")
+        else:
+            check_resume_world(checkpoint, dist, config.strategy)
+    elif output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{output}: already holds files; resume with --resume {output}, "
+                             "or pass --overwrite to start over there")
+        if not rundir.is_run_dir(output):
+            raise UsageError(f"{output}: not a dpo run directory (no {RUN_FILE}), so "
+                             "--overwrite leaves it alone; choose another --output")
 
     # 3. Model and data (the reference is always re-loaded from --model, never from a checkpoint).
     torch.manual_seed(config.seed)
@@ -258,7 +329,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     if checkpoint is not None:
         from dpo.core.models import causal_lm
 
-        model = causal_lm(checkpoint)
+        with transformers_bars_off():
+            model = causal_lm(checkpoint)
     sharded = dist.world_size > 1 and config.strategy == "fsdp"
     if sharded:
         strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
@@ -277,11 +349,22 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
 
     # Nothing is written above this line.
     strat.barrier(dist)  # every rank has checked its input
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if dist.is_main:
-        if not resume and output.exists() and overwrite:
-            shutil.rmtree(output)
+        if checkpoint is None and output.is_dir() and rundir.is_run_dir(output):
+            removed = rundir.clear_run(output)  # --overwrite, or a resume from nothing
+            if removed:
+                reporter.info(f"starting over in {output}: removed what the run there wrote "
+                              f"({', '.join(p.name for p in removed)})")
         output.mkdir(parents=True, exist_ok=True)
     strat.barrier(dist)
+    # The directory is this run's from here on: run.json marks it, whatever happens next.
+    started = previous.get("started", now) if checkpoint is not None else now
+    resumes = previous.get("resumes", []) if checkpoint is not None else []
+    if checkpoint is not None:
+        resumes = [*resumes, {"at": now, "from": checkpoint.name}]
+    taken.write({"status": "running", "config": config.model_dump(), "started": started,
+                 "resumes": resumes, "resumed_from": str(checkpoint) if checkpoint else None})
 
     for m in (model, reference, ref_source):
         if m is not None:
@@ -365,6 +448,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         state = TrainState(**saved["train"])
         strat.load_optimizer_state(trained, optimizer, tensors["optimizer"])
         scheduler.load_state_dict(tensors["scheduler"])
+        if set_peak_lr(scheduler, config.lr):
+            reporter.info(f"peak learning rate now {config.lr:g} (--lr), from step {state.step}")
         for name, policy in policies.items():
             policy.load_state_dict(saved["policies"].get(name, {}))
         backend.set_rng_state(restore_rng_states(tensors["rng"]))
@@ -390,11 +475,11 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                      "memory": memory_note},
         "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
         "versions": versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started,
+        "resumes": resumes,
         "resumed_from": str(checkpoint) if checkpoint else None,
     }
-    if dist.is_main:
-        write_json_atomic(output / RUN_FILE, record)
+    taken.write(record)
     reporter.info(f"training {config.model} on {backend.describe()} ({dtype}), loss {loss.name}, "
                   f"{steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters")
     if memory_note:
@@ -410,30 +495,33 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,
                         dtype=dtype, batch_size=config.batch_size,
                         eval_at_start=config.eval_at_start, paths=paths, ref_paths=ref_paths,
+                        config=config.model_dump(mode="json"),
                         # Measured on the vs-TRL batches: group by group lowers the peak
                         # without checkpointing (4.23 -> 4.09 GiB) but raises it with it
                         # (2.98 -> 3.34 GiB: the checkpoints are small, and interleaving
                         # the groups' passes spreads the heap), so only without.
                         backward_by_group=(paths.shared_prompt
                                            and not config.gradient_checkpointing))
-    try:
-        outcome = train(trainee, settings, state, reporter, on_save=on_save)
-    except DpoError as exc:
-        # A problem found mid-run (e.g. a stopping policy's metric is never reported): the run
-        # directory says so, and its checkpoints stay valid for --resume once it is fixed.
-        if dist.is_main:
-            record.update({"status": f"failed: {exc}",
-                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            write_json_atomic(output / RUN_FILE, record)
-        raise
-
+    outcome = train(trainee, settings, state, reporter, on_save=on_save)
     status = f"stopped by {outcome.stopped_by}: {outcome.reason}" if outcome.stopped_by else "completed"
     record.update({"status": status, "steps": outcome.step, "final": outcome.train_metrics,
                    "final_eval": outcome.eval_metrics, "initial_eval": outcome.initial_eval or None,
                    "restored_best_from_step": outcome.restored_step,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    if dist.is_main:
-        write_json_atomic(output / RUN_FILE, record)
+    taken.write(record)
+    if outcome.saved and dist.is_main:
+        if config.keep_checkpoints:
+            kept = list_checkpoints(output)[-1:]
+            if kept:
+                size = sum(f.stat().st_size for f in kept[0].rglob("*") if f.is_file())
+                reporter.info(f"kept {kept[0].name} ({size / 2**30:.2f} GiB) to extend the run "
+                              f"with --resume {output} --max-steps N; --no-keep-checkpoints "
+                              "removes checkpoints once a run is complete")
+        else:
+            removed = remove_checkpoints(output)
+            if removed:
+                reporter.info(f"removed {', '.join(p.name for p in removed)}: the run is "
+                              f"complete and its model is in {output / 'final'}")
     if outcome.stopped_by:
         reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: {outcome.reason}")
     final_label = (f"eval (best, step {outcome.restored_step})" if outcome.restored_step is not None
@@ -578,11 +666,30 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def read_run_record(output: Path) -> dict[str, Any]:
-    path = output / RUN_FILE
-    if not path.is_file():
-        raise UsageError(f"{output}: no {RUN_FILE}; is this a dpo run directory?")
-    return json.loads(path.read_text())
+def recorded_config(output: Path) -> dict[str, Any]:
+    """The configuration a run in ``output`` was started with: from ``run.json``, or, when that
+    is damaged, from its newest checkpoint (each one keeps a copy)."""
+    try:
+        return rundir.read_record(output)["config"]
+    except UsageError as damaged:
+        for checkpoint in reversed(list_checkpoints(output)):
+            try:
+                saved, _ = load_checkpoint_state(checkpoint, tensors=False)
+            except (OSError, ValueError):
+                continue
+            if isinstance(saved.get("config"), dict):
+                return saved["config"]
+        raise damaged
+
+
+def remove_checkpoints(output: Path) -> list[Path]:
+    """Delete the checkpoints of a complete run (they exist to resume it; ``final/`` holds its
+    model): only directories the run wrote (``rundir.run_written``)."""
+    ours = set(rundir.run_written(output))
+    removed = [p for p in list_checkpoints(output) if p in ours]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = None

@@ -20,6 +20,7 @@ With one process nothing here wraps anything: the loop sees the Hugging Face mod
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from datetime import timedelta
 from typing import Any, ContextManager, Iterator
@@ -168,6 +169,31 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
+
+
+def all_finite(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               info: DistInfo) -> bool:
+    """Whether every parameter and every tensor of the optimizer's state (e.g. AdamW's moments)
+    is finite: one fused max-magnitude reduction (nan propagates through it, and a max cannot
+    overflow the way a sum of squares can), one host read, and under several processes one
+    all-reduce of a flag (FSDP shards differ between ranks)."""
+    tensors = []
+    for p in params:
+        tensors.append(_local(p.detach()))
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.is_floating_point() and value.numel() > 1:
+                tensors.append(_local(value))
+    if not tensors:
+        return True
+    bad = (~torch.nn.utils.get_total_norm(tensors, norm_type=math.inf).isfinite()).float()
+    if info.world_size > 1:
+        info.all_reduce_sum(bad)
+    return bad.item() == 0
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    local = getattr(tensor, "to_local", None)  # an FSDP2 shard (DTensor): this rank's part
+    return local() if local is not None else tensor
 
 
 def full_state_dict(module: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,128 @@
+"""The run directory: what may be one, what a run writes there, and what it may remove.
+
+A run directory is marked by ``run.json``, written as soon as the directory is taken (before
+the model loads), and holds only what the run writes: ``run.json``, ``metrics.jsonl``,
+``checkpoint-N/``, ``best/``, ``final/`` and their temporary names (``.NAME.tmp``,
+``.NAME.old``). ``--overwrite`` removes exactly those, and only in a directory that ``run.json``
+marks as a dpo run; a user's own files there stay. The current directory (or any directory
+above it), the home directory (or above), ``/`` and an empty path are never an output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dpo.core.errors import UsageError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+# Directories a run writes, and the file inside each that says the run wrote it (checkpoints
+# from before manifests carry trainer_state.json; best/ its record; final/ a model).
+_DIRS = re.compile(r"^(checkpoint-\d+|best|final)$")
+_TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|run\.json|metrics\.jsonl)\.(tmp|old)$")
+_MARKERS = ("dpo_manifest.json", "trainer_state.json", "dpo_best.json", "config.json")
+FINISHED = ("completed", "stopped by ")
+
+
+def check_output(output: str | Path, flag: str = "--output") -> Path:
+    """``output`` as a path a run may take, or a one-line error: never the current directory
+    or one above it, the home directory or one above it, or an empty path; not a file; and
+    somewhere this process can create and write files. Checked before any work."""
+    if str(output).strip() == "":
+        raise UsageError(f"{flag} is empty (an unset shell variable?); name a run directory, "
+                         "e.g. --output out")
+    path = Path(output).expanduser()
+    resolved = path.resolve()
+    for kept, name in ((Path.cwd().resolve(), "the current directory"),
+                       (Path.home().resolve(), "your home directory")):
+        if kept == resolved or resolved in kept.parents:
+            what = name if kept == resolved else f"a directory above {name}"
+            raise UsageError(f"{flag} {output}: that is {what}, which is never a run directory; "
+                             f"name a new directory, e.g. {flag} {path / 'out'}")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {output}: exists and is not a directory; name a directory")
+    existing = next((p for p in (resolved, *resolved.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {output}: {existing} is a file, so nothing can be created "
+                         "under it; name a directory")
+    if not _writable(existing):
+        raise UsageError(f"{flag} {output}: {existing} is not writable by this user; choose a "
+                         "directory you can write to")
+    return path
+
+
+def _writable(directory: Path) -> bool:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:  # a read-only file system says yes to access() for root: try it
+        tempfile.TemporaryDirectory(dir=directory, prefix=".dpo-probe-").cleanup()
+    except OSError:
+        return False
+    return True
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_FILE).is_file()
+
+
+def run_written(path: Path) -> list[Path]:
+    """What a run wrote in ``path``: its files, its directories that carry a run's marker, and
+    temporary leftovers of its atomic writes. A user's own files are not in the list."""
+    found = []
+    for entry in sorted(path.iterdir()) if path.is_dir() else []:
+        if entry.is_symlink():
+            continue
+        if entry.name in (RUN_FILE, METRICS_FILE) and entry.is_file():
+            found.append(entry)
+        elif _TEMPORARY.match(entry.name):
+            found.append(entry)
+        elif _DIRS.match(entry.name) and entry.is_dir() and (
+                not any(entry.iterdir()) or any((entry / m).is_file() for m in _MARKERS)):
+            found.append(entry)
+    return found
+
+
+def clear_run(path: Path) -> list[Path]:
+    """Remove what a run wrote in ``path`` (see ``run_written``); only in a run directory."""
+    if not is_run_dir(path):
+        raise UsageError(f"{path}: not a dpo run directory (no {RUN_FILE}); --overwrite only "
+                         "replaces a run; choose another --output or empty it yourself")
+    removed = run_written(path)
+    for entry in removed:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return removed
+
+
+def read_record(output: Path) -> dict[str, Any]:
+    """``output/run.json``, or a one-line error saying what is wrong with it."""
+    path = output / RUN_FILE
+    if not path.is_file():
+        raise UsageError(f"{output}: no {RUN_FILE}; is this a dpo run directory?")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: damaged ({exc}); it is rebuilt from the newest checkpoint "
+                         "on --resume when there is one") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise UsageError(f"{path}: not a run record (no config); is this a dpo run directory?")
+    return record
+
+
+def finished(record: dict[str, Any], output: Path) -> bool:
+    """Whether the run recorded in ``output`` ended and wrote its final model."""
+    status = str(record.get("status", ""))
+    return status.startswith(FINISHED) and (output / "final").is_dir()
+
+
+def extends(recorded: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether ``config`` asks a finished run for more training than ``recorded`` gave it."""
+    return any(config.get(key) != recorded.get(key) for key in ("max_steps", "epochs"))
