@@ -278,3 +278,153 @@ def test_a_damaged_trainer_state_is_one_line(tmp_path, tiny):
     with pytest.raises(DpoError, match=r"trainer_state.pt: cannot be read \(.*\); the "
                                        r"checkpoint is damaged: move .* aside"):
         ck.load_checkpoint_state(path)
+
+
+# -- resume, end to end --------------------------------------------------------------------------
+
+class DieAt(dpo.StoppingPolicy):
+    """Raises once at a chosen step, like a machine dying mid-run."""
+
+    name = "die-at"
+    armed_at: int | None = None
+
+    def on_step(self, step, metrics):
+        if step == DieAt.armed_at:
+            DieAt.armed_at = None
+            raise RuntimeError("simulated crash")
+        return dpo.CONTINUE
+
+
+class Plugin:
+    @dpo.hookimpl
+    def dpo_register_stopping_policies(self, register):
+        register(DieAt)
+
+
+def cli():
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, Plugin(), "die-plugin")
+    app = make_app(pm)
+    return lambda *args: CliRunner().invoke(app, ["run", "--no-progress", *args])
+
+
+def args(tmp: Path, out: Path) -> list[str]:
+    data = write_arithmetic_pairs(tmp / "pairs.jsonl")
+    return ["--model", "tiny", "--data", str(data), "--backend", "cpu", "--loss", "dpo",
+            "--max-steps", "6", "--lr", "1e-3", "--batch-size", "4", "--save-steps", "2",
+            "--stop", "die-at", "--output", str(out)]
+
+
+def records(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 6-step run, and one killed at step 5 (after checkpoints 2 and 4)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    invoke = cli()
+    straight = invoke(*args(tmp, tmp / "straight"))
+    assert straight.exit_code == 0, straight.output
+    DieAt.armed_at = 5
+    crashed = invoke(*args(tmp, tmp / "crashed"))
+    assert isinstance(crashed.exception, RuntimeError)
+    assert sorted(p.name for p in (tmp / "crashed").glob("checkpoint-*")) == ["checkpoint-2",
+                                                                             "checkpoint-4"]
+    return tmp / "straight", tmp / "crashed"
+
+
+def said(output: str) -> str:
+    """The console's output with line breaks undone: a terminal's width must not matter."""
+    return " ".join(output.split())
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: flip_middle_byte(p / "trainer_state.pt"),
+     "trainer_state.pt differs from its manifest (SHA-256)"),
+    (lambda p: (p / "config.json").unlink(), "config.json is missing"),
+    (lambda p: truncate(p / "model.safetensors"),
+     "model.safetensors is {cut} bytes, its manifest says {full}"),
+    (empty, "empty directory"),
+    (lambda p: ((p / ck.MANIFEST).unlink(), truncate(p / "trainer_state.pt")),
+     f"{ck.NO_MANIFEST}, and trainer_state.pt does not load (RuntimeError)"),
+], ids=["flipped-byte", "missing-file", "truncated-weights", "empty-dir", "no-manifest-broken"])
+def test_resume_falls_back_past_a_damaged_checkpoint_and_ends_as_if_uninterrupted(
+        tmp_path, runs, damage, reason):
+    straight, crashed = runs
+    out = tmp_path / "out"
+    shutil.copytree(crashed, out)
+    full = (out / "checkpoint-4" / "model.safetensors").stat().st_size
+    damage(out / "checkpoint-4")
+    resumed = cli()("--resume", str(out))
+    assert resumed.exit_code == 0, resumed.output
+    text = said(resumed.output)
+    reason = reason.format(cut=full - 100, full=full)
+    assert text.count("damaged") == 1
+    assert f"warning: checkpoint-4 is damaged ({reason}); resuming from checkpoint-2" in text
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(out) == records(straight)
+    assert ck.verify(out / "checkpoint-4") is None  # replaced by the resumed run's own
+
+
+def test_a_checkpoint_from_before_manifests_is_resumed_with_a_note(tmp_path, runs):
+    straight, crashed = runs
+    out = tmp_path / "out"
+    shutil.copytree(crashed, out)
+    (out / "checkpoint-4" / ck.MANIFEST).unlink()
+    resumed = cli()("--resume", str(out))
+    assert resumed.exit_code == 0, resumed.output
+    assert "damaged" not in resumed.output
+    assert said(resumed.output).count("checkpoint-4 has no manifest (written by an earlier "
+                                      "version): its files load") == 1
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-4")
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_checkpoint_damaged_is_one_line_naming_them(tmp_path, runs):
+    _, crashed = runs
+    out = tmp_path / "out"
+    shutil.copytree(crashed, out)
+    empty(out / "checkpoint-4")
+    (out / "checkpoint-2" / "trainer_state.pt").unlink()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    resumed = cli()("--resume", str(out))
+    assert resumed.exit_code == 2
+    assert resumed.output.strip().splitlines() == [
+        f"error: {out}: no checkpoint to resume from: every one is damaged: checkpoint-4 "
+        "(empty directory); checkpoint-2 (trainer_state.pt is missing); start over with "
+        "--overwrite"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_a_full_disk_at_a_checkpoint_fails_the_run_in_one_line(tmp_path, runs, monkeypatch):
+    """The checkpoint at step 4 finds the disk full: the run stops with one line and status
+    failed; checkpoint-2 stays and verifies, and nothing half-written is left."""
+    real_save = torch.save
+
+    def save(obj, path, *a, **kw):
+        if Path(path).parent.name == ".checkpoint-4.tmp":
+            return failing_save(1000)(obj, path)
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "out"
+    result = cli()(*args(tmp_path, out))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1:] == [
+        f"error: cannot write checkpoint-4 under {out}: No space left on device; free space "
+        f"and resume with --resume {out}"]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert ck.verify(out / "checkpoint-2") is None
+    assert json.loads((out / "run.json").read_text())["status"].startswith(
+        "failed: cannot write checkpoint-4")

@@ -23,9 +23,10 @@ from dpo import __version__
 from dpo.core.activations import checkpoint_layers
 from dpo.core.backend import Backend
 from dpo.core.checkpoint import (
-    latest_checkpoint,
+    has_manifest,
     load_checkpoint_state,
     restore_rng_states,
+    resumable_checkpoint,
     write_json_atomic,
 )
 from dpo.core import refcache
@@ -230,9 +231,20 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     # 2. The output directory and the checkpoint to resume from.
     checkpoint = None
     if resume:
-        checkpoint = latest_checkpoint(output)
+        # The newest checkpoint that verifies against its manifest; damaged newer ones are
+        # said and kept (the run replaces each when it gets to its step).
+        checkpoint, damaged = resumable_checkpoint(output)
+        if checkpoint is None and damaged:
+            listed = "; ".join(f"{p.name} ({reason})" for p, reason in damaged)
+            raise UsageError(f"{output}: no checkpoint to resume from: every one is damaged: "
+                             f"{listed}; start over with --overwrite")
         if checkpoint is None:
             raise UsageError(f"{output}: no checkpoint to resume from")
+        for path, reason in damaged:
+            reporter.warn(f"{path.name} is damaged ({reason}); resuming from {checkpoint.name}")
+        if not has_manifest(checkpoint):
+            reporter.info(f"{checkpoint.name} has no manifest (written by an earlier version): "
+                          "its files load, but their contents cannot be verified")
         check_resume_world(checkpoint, dist, config.strategy)
     elif output.exists() and any(output.iterdir()) and not overwrite:
         raise UsageError(f"{output}: already holds files; resume with --resume {output}, "
