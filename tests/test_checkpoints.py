@@ -167,6 +167,14 @@ def test_a_checkpoint_from_before_manifests_is_accepted_when_its_files_load(tmp_
     assert ck.checkpoint_problem(path) == f"{ck.NO_MANIFEST}, and trainer_state.json is missing"
 
 
+def test_a_checkpoint_from_before_manifests_with_truncated_weights_is_refused(tmp_path, tiny):
+    path = save(tmp_path, 2, tiny)
+    (path / ck.MANIFEST).unlink()
+    truncate(path / "model.safetensors")
+    assert ck.checkpoint_problem(path) == (f"{ck.NO_MANIFEST}, and model.safetensors does not "
+                                           "load (SafetensorError)")
+
+
 def test_resumable_checkpoint_passes_over_damaged_newer_ones_and_deletes_nothing(tmp_path, tiny):
     for step in (2, 4, 6):
         save(tmp_path, step, tiny)
