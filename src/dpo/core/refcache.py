@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from dpo.core.checkpoint import durable_replace, fsync_path
 from dpo.core.models import cache_dir
 
 if TYPE_CHECKING:
@@ -142,7 +143,8 @@ def write(path: Path, table: RefLogps) -> None:
     os.close(fd)
     try:
         save_file({"digests": digests, "logps": logps}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        fsync_path(Path(tmp))  # the contents on disk before the name points at them
+        durable_replace(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -24,10 +24,12 @@ from dpo import __version__
 from dpo.core.activations import checkpoint_layers
 from dpo.core.backend import Backend
 from dpo.core.checkpoint import (
+    has_manifest,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint_state,
     restore_rng_states,
+    resumable_checkpoint,
     transformers_bars_off,
     write_json_atomic,
 )
@@ -292,7 +294,13 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                                                                      config.model_dump()):
             raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
                              f"its model is {output / 'final'}")
-        checkpoint = latest_checkpoint(output)
+        # The newest checkpoint that verifies against its manifest; damaged newer ones are
+        # said and kept (the run replaces each when it gets to its step).
+        checkpoint, damaged = resumable_checkpoint(output)
+        if checkpoint is None and damaged:
+            listed = "; ".join(f"{p.name} ({reason})" for p, reason in damaged)
+            raise UsageError(f"{output}: no checkpoint to resume from: every one is damaged: "
+                             f"{listed}; start over with --overwrite")
         if checkpoint is None and rundir.finished(previous, output):
             raise UsageError(f"{output}: the run is complete and its checkpoints were removed "
                              "(--no-keep-checkpoints), so it cannot be extended; start a new run "
@@ -300,6 +308,12 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         if checkpoint is None:
             reporter.info(f"{output}: no checkpoint yet; starting the run again from step 0")
         else:
+            for path, reason in damaged:
+                reporter.warn(f"{path.name} is damaged ({reason}); resuming from "
+                              f"{checkpoint.name}")
+            if not has_manifest(checkpoint):
+                reporter.info(f"{checkpoint.name} has no manifest (written by an earlier "
+                              "version): its files load, but their contents cannot be verified")
             check_resume_world(checkpoint, dist, config.strategy)
     elif output.exists() and any(output.iterdir()):
         if not overwrite:
@@ -675,7 +689,7 @@ def recorded_config(output: Path) -> dict[str, Any]:
         for checkpoint in reversed(list_checkpoints(output)):
             try:
                 saved, _ = load_checkpoint_state(checkpoint, tensors=False)
-            except (OSError, ValueError):
+            except (OSError, ValueError, UsageError):
                 continue
             if isinstance(saved.get("config"), dict):
                 return saved["config"]

@@ -18,15 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dpo.core.checkpoint import written_here
 from dpo.core.errors import UsageError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-# Directories a run writes, and the file inside each that says the run wrote it (checkpoints
-# from before manifests carry trainer_state.json; best/ its record; final/ a model).
+# Directories a run writes (each says so: ``checkpoint.written_here``).
 _DIRS = re.compile(r"^(checkpoint-\d+|best|final)$")
 _TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|run\.json|metrics\.jsonl)\.(tmp|old)$")
-_MARKERS = ("dpo_manifest.json", "trainer_state.json", "dpo_best.json", "config.json")
 FINISHED = ("completed", "stopped by ")
 
 
@@ -83,7 +82,7 @@ def run_written(path: Path) -> list[Path]:
         elif _TEMPORARY.match(entry.name):
             found.append(entry)
         elif _DIRS.match(entry.name) and entry.is_dir() and (
-                not any(entry.iterdir()) or any((entry / m).is_file() for m in _MARKERS)):
+                not any(entry.iterdir()) or written_here(entry)):
             found.append(entry)
     return found
 
