@@ -58,7 +58,7 @@ def test_cpu_release_memory_trims_the_heap_at_most_once_per_interval(monkeypatch
     """``release_memory`` calls glibc's malloc_trim(0), then skips calls until
     ``TRIM_INTERVAL_S`` has passed (a clock moved by hand: 0 s trims, 0.4 s skips, 0.6 s
     trims again); where the C library has no malloc_trim it does nothing."""
-    from dpo.backends import cpu
+    from dpo.core import backend as cpu  # the host defaults live in the base class
 
     trims, clock = [], [100.0]
     monkeypatch.setattr(cpu, "_glibc", lambda name: trims.append if name == "malloc_trim" else None)
@@ -91,7 +91,7 @@ def test_cpu_memory_stats_without_proc(monkeypatch):
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/self/statm")
 
-    monkeypatch.setattr("dpo.backends.cpu.open", no_proc, raising=False)
+    monkeypatch.setattr("dpo.core.backend.open", no_proc, raising=False)
     stats = CPUBackend().memory_stats()
     assert stats.current_bytes is None and stats.peak_bytes > 0
 
