@@ -64,7 +64,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         table = Table(title="backends")
         for column in ("backend", "available", "devices", "collective", "auto dtype",
                        "device, or why not"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column == "backend")
         for r in rows:
             # A clashing name gets one row per plugin, each saying whose it is.
             name = f"{r['name']} ({r['plugin']})" if r["clash"] else r["name"]
@@ -73,4 +73,4 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         console = Console()
         console.print(table)
         for c in catalog.backends.clashes():
-            console.print(f"clash: {c}", markup=False, highlight=False)
+            console.print(f"clash: {c}", markup=False, highlight=False, soft_wrap=True)

@@ -53,6 +53,7 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
         for f in report["failed"]:
             # Not markup: an error's "[...]" would be eaten.
             console.print(f"failed: {f['name']} ({f['distribution']} {f['version']}): {f['error']}",
-                          markup=False, highlight=False)
+                          markup=False, highlight=False,
+                          soft_wrap=True)
         for c in report["conflicts"]:
-            console.print(f"conflict: {c}", markup=False, highlight=False)
+            console.print(f"conflict: {c}", markup=False, highlight=False, soft_wrap=True)

@@ -89,6 +89,7 @@ class Registry(Generic[T]):
         if any(c.provider == provider for c in claims):
             raise ValueError(f"plugin {provider!r} registered {self.kind} {name!r} twice")
         claims.append(Claim(cls, provider, builtin))
+        claims.sort(key=lambda c: not c.builtin)  # built-ins first in messages and listings
 
     def withdraw(self, provider: str, why: str) -> None:
         """Forget every class ``provider`` registered; names left without a provider remember
