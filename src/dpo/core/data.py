@@ -93,16 +93,19 @@ class DataFormat(Configurable, ABC):
         """Why this class cannot be registered as a data format (``None``: it can)."""
         if not (isinstance(cls.suffixes, tuple) and all(
                 isinstance(x, str) and x.startswith(".") and x == x.lower() for x in cls.suffixes)):
-            return f"suffixes must be a tuple of lower-case file-name endings such as '.tsv', " \
-                   f"got {cls.suffixes!r}"
+            return ("suffixes must be a tuple of lower-case file-name endings such as '.tsv', "
+                    f"got {cls.suffixes!r}")
         if cls.suffixes and not cls.reads_files():
-            return f"it claims the suffixes {', '.join(cls.suffixes)} but does not implement read(path)"
+            return (f"it claims the suffixes {', '.join(cls.suffixes)} but does not implement "
+                    "read(path)")
         return None
 
     @classmethod
     def reads_files(cls) -> bool:
         """Whether this format reads files itself (it overrides ``read``)."""
-        return cls.read.__func__ is not DataFormat.read.__func__  # type: ignore[attr-defined]
+        # A classmethod's function, or a staticmethod's (which has no __func__).
+        base = DataFormat.read.__func__  # type: ignore[attr-defined]
+        return getattr(cls.read, "__func__", cls.read) is not base
 
     @classmethod
     def read(cls, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

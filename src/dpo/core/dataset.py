@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -84,13 +85,13 @@ def _format_records(reader: type[DataFormat], p: Path,
     try:
         records = iter(reader.read(p))
         for item in records:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int)
-                    and isinstance(item[1], dict)):
+            if not (isinstance(item, tuple) and len(item) == 2
+                    and isinstance(item[0], numbers.Integral) and isinstance(item[1], dict)):
                 raise DataError(f"{reader.name} format: read() must yield (line number, dict) "
                                 f"pairs, got {type(item).__name__}; a bug in the data format "
                                 "plugin", shown, line + 1)
-            line = item[0]
-            yield item
+            line = int(item[0])  # e.g. a numpy row number
+            yield line, item[1]
     except DataError as exc:
         if exc.path:  # already names a file
             raise

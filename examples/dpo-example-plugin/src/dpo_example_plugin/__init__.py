@@ -93,16 +93,17 @@ class TSVFormat(dpo.DataFormat):
                 try:
                     text = raw.decode("utf-8-sig" if line == 1 else "utf-8").rstrip("\r\n")
                 except UnicodeDecodeError:
-                    raise dpo.DataError("not UTF-8 text; save the file as UTF-8", line=line) from None
+                    raise dpo.DataError("not UTF-8 text; save the file as UTF-8",
+                                        line=line) from None
                 if not text.strip():
                     continue
                 fields = text.split("\t")
                 if header is None:
                     missing = [c for c in cls.COLUMNS if c not in fields]
                     if missing:
-                        raise dpo.DataError(f"the first line must name the columns "
-                                            f"{', '.join(cls.COLUMNS)}; missing {', '.join(missing)}",
-                                            line=line)
+                        columns = ", ".join(cls.COLUMNS)
+                        raise dpo.DataError(f"the first line must name the columns {columns}; "
+                                            f"missing {', '.join(missing)}", line=line)
                     header = fields
                     continue
                 if len(fields) != len(header):
