@@ -396,3 +396,31 @@ def test_dpo_backends_and_dpo_plugins_show_the_clash():
     report = json.loads(_cli(pm, "plugins", "--json").output)
     assert any(c.startswith("loss 'dpo' is registered twice") for c in report["conflicts"])
     assert not report["failed"]
+
+
+def test_format_detection_passes_over_a_clashing_format_for_the_builtin(tmp_path):
+    """A third party's ``preference`` parses every record as ("X", "X", "Y"): detection must use
+    the built-in one (the pair as written), and ``--format preference`` must refuse."""
+    from dpo.core.dataset import load_pairs
+    from dpo.plugins.formats.preference import PreferenceFormat
+
+    class Shadow(PreferenceFormat):
+        def parse(self, record):
+            return dpo.PreferencePair("X", "X", "Y")
+
+    class Plugin:
+        @dpo.hookimpl
+        def dpo_register_data_formats(self, register):
+            register(Shadow)
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, Plugin(), "shadow")
+    formats = collect(pm).formats
+    warned: list[str] = []
+    formats.warn = warned.append
+    path = _pairs(tmp_path / "p.jsonl")
+    assert load_pairs(path, formats)[0].pair == dpo.PreferencePair("0 + 1 = ", "1", "2")
+    assert warned and warned[0].startswith("data format 'preference' is also registered by "
+                                           "plugin 'shadow'")
+    with pytest.raises(DuplicateNameError, match="'dpo.plugins.formats.preference'.*'shadow'"):
+        load_pairs(path, formats, "preference")

@@ -6,7 +6,8 @@ and resolved by one rule instead of by install order:
 * a name claimed by one plugin means that plugin's class;
 * a name claimed by several plugins (a clash) is refused when the user names it (``--loss``,
   ``--backend``, ``--stop``, ``--format``, a config file's key, an ``-o`` section): the error names
-  both plugins. ``get(name)`` asks on the user's behalf;
+  both plugins. ``get(name)`` asks on the user's behalf. The names a resumed run recorded in
+  ``run.json`` count as not named: the run started with whatever served them then;
 * when nobody named it (a default such as loss ``dpo`` or stopping policy ``nan-guard``, a
   candidate of ``--backend auto``, format detection), the built-in claim wins if exactly one
   claimant is built in, with a warning line naming the plugin that was passed over
