@@ -58,7 +58,7 @@ def test_cpu_release_memory_trims_the_heap_at_most_once_per_interval(monkeypatch
     """``release_memory`` calls glibc's malloc_trim(0), then skips calls until
     ``TRIM_INTERVAL_S`` has passed (a clock moved by hand: 0 s trims, 0.4 s skips, 0.6 s
     trims again); where the C library has no malloc_trim it does nothing."""
-    from dpo.backends import cpu
+    from dpo.core import backend as cpu  # the host defaults live in the base class
 
     trims, clock = [], [100.0]
     monkeypatch.setattr(cpu, "_glibc", lambda name: trims.append if name == "malloc_trim" else None)
@@ -91,7 +91,7 @@ def test_cpu_memory_stats_without_proc(monkeypatch):
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/self/statm")
 
-    monkeypatch.setattr("dpo.backends.cpu.open", no_proc, raising=False)
+    monkeypatch.setattr("dpo.core.backend.open", no_proc, raising=False)
     stats = CPUBackend().memory_stats()
     assert stats.current_bytes is None and stats.peak_bytes > 0
 
@@ -507,3 +507,90 @@ def test_backends_rows_say_the_auto_dtype_and_the_device_or_why_not(dpo_catalog)
             assert row["device"] and row["dtype"] and not row["reason"]
         else:
             assert row["reason"] and not row["device"] and not row["dtype"]
+
+
+# -- what a third-party backend inherits ---------------------------------------------------------
+
+class MinimalHost(dpo.Backend):
+    """All a third party must write for a backend computing on the host."""
+
+    name = "minimal-host"
+    device_type = "cpu"
+
+    @classmethod
+    def unavailable_reason(cls):
+        return None
+
+    @classmethod
+    def device_count(cls):
+        return 1
+
+    def device(self, local_rank=0):
+        return torch.device("cpu")
+
+
+class MinimalAccelerator(MinimalHost):
+    name = "minimal-mps"
+    device_type = "mps"
+
+
+def test_a_minimal_host_backend_gets_the_cpu_backends_speed_defaults(monkeypatch):
+    """Shared prompt, fused AdamW, bf16 autocast, resident memory, and the allocator's
+    threshold (mallopt(M_MMAP_THRESHOLD = -3, 1 MiB)) and trim (malloc_trim(0)) under
+    --gradient-checkpointing: what the built-in cpu backend does, with nothing overridden."""
+    from dpo.backends import _intel
+    from dpo.core import backend as base
+
+    calls = []
+    monkeypatch.setattr(base, "_glibc", lambda name: lambda *args: calls.append((name, args)) or 1)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(_intel, "installed_version", lambda: None)  # cpu's fused AdamW is plain
+    mine, cpu = MinimalHost(), CPUBackend()
+    for backend in (mine, cpu):
+        assert backend.share_prompt_default is True
+        assert backend.optimizer_options() == {"fused": True}
+        assert backend.supported_dtypes() == (torch.float32, torch.bfloat16)
+        a = torch.randn(4, 4)
+        with backend.autocast(torch.bfloat16):
+            assert (a @ a).dtype == torch.bfloat16
+        stats = backend.memory_stats()
+        assert stats.current_bytes and stats.peak_bytes >= stats.current_bytes
+        calls.clear()
+        assert backend.save_memory() == "freed blocks of 1 MiB and more go back to the system"
+        backend.release_memory()
+        assert calls == [("mallopt", (-3, 1 << 20)), ("malloc_trim", (0,))]
+
+
+def test_a_minimal_accelerator_backend_keeps_the_batched_path_and_the_host_alone(monkeypatch):
+    from dpo.core import backend as base
+
+    calls = []
+    monkeypatch.setattr(base, "_glibc", lambda name: lambda *args: calls.append(name) or 1)
+    mine = MinimalAccelerator()
+    assert mine.share_prompt_default is False
+    assert mine.optimizer_options() == {"fused": True}  # torch has a fused AdamW for mps
+    assert mine.supported_dtypes() == (torch.float32,)
+    assert mine.memory_stats() == dpo.MemoryStats(None, None)
+    assert mine.save_memory() is None
+    mine.release_memory()
+    assert calls == []
+    assert type("Odd", (MinimalAccelerator,), {"device_type": "odd"})().optimizer_options() == {}
+
+
+def test_a_backend_without_device_type_is_refused_with_what_to_set():
+    from dpo.core.plugins import get_plugin_manager, register_plugin
+
+    vague = type("Vague", (dpo.Backend,), {
+        "name": "vague", "unavailable_reason": MinimalHost.unavailable_reason,
+        "device_count": MinimalHost.device_count, "device": MinimalHost.device})
+
+    class Plugin:
+        @dpo.hookimpl
+        def dpo_register_backends(self, register):
+            register(vague)
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, Plugin(), "vague-plugin")
+    assert "vague" not in collect(pm).backends
+    [failure] = pm.failures
+    assert failure.name == "vague-plugin" and "set the class attribute device_type" in failure.error

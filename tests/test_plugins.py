@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import textwrap
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 import dpo
 from dpo.core import hookspecs
 from dpo.core.errors import DuplicateNameError, UnknownNameError
-from dpo.core.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager, register_plugin
+from dpo.core.plugins import (
+    DEFAULT_PLUGINS,
+    DpoPluginManager,
+    collect,
+    get_plugin_manager,
+    register_plugin,
+)
 
 
 def make_distribution(root: Path, dist: str, version: str, entry_points: dict[str, str],
@@ -176,3 +183,244 @@ def test_every_hook_is_documented_and_exercised_by_a_test():
         assert len(inspect.getdoc(getattr(hookspecs, name)) or "") > 40, name
         # Each hook is implemented by a plugin defined in some test module.
         assert f"def {name}(" in tests, f"no test implements {name}"
+
+
+# -- a failed plugin registers nothing ----------------------------------------------------------
+
+def _loss(name: str) -> type:
+    from dpo.plugins.losses.dpo import DPOLoss
+
+    return type(f"Loss_{name}", (DPOLoss,), {"name": name})
+
+
+def _pairs(path: Path) -> Path:
+    path.write_text("".join(f'{{"prompt": "{i} + 1 = ", "chosen": "{i + 1}", "rejected": '
+                            f'"{i + 2}"}}\n' for i in range(4)))
+    return path
+
+
+def _cli(pm_or_app, *args: str):
+    from typer.testing import CliRunner
+
+    from dpo.cli import make_app
+
+    app = make_app(pm_or_app) if isinstance(pm_or_app, DpoPluginManager) else pm_or_app
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_error_line(result, code: int) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+class CommandHookFails:
+    """Registers a loss and a stopping policy, then its command hook adds one command and
+    raises: the whole plugin must be gone."""
+
+    @dpo.hookimpl
+    def dpo_register_losses(self, register):
+        register(_loss("half-loss"))
+
+    @dpo.hookimpl
+    def dpo_register_commands(self, app):
+        @app.command("half-command")
+        def half_command() -> None:
+            """Never reachable."""
+
+        raise RuntimeError("needs typer 9")
+
+
+def test_a_plugin_whose_command_hook_raises_registers_nothing(tmp_path):
+    from dpo.cli import make_app
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, CommandHookFails(), "cmdfail")
+    app = make_app(pm)
+    report = json.loads(_cli(app, "plugins", "--json").output)
+    assert [(f["name"], f["error"]) for f in report["failed"]] == [
+        ("cmdfail", "RuntimeError: needs typer 9")]
+    assert "cmdfail" not in {p["name"] for p in report["plugins"]}
+
+    out = tmp_path / "out"
+    result = _cli(app, "run", "--model", "tiny", "--data", str(_pairs(tmp_path / "p.jsonl")),
+                  "--loss", "half-loss", "--output", str(out), "--no-progress")
+    line = _one_error_line(result, 2)
+    assert line == ("error: loss 'half-loss' comes from plugin 'cmdfail', which failed "
+                    "(RuntimeError: needs typer 9); fix or uninstall it, see `dpo plugins`")
+    assert not out.exists()
+    assert _cli(app, "half-command").exit_code == 2  # no such command
+
+
+def test_a_plugin_failing_at_a_later_registration_hook_loses_its_earlier_classes():
+    """Backends are collected before losses: the backend registered first must go too."""
+    from dpo.backends.cpu import CPUBackend
+
+    class LateFailure:
+        @dpo.hookimpl
+        def dpo_register_backends(self, register):
+            register(type("Mine", (CPUBackend,), {"name": "late-cpu"}))
+
+        @dpo.hookimpl
+        def dpo_register_losses(self, register):
+            raise ImportError("no module named 'flash'")
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, LateFailure(), "late")
+    catalog = collect(pm)
+    assert "late-cpu" not in catalog.backends and "late" not in catalog.registrations
+    with pytest.raises(dpo.UsageError, match="backend 'late-cpu' comes from plugin 'late', "
+                                             "which failed .ImportError: no module named 'flash'."):
+        catalog.backends.get("late-cpu")
+
+
+def test_a_failed_plugin_leaves_no_clash_behind():
+    """Its claim on the built-in ``dpo`` goes with it: the name is plain ``dpo`` again."""
+
+    class Claims:
+        @dpo.hookimpl
+        def dpo_register_losses(self, register):
+            register(_loss("dpo"))
+
+        @dpo.hookimpl
+        def dpo_register_commands(self, app):
+            raise ValueError("broken")
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, Claims(), "claims")
+    report = json.loads(_cli(pm, "plugins", "--json").output)
+    assert report["conflicts"] == [] and [f["name"] for f in report["failed"]] == ["claims"]
+
+
+# -- a plugin claiming a built-in name ------------------------------------------------------------
+
+class ClaimsBuiltins:
+    """A third party registering the built-in names ``cpu`` (backend) and ``dpo`` (loss)."""
+
+    @dpo.hookimpl
+    def dpo_register_backends(self, register):
+        from dpo.backends.cpu import CPUBackend
+
+        register(type("OtherCPU", (CPUBackend,), {"name": "cpu"}))
+
+    @dpo.hookimpl
+    def dpo_register_losses(self, register):
+        register(_loss("dpo"))
+
+
+def _claiming_manager():
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, ClaimsBuiltins(), "claimer")
+    return pm
+
+
+def test_a_clash_is_an_error_when_named_and_the_builtin_when_not():
+    catalog = collect(_claiming_manager())
+    warnings: list[str] = []
+    catalog.backends.warn = warnings.append
+    with pytest.raises(DuplicateNameError) as info:
+        catalog.backends.get("cpu")
+    assert "'dpo.backends.cpu'" in str(info.value) and "'claimer'" in str(info.value)
+    from dpo.backends.cpu import CPUBackend
+
+    assert catalog.backends.get("cpu", asked=False) is CPUBackend
+    assert catalog.backends.get("cpu", asked=False) is CPUBackend
+    assert warnings == [  # once
+        "backend 'cpu' is also registered by plugin 'claimer'; using the built-in one, since "
+        "nothing named it (naming it is an error while both are installed; see `dpo plugins`)"]
+    assert catalog.backends.providers["cpu"] == "dpo.backends.cpu"
+
+
+def test_a_clash_between_two_third_parties_has_no_default():
+    class One:
+        @dpo.hookimpl
+        def dpo_register_losses(self, register):
+            register(_loss("shared"))
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, One(), "one")
+    register_plugin(pm, One(), "two")
+    catalog = collect(pm)
+    with pytest.raises(DuplicateNameError) as info:
+        catalog.losses.get("shared", asked=False)
+    assert "'one'" in str(info.value) and "'two'" in str(info.value)
+    assert "shared" not in dict(catalog.losses)  # detection-style iteration skips it
+    [clash] = catalog.conflicts
+    assert str(clash).endswith("; it cannot be used until one is removed")
+
+
+def test_a_plain_run_uses_the_builtins_and_says_so(tmp_path):
+    """No --backend, no --loss: ``auto`` picks cpu and the default loss is dpo; both clash, the
+    built-ins serve, and one warning line each says which plugin was passed over."""
+    out = tmp_path / "out"
+    result = _cli(_claiming_manager(), "run", "--model", "tiny", "--data",
+                  str(_pairs(tmp_path / "p.jsonl")), "--max-steps", "1", "--output", str(out),
+                  "--no-progress")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: backend 'cpu' is also registered by plugin 'claimer'" in text
+    assert "warning: loss 'dpo' is also registered by plugin 'claimer'" in text
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("flag, kind, name", [("--backend", "backend", "cpu"),
+                                              ("--loss", "loss", "dpo")])
+def test_naming_a_clashing_name_is_one_line_naming_both_plugins(tmp_path, flag, kind, name):
+    """With ``--loss dpo``, ``--backend auto`` still picks the built-in cpu (a warning line
+    first); the named loss is the one error."""
+    out = tmp_path / "out"
+    result = _cli(_claiming_manager(), "run", "--model", "tiny", "--data",
+                  str(_pairs(tmp_path / "p.jsonl")), flag, name, "--output", str(out))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    *warned, line = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("error: ") and all(w.startswith("warning: ") for w in warned)
+    assert f"{kind} {name!r} is registered twice" in line
+    assert f"'dpo.backends.{name}'" in line or "'dpo.plugins.losses.dpo'" in line
+    assert "'claimer'" in line and not out.exists()
+
+
+def test_dpo_backends_and_dpo_plugins_show_the_clash():
+    pm = _claiming_manager()
+    rows = [r for r in json.loads(_cli(pm, "backends", "--json").output) if r["name"] == "cpu"]
+    assert [r["plugin"] for r in rows] == ["dpo.backends.cpu", "claimer"]  # built-in first
+    notes = {r["plugin"]: r["clash"] for r in rows}
+    assert notes["dpo.backends.cpu"].endswith("--backend auto uses this one")
+    assert notes["claimer"].endswith("not used")
+    lines = _cli(pm, "backends").output.splitlines()
+    assert any("cpu (claimer)" in line for line in lines)
+    assert [line for line in lines if line.startswith("clash: ")] == [
+        "clash: backend 'cpu' is registered twice: by plugin 'dpo.backends.cpu' and by plugin "
+        "'claimer'; uninstall one or block it with DPO_DISABLE_PLUGINS; unless named, the "
+        "built-in one (plugin 'dpo.backends.cpu') is used"]
+    report = json.loads(_cli(pm, "plugins", "--json").output)
+    assert any(c.startswith("loss 'dpo' is registered twice") for c in report["conflicts"])
+    assert not report["failed"]
+
+
+def test_format_detection_passes_over_a_clashing_format_for_the_builtin(tmp_path):
+    """A third party's ``preference`` parses every record as ("X", "X", "Y"): detection must use
+    the built-in one (the pair as written), and ``--format preference`` must refuse."""
+    from dpo.core.dataset import load_pairs
+    from dpo.plugins.formats.preference import PreferenceFormat
+
+    class Shadow(PreferenceFormat):
+        def parse(self, record):
+            return dpo.PreferencePair("X", "X", "Y")
+
+    class Plugin:
+        @dpo.hookimpl
+        def dpo_register_data_formats(self, register):
+            register(Shadow)
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, Plugin(), "shadow")
+    formats = collect(pm).formats
+    warned: list[str] = []
+    formats.warn = warned.append
+    path = _pairs(tmp_path / "p.jsonl")
+    assert load_pairs(path, formats)[0].pair == dpo.PreferencePair("0 + 1 = ", "1", "2")
+    assert warned and warned[0].startswith("data format 'preference' is also registered by "
+                                           "plugin 'shadow'")
+    with pytest.raises(DuplicateNameError, match="'dpo.plugins.formats.preference'.*'shadow'"):
+        load_pairs(path, formats, "preference")

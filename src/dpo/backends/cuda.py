@@ -45,7 +45,7 @@ class _DeviceModuleBackend(Backend):
     """A backend driven through a torch device module with the ``torch.cuda`` API."""
 
     # Subclasses fill these in.
-    _device_type: ClassVar[str]  # torch's device type and module name: "cuda", "xpu"
+    device_type: ClassVar[str]  # torch's device type and module name: "cuda", "xpu"
     _kind: ClassVar[str]  # how messages name the devices: "CUDA", "ROCm", "Intel XPU"
     _visibility_vars: ClassVar[tuple[str, ...]]
     _listing_tool: ClassVar[str]  # the vendor's command that lists GPUs, for the hint
@@ -58,7 +58,7 @@ class _DeviceModuleBackend(Backend):
     @classmethod
     def _module(cls) -> Any:
         """``torch.cuda`` or ``torch.xpu``; looked up on each call so tests can patch it."""
-        return getattr(torch, cls._device_type)
+        return getattr(torch, cls.device_type)
 
     @classmethod
     @abstractmethod
@@ -110,7 +110,7 @@ class _DeviceModuleBackend(Backend):
         # index land on this rank's GPU rather than all on GPU 0.
         module.set_device(local_rank)
         self._index = local_rank
-        return torch.device(self._device_type, local_rank)
+        return torch.device(self.device_type, local_rank)
 
     def _current(self) -> int:
         return self._index if self._index is not None else self._module().current_device()
@@ -143,7 +143,7 @@ class _DeviceModuleBackend(Backend):
             names = ", ".join(str(d).removeprefix("torch.") for d in supported)
             raise ValueError(f"the {self.name} backend cannot train in {dtype} here "
                              f"(supported: {names})")
-        return torch.autocast(self._device_type, dtype=dtype)
+        return torch.autocast(self.device_type, dtype=dtype)
 
     def synchronize(self) -> None:
         self._module().synchronize(self._current())
@@ -166,9 +166,6 @@ class _DeviceModuleBackend(Backend):
     def set_rng_state(self, state: Any) -> None:
         if state is not None:
             self._module().set_rng_state_all(state)
-
-    def optimizer_options(self) -> dict[str, Any]:
-        return {"fused": True}  # one kernel for all of AdamW's parameters
 
     def peak_flops(self, dtype: torch.dtype) -> float | None:
         if not self.is_available():
@@ -242,7 +239,7 @@ _NVIDIA_PEAKS: tuple[tuple[str, Peak], ...] = (
 class _CudaLikeBackend(_DeviceModuleBackend):
     """Devices that torch calls ``cuda``: NVIDIA GPUs on CUDA builds, AMD GPUs on ROCm builds."""
 
-    _device_type = "cuda"
+    device_type = "cuda"
     collective = "nccl"  # NCCL on CUDA builds, RCCL under the same name on ROCm builds
 
 

@@ -114,6 +114,7 @@ class XLABackend(Backend):
     """torch_xla's lazy tensors: ops are traced, then compiled and run at each graph cut."""
 
     name = "xla"
+    device_type = "xla"
     collective = "xla"
     static_shapes = True
 

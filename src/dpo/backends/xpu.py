@@ -29,7 +29,7 @@ class XPUBackend(_DeviceModuleBackend):
 
     name = "xpu"
     collective = "xccl"
-    _device_type = "xpu"
+    device_type = "xpu"
     _kind = "Intel XPU"
     # Level Zero's device mask; ONEAPI_DEVICE_SELECTOR filters at the SYCL level.
     _visibility_vars = ("ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")

@@ -63,7 +63,8 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
             call_impl(impl, app=app)
         except Exception as exc:  # a broken plugin command must not take the CLI down
             del app.registered_commands[before:]
-            pm.fail(impl.plugin_name, exc)
+            # A failed plugin registers nothing: its losses, backends, ... go too.
+            catalog.withdraw(impl.plugin_name, pm.fail(impl.plugin_name, exc).error)
             continue
         added = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands[before:]]
         if added:

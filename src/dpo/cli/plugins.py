@@ -51,7 +51,9 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
             table.add_row(p["name"], f"{p['distribution']} {p['version']}", registers or "-")
         console.print(table)
         for f in report["failed"]:
-            console.print(f"[red]failed:[/] {f['name']} ({f['distribution']} {f['version']}): {f['error']}",
-                          highlight=False)
+            # Not markup: an error's "[...]" would be eaten.
+            console.print(f"failed: {f['name']} ({f['distribution']} {f['version']}): {f['error']}",
+                          markup=False, highlight=False,
+                          soft_wrap=True)
         for c in report["conflicts"]:
-            console.print(f"[red]conflict:[/] {c}", highlight=False)
+            console.print(f"conflict: {c}", markup=False, highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -53,8 +54,10 @@ NO_SUCH_FILE = "no such file; check the path given to --data"
 FILE_SUFFIXES = (".jsonl", ".json", ".gz")
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, record) for each non-blank line of a JSONL file (``.gz``: gzip).
+def read_records(path: str | Path,
+                 reader: type[DataFormat] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, record) for each non-blank line of a JSONL file (``.gz``: gzip),
+    or, with ``reader``, for each record that data format's ``read`` yields from the file.
 
     Streams line by line. A missing file fails here, at the call; a bad line fails when reached.
     A ``path`` that does not exist is read as a Hugging Face dataset name (``name`` or
@@ -63,10 +66,45 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     p = Path(path)
     if not p.exists():
+        if reader is not None:  # a file in a format's own layout: nothing to look up on the hub
+            raise DataError(NO_SUCH_FILE, str(path))
         return _hub_records(str(path))
     if not p.is_file():
         raise DataError("not a file; --data takes a .jsonl or .jsonl.gz file", str(path))
+    if reader is not None:
+        return _format_records(reader, p, str(path))
     return _records(p, str(path))
+
+
+def _format_records(reader: type[DataFormat], p: Path,
+                    shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``reader.read(p)``, checked, with whatever it raises turned into one line naming the
+    file and the line (its own, or the one after the last record read)."""
+    line = 0
+    records = None
+    try:
+        records = iter(reader.read(p))
+        for item in records:
+            if not (isinstance(item, tuple) and len(item) == 2
+                    and isinstance(item[0], numbers.Integral) and isinstance(item[1], dict)):
+                raise DataError(f"{reader.name} format: read() must yield (line number, dict) "
+                                f"pairs, got {type(item).__name__}; a bug in the data format "
+                                "plugin", shown, line + 1)
+            line = int(item[0])  # e.g. a numpy row number
+            yield line, item[1]
+    except DataError as exc:
+        if exc.path:  # already names a file
+            raise
+        message = str(exc)
+        raise DataError(f"{reader.name} format: {message}", shown, exc.line or line + 1) from None
+    except Exception as exc:  # a third-party reader: never a traceback
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"{reader.name} format cannot read it ({type(exc).__name__}: {text})",
+                        shown, line + 1) from None
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()
 
 
 def _records(p: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -138,8 +176,10 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
                options_by_format: Mapping[str, dict[str, Any]] | None = None) -> list[SourcedPair]:
     """Every usable record of ``path`` parsed into a PreferencePair.
 
-    The format is ``format_name`` when given, otherwise the first format (by name) whose
-    ``detect`` accepts the file's first record; one format serves the whole file. ``options``
+    The format is ``format_name`` when given, otherwise the format whose ``suffixes`` end the
+    file's name, otherwise the first format (by name) whose ``detect`` accepts the file's first
+    record; one format serves the whole file. A format that reads files itself
+    (``DataFormat.read``) reads it; any other file is read as JSONL. ``options``
     are the format's ``-o`` values; ``options_by_format`` (format name -> values) serves instead
     when the format is detected, so each format takes its own.
 
@@ -150,12 +190,14 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
     """
     shown = str(path)
     forced = formats.get(format_name) if format_name else None  # unknown names fail first
+    # A format that reads files itself: the forced one if it does, else one claiming the suffix.
+    reader = (forced if forced.reads_files() else None) if forced else _reader(formats, shown)
     fmt: DataFormat | None = None
     dropped = DataStats()
     pairs: list[SourcedPair] = []
-    for line, record in read_records(path):
+    for line, record in read_records(path, reader):
         if fmt is None:
-            cls = forced or _detect(formats, record, shown, line)
+            cls = forced or reader or _detect(formats, record, shown, line)
             values = options if options is not None else (options_by_format or {}).get(cls.name)
             fmt = cls(cls.parse_options(dict(values or {})))
         try:
@@ -183,6 +225,17 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
                             shown)
         raise DataError("no records: the file is empty or holds only blank lines", shown)
     return pairs
+
+
+def _reader(formats: Registry[DataFormat], path: str) -> type[DataFormat] | None:
+    """The format that reads files named like ``path`` (by suffix), if one does."""
+    lowered = path.lower()
+    claimed = [cls for _, cls in formats if any(lowered.endswith(s) for s in cls.suffixes)]
+    if len(claimed) > 1:
+        names = ", ".join(cls.name for cls in claimed)
+        raise UsageError(f"{path}: data formats {names} all read files named like this; "
+                         "pick one with --format")
+    return claimed[0] if claimed else None
 
 
 def _detect(formats: Registry[DataFormat], record: dict[str, Any], path: str,

@@ -66,7 +66,7 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
 
     run = find_run_config(request.model) or {}
     loss_name = request.loss or run.get("loss", "dpo")
-    loss_cls = catalog.losses.get(loss_name)
+    loss_cls = catalog.losses.get(loss_name, asked=bool(request.loss))
     options = dict(run.get("options", {}).get(loss_name, {})) if not request.loss else {}
     options.update(request.options)
     loss = loss_cls(loss_cls.parse_options(options))

@@ -5,6 +5,11 @@ the ``dpo`` entry-point group::
 
     [project.entry-points.dpo]
     my_plugin = "my_package.plugin"
+
+A plugin that raises in any of its hooks is reported by ``dpo plugins`` and registers nothing:
+every class it handed over is withdrawn, and naming one says that the plugin failed. A name that
+a built-in also registers is shown as a clash; it is an error where the user names it and means
+the built-in where dpo picks it (``dpo.core.registry``).
 """
 
 import pluggy
@@ -17,7 +22,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def dpo_register_backends(register):
     """Hand over hardware backends: call ``register(cls)`` once per ``dpo.Backend`` subclass.
-    The class attribute ``name`` is what ``--backend`` selects."""
+    The class attribute ``name`` is what ``--backend`` selects; ``device_type`` (required)
+    decides the speed defaults the class inherits (see ``dpo.Backend``)."""
 
 
 @hookspec
@@ -35,7 +41,9 @@ def dpo_register_stopping_policies(register):
 @hookspec
 def dpo_register_data_formats(register):
     """Hand over data formats: call ``register(cls)`` once per ``dpo.DataFormat`` subclass.
-    The class attribute ``name`` is what ``--format`` selects."""
+    The class attribute ``name`` is what ``--format`` selects. A format that reads files of its
+    own layout (TSV, Parquet, ...) sets ``suffixes`` and implements ``read(path)`` (see
+    ``dpo.DataFormat``)."""
 
 
 @hookspec

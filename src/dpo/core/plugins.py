@@ -1,9 +1,18 @@
 """The plugin manager factory and the catalog of what plugins registered.
 
 Built-in plugins are registered from ``DEFAULT_PLUGINS`` exactly as third-party ones are, so a
-built-in can be blocked (``DPO_DISABLE_PLUGINS``) or shadowed like any other. A third-party plugin
-that fails to import, register or validate is recorded with the reason and skipped; the rest keep
-working.
+built-in can be blocked (``DPO_DISABLE_PLUGINS``) like any other. A third-party plugin that fails
+to import, register or validate is recorded with the reason and skipped; the rest keep working.
+
+A plugin that fails at any hook (a registration hook here, ``dpo_register_commands`` in
+``dpo.cli.make_app``) registers nothing at all: ``Catalog.withdraw`` takes back every class it
+registered, and asking for one of its names says that the plugin failed.
+
+A name that two plugins register (a clash) is kept with both claims and shown by ``dpo plugins``
+and ``dpo backends``. Naming it (``--loss``, ``--backend``, ``--stop``, ``--format``, a config
+file) is an error naming both plugins; where dpo picks the name itself (the default loss ``dpo``,
+the default stopping policy ``nan-guard``, the candidates of ``--backend auto``, format
+detection) the built-in claim wins, with a warning line. See ``dpo.core.registry``.
 """
 
 from __future__ import annotations
@@ -20,9 +29,8 @@ from dpo import __version__
 from dpo.core import hookspecs
 from dpo.core.backend import Backend
 from dpo.core.data import DataFormat
-from dpo.core.errors import DuplicateNameError
 from dpo.core.loss import Loss
-from dpo.core.registry import Registry
+from dpo.core.registry import Clash, Registry
 from dpo.core.stopping import StoppingPolicy
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -82,7 +90,7 @@ class DpoPluginManager(pluggy.PluginManager):
         self.sources: dict[str, PluginSource] = {}
         self.failures: list[PluginFailure] = []
 
-    def fail(self, name: str, error: BaseException | str) -> None:
+    def fail(self, name: str, error: BaseException | str) -> PluginFailure:
         """Record ``name`` as failed and unregister it if it got registered."""
         source = self.sources.pop(name, None)
         dist = source.distribution if source else "?"
@@ -90,7 +98,9 @@ class DpoPluginManager(pluggy.PluginManager):
         if self.has_plugin(name):
             self.unregister(name=name)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        self.failures.append(PluginFailure(name, dist, version, " ".join(str(text).split())))
+        failure = PluginFailure(name, dist, version, " ".join(str(text).split()))
+        self.failures.append(failure)
+        return failure
 
 
 def disabled_plugins(environ: dict[str, str] | None = None) -> list[str]:
@@ -181,7 +191,6 @@ class Catalog:
     stopping: Registry[StoppingPolicy]
     formats: Registry[DataFormat]
     registrations: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    conflicts: list[DuplicateNameError] = field(default_factory=list)
 
     def registry(self, hook_name: str) -> Registry:
         return {
@@ -191,43 +200,44 @@ class Catalog:
             "dpo_register_data_formats": self.formats,
         }[hook_name]
 
+    @property
+    def conflicts(self) -> list[Clash]:
+        """Every name that several plugins register, in ``REGISTRATION_HOOKS`` order."""
+        return [c for hook_name in REGISTRATION_HOOKS for c in self.registry(hook_name).clashes()]
+
+    def withdraw(self, plugin_name: str, why: str) -> None:
+        """Take back everything ``plugin_name`` registered (it failed at some hook)."""
+        self.registrations.pop(plugin_name, None)
+        for hook_name in REGISTRATION_HOOKS:
+            self.registry(hook_name).withdraw(plugin_name, why)
+
 
 def collect(pm: DpoPluginManager) -> Catalog:
     """Call every registration hook once per plugin and gather the classes.
 
-    A plugin whose hook raises is recorded as failed and its registrations are withdrawn.
-    Two plugins registering one name is kept as a conflict: using that name is an error that
-    names both, everything else keeps working.
+    A plugin whose hook raises is recorded as failed and everything it registered, at this hook
+    or an earlier one, is withdrawn. A name that two plugins register is kept with both claims
+    (``Registry``): naming it is an error that names both, everything else keeps working.
     """
     catalog = Catalog(*(Registry(kind, base) for kind, base in REGISTRATION_HOOKS.values()))
     for hook_name in REGISTRATION_HOOKS:
         registry = catalog.registry(hook_name)
         for impl in hook_impls(pm, hook_name):
             plugin_name = impl.plugin_name
+            source = pm.sources.get(plugin_name)
             added: list[str] = []
 
-            def register(cls: type, _plugin: str = plugin_name, _added: list = added) -> None:
-                try:
-                    registry.add(cls, provider=_plugin)
-                except DuplicateNameError as exc:
-                    catalog.conflicts.append(exc)
-                    return
+            def register(cls: type, _plugin: str = plugin_name, _added: list = added,
+                         _builtin: bool = bool(source and source.builtin)) -> None:
+                registry.add(cls, provider=_plugin, builtin=_builtin)
                 _added.append(cls.name)
 
             try:
                 call_impl(impl, register=register)
             except Exception as exc:
-                for name in added:
-                    registry.remove(name)
-                _withdraw(catalog, plugin_name)
-                pm.fail(plugin_name, exc)
+                failure = pm.fail(plugin_name, exc)
+                catalog.withdraw(plugin_name, failure.error)
                 continue
             if added:
                 catalog.registrations.setdefault(plugin_name, {})[hook_name] = added
     return catalog
-
-
-def _withdraw(catalog: Catalog, plugin_name: str) -> None:
-    for hook_name, names in catalog.registrations.pop(plugin_name, {}).items():
-        for name in names:
-            catalog.registry(hook_name).remove(name)

@@ -75,8 +75,10 @@ def resolve_backend(name: str, catalog: Catalog) -> Backend:
     """The backend named ``name`` (``auto``: the first available of cuda, rocm, xpu, cpu)."""
     if name == "auto":
         for candidate in AUTO_BACKENDS:
-            if candidate in catalog.backends and catalog.backends.get(candidate).is_available():
-                return catalog.backends.get(candidate)()
+            # dpo picks these, the user did not name them: a built-in wins a clash.
+            if (candidate in catalog.backends
+                    and catalog.backends.get(candidate, asked=False).is_available()):
+                return catalog.backends.get(candidate, asked=False)()
         raise UsageError("--backend auto: no backend is available; see `dpo backends`")
     cls = catalog.backends.get(name)
     reason = cls.unavailable_reason()
@@ -260,11 +262,14 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     strat.init_process_group(dist, backend.collective, device)
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
-    loss = catalog.losses.get(config.loss)(catalog.losses.get(config.loss).parse_options(
-        config.plugin_options(config.loss)))
+    # Named by a flag or config file now, or a default (a resumed run's recorded names count
+    # as defaults): where two plugins register a name, only a named one is an error.
+    named = set() if resume else config.model_fields_set
+    loss_cls = catalog.losses.get(config.loss, asked="loss" in named)
+    loss = loss_cls(loss_cls.parse_options(config.plugin_options(config.loss)))
     policies = {}
     for name in config.stop:
-        cls = catalog.stopping.get(name)
+        cls = catalog.stopping.get(name, asked="stop" in named)
         policies[name] = cls(cls.parse_options(config.plugin_options(name)))
     if config.format:
         catalog.formats.get(config.format)
@@ -716,7 +721,7 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     device = backend.device(0)
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
-    loss_cls = catalog.losses.get(config.loss)
+    loss_cls = catalog.losses.get(config.loss, asked="loss" in config.model_fields_set)
     if not loss_cls.requires_reference:
         raise UsageError(f"loss {config.loss!r} uses no reference model: nothing to precompute")
     if config.format:

@@ -1,12 +1,16 @@
-"""An example dpo plugin: the hinge preference loss (RSO) and a ``dpo hinge-table`` command.
+"""An example dpo plugin: the hinge preference loss (RSO), a tab-separated data format and a
+``dpo hinge-table`` command.
 
 Installed, it is found through the ``dpo`` entry-point group (see pyproject.toml); nothing else
-is needed. ``dpo run --loss example-hinge -o beta=0.1`` then trains with it.
+is needed. ``dpo run --loss example-hinge -o beta=0.1`` then trains with the loss, and
+``dpo run --data pairs.tsv`` reads tab-separated pairs.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from pathlib import Path
+from typing import Annotated, Any, Iterator
 
 import torch
 import typer
@@ -49,6 +53,74 @@ class HingeLoss(dpo.Loss):
             chosen_rewards=(beta * r_w).detach(),
             rejected_rewards=(beta * r_l).detach(),
         )
+
+
+# The usual escapes of tab-separated files, so that a field never holds a raw tab or newline.
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+
+
+def _unescape(field: str, line: int) -> str:
+    def one(match: re.Match) -> str:
+        if match.group(1) not in _ESCAPES:
+            raise dpo.DataError(f"unknown escape \\{match.group(1)} (use \\t, \\n, \\r or \\\\)",
+                                line=line)
+        return _ESCAPES[match.group(1)]
+
+    if re.search(r"(?<!\\)(\\\\)*\\$", field):
+        raise dpo.DataError("a field ends with a lone backslash (write \\\\ for one)", line=line)
+    return re.sub(r"\\(.)", one, field)
+
+
+class TSVFormat(dpo.DataFormat):
+    """Tab-separated pairs in files ending ``.tsv``: a header line naming the columns
+    ``prompt``, ``chosen`` and ``rejected`` (any order; other columns are ignored), then one pair
+    per line. Inside a field ``\\t``, ``\\n``, ``\\r`` and ``\\\\`` stand for a tab, a newline, a
+    carriage return and a backslash. Blank lines are skipped."""
+
+    name = "example-tsv"
+    suffixes = (".tsv",)
+    COLUMNS = ("prompt", "chosen", "rejected")
+
+    @classmethod
+    def detect(cls, record: dict[str, Any]) -> bool:
+        return False  # its records come from its own files, never from JSONL
+
+    @classmethod
+    def read(cls, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+        header: list[str] | None = None
+        with open(path, "rb") as handle:
+            for line, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    raise dpo.DataError("not UTF-8 text; save the file as UTF-8",
+                                        line=line) from None
+                if not text.strip():
+                    continue
+                fields = text.split("\t")
+                if header is None:
+                    missing = [c for c in cls.COLUMNS if c not in fields]
+                    if missing:
+                        columns = ", ".join(cls.COLUMNS)
+                        raise dpo.DataError(f"the first line must name the columns {columns}; "
+                                            f"missing {', '.join(missing)}", line=line)
+                    header = fields
+                    continue
+                if len(fields) != len(header):
+                    raise dpo.DataError(f"{len(fields)} fields, but the header names {len(header)} "
+                                        "(a tab inside a field is written \\t)", line=line)
+                yield line, {k: _unescape(v, line) for k, v in zip(header, fields)}
+
+    def parse(self, record: dict[str, Any]) -> dpo.PreferencePair:
+        prompt, chosen, rejected = (record[c] for c in self.COLUMNS)
+        if not chosen.strip() or not rejected.strip():
+            raise dpo.UnusableRecord("empty", "a completion is empty")
+        return dpo.PreferencePair(prompt, chosen, rejected)
+
+
+@dpo.hookimpl
+def dpo_register_data_formats(register):
+    register(TSVFormat)
 
 
 @dpo.hookimpl
