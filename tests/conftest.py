@@ -19,3 +19,11 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("DPO_CACHE_DIR", None)
     else:
         os.environ["DPO_CACHE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_overrides(monkeypatch: pytest.MonkeyPatch):
+    """Output in tests is not a terminal whatever the caller's environment says: these
+    variables would make rich treat it as one (a live bar, lines wrapped at COLUMNS)."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
