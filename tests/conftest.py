@@ -7,6 +7,13 @@ import os
 
 import pytest
 
+# Output in tests is not a terminal whatever the caller's environment says: the first three
+# would make rich treat it as one (colours, a live bar, wrapped lines), and the caller's
+# terminal size would set the width of tables (tests that want a size set it). Removed before
+# any console is made, since a console reads some of them when it is created.
+for _name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory):
@@ -19,3 +26,4 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("DPO_CACHE_DIR", None)
     else:
         os.environ["DPO_CACHE_DIR"] = previous
+

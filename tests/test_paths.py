@@ -245,7 +245,7 @@ def run_args(tmp_path, out, *extra):
 def test_a_run_says_which_paths_it_takes_and_what_the_check_found(tmp_path, cli):
     result = cli(*run_args(tmp_path, "out"))
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
+    text = result.output
     assert "policy speed paths: batched, unmasked, chunked_head, tied_buffer, shared_prompt" in text
     assert "checked against the plain path on 4 pairs" in text
     resolved = json.loads((tmp_path / "out" / "run.json").read_text())["resolved"]
@@ -286,13 +286,13 @@ def test_a_reference_file_scored_on_a_path_later_found_wrong_is_rebuilt(tmp_path
     assert cli(*run_args(tmp_path, "a", "--ref-logps", str(path))).exit_code == 0
     assert refcache.read(path).meta["paths"] == "batched,unmasked,chunked_head,shared_prompt"
     again = cli(*run_args(tmp_path, "b", "--ref-logps", str(path)))
-    assert "all 24 pairs read from" in " ".join(again.output.split())
+    assert "all 24 pairs read from" in again.output
     monkeypatch.setitem(verified.VERIFIED, "llama",
                         verified.Arch(verified.ALL - {"shared_prompt"}))
     rebuilt = cli(*run_args(tmp_path, "c", "--ref-logps", str(path)))
     assert rebuilt.exit_code == 0, rebuilt.output
     assert ("is stale (scored on the shared_prompt path, not exact for this model); "
-            "rebuilding it") in " ".join(rebuilt.output.split())
+            "rebuilding it") in rebuilt.output
     assert refcache.read(path).meta["paths"] == "batched,unmasked,chunked_head"
     # exact paths that round differently: a run without the shared prompt rebuilds it too,
     # and the default files are one per set of paths
@@ -301,7 +301,7 @@ def test_a_reference_file_scored_on_a_path_later_found_wrong_is_rebuilt(tmp_path
     shared = cli(*run_args(tmp_path, "d", "--ref-logps", str(path)))
     assert ("is stale (scored on batched, unmasked, chunked_head, this run takes batched, "
             "unmasked, chunked_head, shared_prompt, which round differently)"
-            in " ".join(shared.output.split()))
+            in shared.output)
     assert len(list((tmp_path / "cache" / "ref-logps").glob("*"))) == 0  # named file only
     assert cli(*run_args(tmp_path, "e")).exit_code == 0
     assert cli(*run_args(tmp_path, "f", "--no-share-prompt")).exit_code == 0
@@ -318,7 +318,7 @@ def test_a_reference_file_of_format_1_is_rebuilt(tmp_path, cli):
     tensors = load_file(path)
     save_file(tensors, path, metadata={**table.meta, "version": "1"})
     result = cli(*run_args(tmp_path, "b", "--ref-logps", str(path)))
-    assert "is stale (format version '1', not 2)" in " ".join(result.output.split())
+    assert "is stale (format version '1', not 2)" in result.output
 
 
 def test_eval_and_precompute_take_and_say_the_same_paths(tmp_path, cli):

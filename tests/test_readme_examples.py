@@ -1,0 +1,73 @@
+"""The README's `dpo run` examples run in the order a reader meets them: none writes into a
+run directory an earlier one wrote, unless it says --resume or --overwrite."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from dpo.core.config import RunConfig
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def run_commands(text: str) -> list[list[str]]:
+    """The arguments after `run` of each `dpo run` (`.venv/bin/dpo run`, `-m dpo run`) in the
+    code blocks of ``text``, in order; a line may chain commands with && or ;."""
+    commands = []
+    for block in FENCE.findall(text):
+        for line in block.splitlines():
+            if not re.search(r"\bdpo run\b", line):
+                continue
+            for part in re.split(r"&&|;|\|", line):
+                words = shlex.split(part, comments=True)
+                for i in range(1, len(words)):
+                    if words[i] == "run" and Path(words[i - 1]).name == "dpo":
+                        commands.append(words[i + 1:])
+                        break
+    return commands
+
+
+def output_of(args: list[str]) -> tuple[str, bool]:
+    """(the run directory these arguments write, whether they may reuse one)."""
+    output = str(RunConfig.model_fields["output"].default)
+    reuse = "--overwrite" in args
+    for i, word in enumerate(args):
+        if word in ("--output", "--resume") and i + 1 < len(args):
+            output = args[i + 1]
+            reuse = reuse or word == "--resume"
+        elif word.startswith(("--output=", "--resume=")):
+            output = word.split("=", 1)[1]
+            reuse = reuse or word.startswith("--resume=")
+    return os.path.normpath(output), reuse
+
+
+def clashes(text: str) -> list[str]:
+    seen: set[str] = set()
+    found = []
+    for args in run_commands(text):
+        output, reuse = output_of(args)
+        if output in seen and not reuse:
+            found.append(f"dpo run {' '.join(args)}: {output} holds an earlier example's run")
+        seen.add(output)
+    return found
+
+
+def test_the_checker_finds_a_reused_directory():
+    """The README's old order: the demo (into `out`), then an example writing `out/` again."""
+    text = ("```bash\nbash scripts/setup.sh && .venv/bin/dpo run\n```\n"
+            "```text\ndpo run --model tiny --output out/   # comment\n"
+            "dpo run --resume out/\ndpo run --overwrite\n"
+            "torchrun --nproc-per-node 2 -m dpo run --model tiny\n```\n")
+    assert [output_of(a) for a in run_commands(text)] == [
+        ("out", False), ("out", False), ("out", True), ("out", True), ("out", False)]
+    assert len(clashes(text)) == 2
+
+
+def test_readme_run_examples_write_distinct_directories():
+    commands = run_commands(README.read_text())
+    assert len(commands) >= 10  # the checker still finds the README's examples
+    assert clashes(README.read_text()) == []
