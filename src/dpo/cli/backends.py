@@ -6,11 +6,11 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dpo.core.plugins import Catalog
 from dpo.core.registry import Clash
+from dpo.core.report import log_console
 
 
 def backend_rows(catalog: Catalog) -> list[dict]:
@@ -70,7 +70,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             name = f"{r['name']} ({r['plugin']})" if r["clash"] else r["name"]
             table.add_row(name, "yes" if r["available"] else "no", str(r["devices"]),
                           r["collective"], r["dtype"], r["device"] or r["reason"])
-        console = Console()
+        console = log_console(stderr=False)
         console.print(table)
         for c in catalog.backends.clashes():
             console.print(f"clash: {c}", markup=False, highlight=False, soft_wrap=True)

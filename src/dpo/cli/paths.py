@@ -6,10 +6,10 @@ import json
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dpo.core.plugins import Catalog
+from dpo.core.report import log_console
 
 
 def verified_rows() -> list[dict]:
@@ -70,7 +70,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             for r in rows:
                 table.add_row(r["model_type"], ", ".join(r["paths"]), ", ".join(r["window"]),
                               ", ".join(f"{k} = {v}" for k, v in r["neutral"].items()))
-            Console().print(table)
+            log_console(stderr=False).print(table)
             return
         found = model_paths(model, backend, share_prompt, gradient_checkpointing, catalog)
         if as_json:
@@ -82,6 +82,6 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         table.add_column("why not")
         for name, entry in found["paths"].items():
             table.add_row(name, "yes" if entry["on"] else "no", entry["why_off"] or "")
-        Console().print(table)
+        log_console(stderr=False).print(table)
         if found["window"] is not None:
-            Console().print(f"attention window {found['window']}: shared-prompt groups fit in it")
+            log_console(stderr=False).print(f"attention window {found['window']}: shared-prompt groups fit in it")

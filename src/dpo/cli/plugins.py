@@ -6,10 +6,10 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dpo.core.plugins import REGISTRATION_HOOKS, Catalog, DpoPluginManager
+from dpo.core.report import log_console
 
 
 def plugin_report(pm: DpoPluginManager, catalog: Catalog, commands: dict[str, list[str]]) -> dict:
@@ -39,7 +39,7 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
         if as_json:
             typer.echo(json.dumps(report, indent=2))
             return
-        console = Console()
+        console = log_console(stderr=False)
         table = Table(title="plugins")
         table.add_column("plugin", no_wrap=True)
         table.add_column("distribution", no_wrap=True)
