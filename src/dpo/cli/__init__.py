@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dpo.core.errors import DpoError
 from dpo.core.plugins import DpoPluginManager, call_impl, collect, get_plugin_manager, hook_impls
@@ -18,8 +19,11 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one error line and return the Exit to raise."""
-    err_console.print(f"[red]error:[/] {message}", markup=True)
+    """Print one error line and return the Exit to raise. The message is printed as given:
+    brackets in it (paths, ``dpo-trainer[gguf]``) are text, not markup, and line breaks (from a
+    path or a library's message) are folded so that it stays one line."""
+    line = " ".join(message.splitlines())
+    err_console.print(f"[red]error:[/] {escape(line)}", markup=True)
     return typer.Exit(code)
 
 
@@ -68,10 +72,15 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
         added = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands[before:]]
         if added:
             commands_by_plugin[impl.plugin_name] = added
+        for command in app.registered_commands[before:]:  # their DpoErrors print as ours do
+            command.callback = one_line_errors(command.callback)
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    app = make_app(get_plugin_manager())
+    try:
+        app = make_app(get_plugin_manager())
+    except DpoError as exc:  # e.g. a name two plugins register
+        raise SystemExit(fail(str(exc), exc.exit_code).exit_code) from None
     app(args=argv if argv is not None else sys.argv[1:], prog_name="dpo")
