@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from dpo.core.errors import DpoError
 from dpo.core.plugins import DpoPluginManager, call_impl, collect, get_plugin_manager, hook_impls
@@ -42,6 +44,31 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+@contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except typer.TyperException as exc:  # Click's usage errors: a flag's bad value, a typo
+        if type(exc).__name__ == "NoArgsIsHelpError":  # prints the help, not an error
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        raise fail(f"{exc.format_message().rstrip('.')}{hint}", exc.exit_code) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Typer prints a usage error in a boxed panel over several lines, wrapped at the terminal's
+    width; here it is one line, like every other error."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:  # parses the subcommand's flags, then runs it
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
 def make_app(pm: DpoPluginManager) -> typer.Typer:
     """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
     from dpo.cli import backends, evaluate, paths, plugins, precompute, run
@@ -52,6 +79,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        cls=OneLineUsageErrors,
     )
     catalog = collect(pm)
     commands_by_plugin: dict[str, list[str]] = {}  # filled below, read by `dpo plugins`

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dpo.cli import one_line_errors
+from dpo.core.config import DTYPES
+from dpo.core.errors import UsageError
 from dpo.core.evaluation import EvalRequest, evaluate_request
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
@@ -36,6 +38,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     ) -> None:
         """Preference metrics (rewards/accuracies, margins, chosen and rejected rewards and
         log-probs) of a policy against its reference on held-out pairs."""
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype {dtype}: not a dtype; choose one of {', '.join(DTYPES)}")
         request = EvalRequest(model=model, data=data, ref=ref, loss=loss,
                               options=parse_assignments(option or []), format=format,
                               backend=backend, dtype=dtype, batch_size=batch_size,
