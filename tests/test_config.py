@@ -95,3 +95,10 @@ def test_bad_values_in_a_config_file_name_the_file_and_line_flags_the_flag(tmp_p
     assert getattr(resolve_config(table, {key: flag_value}), key) == flag_value
     with pytest.raises(UsageError, match=f"^--{key.replace('_', '-')}=-1: "):
         resolve_config(table, {key: -1})
+
+
+def test_a_utf8_config_file_may_start_with_a_byte_order_mark(tmp_path):
+    """Windows editors save UTF-8 with a BOM; TOML parsers refuse it at line 1, column 1."""
+    path = tmp_path / "run.toml"
+    path.write_bytes("max_steps = 7\n".encode("utf-8-sig"))
+    assert resolve_config(read_config_file(path)).max_steps == 7

@@ -139,7 +139,7 @@ def read_config_file(path: str | Path) -> ConfigFile:
     sub-tables hold any other plugin's options."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # Notepad starts UTF-8 with a BOM
         raw = tomllib.loads(text)
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found; check the path given to --config") from None
