@@ -128,8 +128,7 @@ def _key_lines(text: str) -> dict[str, int]:
         elif not in_table:
             match = re.match(r"\s*\"?([\w-]+)\"?\s*[=.]", line)
         if match:
-            lines.setdefault(match[1].replace("-", "_") if match[1] != "options" else "options",
-                             number)
+            lines.setdefault(match[1].replace("-", "_"), number)
     return lines
 
 
@@ -151,11 +150,10 @@ def read_config_file(path: str | Path) -> ConfigFile:
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text, so not a TOML file; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        reason = str(exc).replace(" (at end of document)", " at the end of the file")
+        reason, where = str(exc).replace(" (at end of document)", " at the end of the file"), path
         if found := re.search(r" \(at line (\d+), column (\d+)\)$", reason):
-            reason = f"{reason[:found.start()]}, column {found[2]}"
-            path = f"{path}:{found[1]}"  # type: ignore[assignment]
-        raise UsageError(f"{path}: not valid TOML ({reason}); fix the syntax, see "
+            reason, where = f"{reason[:found.start()]}, column {found[2]}", f"{path}:{found[1]}"
+        raise UsageError(f"{where}: not valid TOML ({reason}); fix the syntax, see "
                          "https://toml.io") from None
     raw = _normalise_keys(raw)
     table = ConfigFile(raw, path, _key_lines(text))
