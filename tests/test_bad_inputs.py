@@ -211,6 +211,7 @@ class Registers:
 
 
 PLUGINS = (Refuser(), Registers())
+LONG = "a" * 300  # a file name longer than any file system allows
 
 OUTPUT = pytest.mark.xfail(strict=False, reason="output safety")
 HINT = pytest.mark.xfail(strict=False, reason="'no usable pairs' says not what to do")
@@ -219,7 +220,8 @@ ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 
 def case(args: str, code: int, *fragments: str, marks: object = ()) -> object:
     name = args.replace(RUN, "run ").replace(EVAL, "eval ").replace(PRE, "precompute-ref ")
-    return pytest.param(args, code, fragments, marks=marks, id=name.replace("{d}/", ""))
+    name = name.replace("{d}/", "").replace(LONG, "a" * 8 + "...")
+    return pytest.param(args, code, fragments, marks=marks, id=name)
 
 
 CASES = [
@@ -227,6 +229,11 @@ CASES = [
     case(RUN + "--data {d}/nope.jsonl", 2, "{d}/nope.jsonl: no such file", "check the path"),
     case(RUN + "--data {d}/nope.jsonl.gz", 2, "{d}/nope.jsonl.gz: no such file"),
     case(RUN + "--data {d}/set[1]/pairs[gguf].jsonl", 2, "{d}/set[1]/pairs[gguf].jsonl: no such"),
+    case(RUN + f"--data {{d}}/{LONG}.jsonl", 1, f"{{d}}/{LONG}.jsonl: File name too long"),
+    case(EVAL + f"--data {{d}}/{LONG}.jsonl.gz", 1, f"{{d}}/{LONG}.jsonl.gz: File name too long"),
+    case(RUN + f"--data {{d}}/good.jsonl --model {{d}}/{LONG}", 1, "File name too long"),
+    case(f"run --config {{d}}/{LONG}.toml", 2, f"{{d}}/{LONG}.toml: cannot read the config file "
+         "(File name too long)"),
     case(RUN + "--data {d}/dir.jsonl", 2, "{d}/dir.jsonl: not a file", ".jsonl or .jsonl.gz file"),
     case(RUN + "--data {d}/empty.jsonl", 2, "{d}/empty.jsonl: no records", "empty"),
     case(RUN + "--data {d}/blank.jsonl", 2, "{d}/blank.jsonl: no records", "blank lines"),

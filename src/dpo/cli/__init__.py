@@ -38,6 +38,9 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except DpoError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        except OSError as exc:  # the system refused a path no check foresaw (a name too long)
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise fail(f"{where}{exc.strerror or exc}", 1) from None
         except KeyboardInterrupt:
             raise fail("interrupted; resume with --resume", 130) from None
 
