@@ -214,6 +214,7 @@ PLUGINS = (Refuser(), Registers())
 LONG = "a" * 300  # a file name longer than any file system allows
 
 OUTPUT = pytest.mark.xfail(strict=False, reason="output safety")
+REF_LOGPS = pytest.mark.xfail(strict=False, reason="--ref-logps is checked only when written")
 HINT = pytest.mark.xfail(strict=False, reason="'no usable pairs' says not what to do")
 ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 
@@ -316,6 +317,9 @@ CASES = [
          "stopping policy 'nan-guard': option check_grad_norm=maybe"),
     case(RUN + "--data {d}/good.jsonl --eval-data {d}/good.jsonl --eval-fraction 0.1", 2,
          "give either eval_data or eval_fraction, not both"),
+    case(RUN + "--data {d}/good.jsonl --seed -1", 2, "--seed=-1: Input should be greater than"),
+    case(RUN + f"--data {{d}}/good.jsonl --seed {2**70}", 2, f"--seed={2**70}: "),
+    case(PRE + f"--data {{d}}/good.jsonl --seed {2**64}", 2, f"--seed={2**64}: "),
     case(RUN + "--data {d}/good.jsonl --lrr 1", 2, "No such option: --lrr", "dpo run --help"),
     case(RUN + "--data {d}/good.jsonl --nproc 0", 2, "--nproc 0: give at least 1"),
     case(RUN + "--data {d}/good.jsonl --model {d}/nope-model", 2, "--model {d}/nope-model: no such "
@@ -422,6 +426,14 @@ CASES = [
          marks=OUTPUT),
     case(RUN + "--data {d}/good.jsonl --output {d}/readonly/run", 2, "{d}/readonly",
          marks=(OUTPUT, ROOT)),
+    case(RUN + "--data {d}/good.jsonl --ref-logps {d}/userdir", 2, "--ref-logps {d}/userdir",
+         marks=REF_LOGPS),
+    case(RUN + "--data {d}/good.jsonl --ref-logps {d}/good.jsonl/ref.safetensors", 2,
+         "--ref-logps {d}/good.jsonl", marks=REF_LOGPS),
+    case(PRE + "--data {d}/good.jsonl --ref-logps {d}/userdir", 2, "--ref-logps {d}/userdir",
+         marks=REF_LOGPS),
+    case(RUN + "--data {d}/good.jsonl --ref-logps {d}/cwd/notes.txt", 2, "{d}/cwd/notes.txt",
+         "not a reference log-prob file", marks=REF_LOGPS),
     # -- run directories ----------------------------------------------------------------------
     case("run --resume {d}/runs/broken-json", 2, "{d}/runs/broken-json/run.json", marks=OUTPUT),
     case("run --resume {d}/runs/no-config", 2, "{d}/runs/no-config/run.json", marks=OUTPUT),

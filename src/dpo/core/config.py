@@ -66,7 +66,7 @@ class RunConfig(BaseModel):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="used when --warmup-steps is 0")
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63, description="random seed (torch takes 64 bits)")
     shuffle: bool = Field(True, description="a new order of the pairs every epoch")
     group_by_length: bool = Field(True, description="batches of pairs of similar length")
 
