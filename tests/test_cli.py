@@ -169,6 +169,20 @@ def test_reporter_lines_print_brackets_as_given(tmp_path):
                                      "warning: install it with pip install 'dpo-trainer[gguf]'\n")
 
 
+def test_eval_prints_a_model_path_with_brackets_as_given(app, tmp_path, monkeypatch):
+    from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=42).save_pretrained("m[v2]")
+    tokenizer.save_pretrained("m[v2]")
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    result = invoke(app, "eval", "--model", "m[v2]", "--ref", "tiny", "--data", str(data),
+                    "--backend", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "m[v2] against tiny, 8 pairs" in result.output
+
+
 def test_plugins_json_shows_provenance_and_registrations(app):
     result = invoke(app, "plugins", "--json")
     assert result.exit_code == 0

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dpo.cli import one_line_errors
@@ -50,7 +51,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             typer.echo(json.dumps(result, indent=2))
             return
         ref_text = f" against {result['ref']}" if result["ref"] else ""
-        table = Table(title=f"{result['model']}{ref_text}, {result['pairs']} pairs")
+        # Paths are text, not markup: "model[v2]" keeps its brackets.
+        table = Table(title=escape(f"{result['model']}{ref_text}, {result['pairs']} pairs"))
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key in SUMMARY_KEYS:
@@ -58,4 +60,5 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
                 table.add_row(key, _fmt(result["metrics"][key]))
         Console().print(table)
         for label, used in result["paths"].items():
-            Console().print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}")
+            Console().print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}",
+                            markup=False)
