@@ -141,7 +141,8 @@ def read_config_file(path: str | Path) -> ConfigFile:
         text = path.read_bytes().decode("utf-8-sig")  # Notepad starts UTF-8 with a BOM
         raw = tomllib.loads(text)
     except FileNotFoundError:
-        raise UsageError(f"{path}: config file not found; check the path given to --config") from None
+        raise UsageError(f"{path}: config file not found; check the path given to "
+                         "--config") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory; --config takes a TOML file") from None
     except OSError as exc:
