@@ -136,6 +136,53 @@ def test_config_file_errors(app, tmp_path):
     assert_one_line_error(invoke(app, "run", "--config", str(bad)), 2, "not valid TOML")
 
 
+def test_config_files_that_are_no_toml_are_one_line_errors(app, tmp_path):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'model = "caf\xe9"\n')
+    assert_one_line_error(invoke(app, "run", "--config", str(latin)), 2, f"{latin}: not UTF-8")
+    assert_one_line_error(invoke(app, "run", "--config", str(tmp_path)), 2,
+                          f"{tmp_path}: is a directory; --config takes a TOML file")
+    five = tmp_path / "five.toml"
+    five.write_text("max_steps = 1\noptions = 5\n")
+    assert_one_line_error(invoke(app, "precompute-ref", "--config", str(five)), 2,
+                          f"{five}:2: options must be a table")
+
+
+def test_brackets_in_an_error_are_text_not_markup(app, tmp_path):
+    """Rich would read ``[gguf]`` in a path as a markup tag and print nothing of it."""
+    missing = tmp_path / "runs[gguf]" / "pairs[1].jsonl"
+    result = invoke(app, "run", "--model", "tiny", "--data", str(missing),
+                    "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, 2, f"{missing}: no such file")
+
+
+def test_reporter_lines_print_brackets_as_given(tmp_path):
+    from rich.console import Console
+
+    from dpo.core.report import Reporter
+
+    console = Console(record=True, width=200)
+    reporter = Reporter(tmp_path, console=console)
+    reporter.info("data: /data/set[1]/pairs.jsonl")
+    reporter.warn("install it with pip install 'dpo-trainer[gguf]'")
+    assert console.export_text() == ("data: /data/set[1]/pairs.jsonl\n"
+                                     "warning: install it with pip install 'dpo-trainer[gguf]'\n")
+
+
+def test_eval_prints_a_model_path_with_brackets_as_given(app, tmp_path, monkeypatch):
+    from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=42).save_pretrained("m[v2]")
+    tokenizer.save_pretrained("m[v2]")
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    result = invoke(app, "eval", "--model", "m[v2]", "--ref", "tiny", "--data", str(data),
+                    "--backend", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "m[v2] against tiny, 8 pairs" in result.output
+
+
 def test_plugins_json_shows_provenance_and_registrations(app):
     result = invoke(app, "plugins", "--json")
     assert result.exit_code == 0
@@ -166,6 +213,27 @@ class CommandPlugin:
         def hello(name: str = "world") -> None:
             """Say hello."""
             typer.echo(f"hello {name}")
+
+
+class RefusingCommandPlugin:
+    @dpo.hookimpl
+    def dpo_register_commands(self, app):
+        @app.command("refuse")
+        def refuse(data: str = "x.jsonl") -> None:
+            """Refuse any input, the way a plugin reports bad input."""
+            if data.endswith(".csv"):
+                raise dpo.DataError("CSV is not read here; convert it to JSONL", data, 3)
+            raise dpo.UsageError(f"--data {data}: install 'my-plugin[extra]' to read it")
+
+
+def test_a_plugin_command_raising_a_dpo_error_prints_one_line():
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, RefusingCommandPlugin(), "refuser")
+    app = make_app(pm)
+    assert_one_line_error(invoke(app, "refuse"), 2,
+                          "error: --data x.jsonl: install 'my-plugin[extra]' to read it")
+    assert_one_line_error(invoke(app, "refuse", "--data", "t.csv"), 2,
+                          "error: t.csv:3: CSV is not read here; convert it to JSONL")
 
 
 class BrokenCommandPlugin:
@@ -199,3 +267,17 @@ def test_python_dash_m_dpo_and_console_script():
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown backend 'nope'")
     assert "Traceback" not in bad.stderr
+
+
+def test_main_prints_an_error_building_the_app_as_one_line(monkeypatch, capsys):
+    """Plugins are collected while the app is built, before any command's own error handling."""
+    import dpo.cli
+
+    def refuse(pm):
+        raise dpo.UsageError("loss 'x' is registered twice; uninstall one")
+
+    monkeypatch.setattr(dpo.cli, "make_app", refuse)
+    with pytest.raises(SystemExit) as info:
+        dpo.cli.main(["plugins"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: loss 'x' is registered twice; uninstall one\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpo.core.config import resolve_config, split_options
+from dpo.core.config import read_config_file, resolve_config, split_options
 from dpo.core.errors import UsageError
 from dpo.core.schedule import lr_factor
 
@@ -40,3 +40,65 @@ def test_schedule_by_hand():
     assert lr_factor(6, "cosine", 2, 10) == pytest.approx(0.5)
     assert lr_factor(4, "cosine", 2, 10) == pytest.approx(0.8535533905932737)
     assert lr_factor(9, "constant", 0, 10) == 1.0
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"max_steps = 3\nlr = [\n", "{path}: not valid TOML (Invalid value at the end of the "
+     "file); fix the syntax, see https://toml.io"),
+    (b"max_steps = 3\nlr = \n", "{path}:2: not valid TOML (Invalid value, column 6); fix the "
+     "syntax, see https://toml.io"),
+    (b'model = "caf\xe9"\n', "{path}: not UTF-8 text, so not a TOML file; save it as UTF-8"),
+    (b"max_steps = 3\n\nmax-stepz = 3\n", "{path}:3: unknown key 'max_stepz'; valid keys: "),
+    (b"max_steps = 3\noptions = 5\n", "{path}:2: options must be a table: an [options] section "
+     "of key = value lines, or [options.<plugin>] sections"),
+    (b"options = [1]\n", "{path}:1: options must be a table"),
+])
+def test_config_file_errors_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "run.toml"
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as info:
+        resolve_config(read_config_file(path))
+    assert str(info.value).startswith(message.format(path=path)), str(info.value)
+
+
+def test_a_config_file_that_is_a_directory_or_missing(tmp_path):
+    with pytest.raises(UsageError, match="is a directory; --config takes a TOML file"):
+        read_config_file(tmp_path)
+    with pytest.raises(UsageError, match="config file not found; check the path given to --config"):
+        read_config_file(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('lr = "x"\n', '{path}:1: lr = "x": Input should be a valid number, unable to parse string '
+     "as a number; fix it in the config file"),
+    ("seed = 1\n\nbatch-size = 0\n", "{path}:3: batch-size = 0: Input should be greater than 0; "
+     "fix it in the config file"),
+    ('stop = "nan-guard"\n', '{path}:1: stop = "nan-guard": Input should be a valid list; '
+     "fix it in the config file"),
+    ('scheduler = "cosine"\n[options]\nbeta = 0.1\n', None),
+])
+def test_bad_values_in_a_config_file_name_the_file_and_line_flags_the_flag(tmp_path, content,
+                                                                          message):
+    """The key's line is where it is assigned; a flag's value is named as the flag, and a
+    flag that overrides a bad file value wins."""
+    path = tmp_path / "run.toml"
+    path.write_text(content)
+    table = read_config_file(path)
+    if message is None:
+        assert resolve_config(table).scheduler == "cosine"
+        return
+    with pytest.raises(UsageError) as info:
+        resolve_config(table)
+    assert str(info.value) == message.format(path=path)
+    key = next(iter(table)) if "seed" not in table else "batch_size"
+    flag_value = {"lr": 0.5, "batch_size": 2, "stop": ["nan-guard"]}[key]
+    assert getattr(resolve_config(table, {key: flag_value}), key) == flag_value
+    with pytest.raises(UsageError, match=f"^--{key.replace('_', '-')}=-1: "):
+        resolve_config(table, {key: -1})
+
+
+def test_a_utf8_config_file_may_start_with_a_byte_order_mark(tmp_path):
+    """Windows editors save UTF-8 with a BOM; TOML parsers refuse it at line 1, column 1."""
+    path = tmp_path / "run.toml"
+    path.write_bytes("max_steps = 7\n".encode("utf-8-sig"))
+    assert resolve_config(read_config_file(path)).max_steps == 7

@@ -140,8 +140,50 @@ def test_read_records_reports_a_truncated_gzip(tmp_path):
     whole = write_jsonl(tmp_path / "whole.jsonl.gz", records)
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(whole.read_bytes()[:200])
-    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: cannot read it"):
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: damaged gzip data .*truncated or "
+                       r"corrupt: copy or compress it again$"):
         list(read_records(cut))
+
+
+def damaged(whole: bytes, at: int) -> bytes:
+    """``whole`` with the byte at ``at`` inverted."""
+    return whole[:at] + bytes([whole[at] ^ 0xFF]) + whole[at + 1:]
+
+
+@pytest.mark.parametrize("at, reason", [
+    (12, "Error -3 while decompressing data"),  # the first deflate block's header: zlib refuses it
+    (-8, "CRC check failed"),  # the stored checksum
+    (700, "CRC check failed"),  # mid-stream: decompresses to wrong lines, then the checksum
+])
+def test_read_records_reports_a_damaged_gzip_not_a_bad_line(tmp_path, at, reason):
+    """A flipped byte in compressed data often decompresses to garbage lines long before the
+    checksum at the end is read (the third case: an invalid JSON line 90-odd): the error names
+    the damage, never a line's JSON."""
+    text = "".join(json.dumps(pair(prompt=f"Say {i}. ", chosen=str(i))) + "\n" for i in range(200))
+    whole = gzip.compress(text.encode(), mtime=0)  # 10 header bytes, no file name
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(damaged(whole, at))
+    with pytest.raises(DataError) as info:
+        list(read_records(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: damaged gzip data") and reason in message, message
+    assert "copy or compress it again" in message and "JSON" not in message
+
+
+def test_read_records_refuses_plain_text_named_gz(tmp_path):
+    path = write_jsonl(tmp_path / "plain.jsonl", [pair()]).rename(tmp_path / "plain.jsonl.gz")
+    with pytest.raises(DataError) as info:
+        list(read_records(path))
+    assert str(info.value) == (f"{path}: not gzip data, though its name ends in .gz; compress "
+                               "it with gzip, or drop the .gz from its name")
+
+
+def test_read_records_names_the_line_of_bad_utf8_inside_a_sound_gzip(tmp_path):
+    path = tmp_path / "latin.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n{"a": "caf\xe9"}\n'))
+    with pytest.raises(DataError, match=r"latin\.jsonl\.gz:2: not UTF-8 text; save the file as "
+                       "UTF-8"):
+        list(read_records(path))
 
 
 # -- hub datasets (a fake ``datasets`` module) --------------------------------------------------

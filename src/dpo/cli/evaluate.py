@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from dpo.cli import one_line_errors
+from dpo.core.config import DTYPES
+from dpo.core.errors import UsageError
 from dpo.core.evaluation import EvalRequest, evaluate_request
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
@@ -37,6 +39,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     ) -> None:
         """Preference metrics (rewards/accuracies, margins, chosen and rejected rewards and
         log-probs) of a policy against its reference on held-out pairs."""
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype {dtype}: not a dtype; choose one of {', '.join(DTYPES)}")
         request = EvalRequest(model=model, data=data, ref=ref, loss=loss,
                               options=parse_assignments(option or []), format=format,
                               backend=backend, dtype=dtype, batch_size=batch_size,
@@ -47,7 +51,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             typer.echo(json.dumps(result, indent=2))
             return
         ref_text = f" against {result['ref']}" if result["ref"] else ""
-        table = Table(title=f"{result['model']}{ref_text}, {result['pairs']} pairs")
+        # Paths are text, not markup: "model[v2]" keeps its brackets.
+        table = Table(title=escape(f"{result['model']}{ref_text}, {result['pairs']} pairs"))
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key in SUMMARY_KEYS:
@@ -55,4 +60,5 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
                 table.add_row(key, _fmt(result["metrics"][key]))
         Console().print(table)
         for label, used in result["paths"].items():
-            Console().print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}")
+            Console().print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}",
+                            markup=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -64,7 +66,7 @@ class RunConfig(BaseModel):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="used when --warmup-steps is 0")
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63, description="random seed (torch takes 64 bits)")
     shuffle: bool = Field(True, description="a new order of the pairs every epoch")
     group_by_length: bool = Field(True, description="batches of pairs of similar length")
 
@@ -106,25 +108,67 @@ def _normalise_keys(table: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("-", "_") if k != "options" else k: v for k, v in table.items()}
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+class ConfigFile(dict):
+    """The table of a ``--config`` file, keeping its path and each key's line so that a bad
+    value is reported where the user can fix it."""
+
+    def __init__(self, table: dict[str, Any], path: Path, lines: dict[str, int]):
+        super().__init__(table)
+        self.path, self.lines = path, lines
+
+    def where(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each top-level key (``key = ...`` before the first table, or ``[key...]``)."""
+    lines: dict[str, int] = {}
+    in_table = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if match := re.match(r"\s*\[+\s*\"?([\w-]+)", line):
+            in_table = True
+        elif not in_table:
+            match = re.match(r"\s*\"?([\w-]+)\"?\s*[=.]", line)
+        if match:
+            lines.setdefault(match[1].replace("-", "_"), number)
+    return lines
+
+
+def read_config_file(path: str | Path) -> ConfigFile:
     """Read a TOML config file: top-level keys are ``run`` options (``max_steps`` or
     ``max-steps``); an ``[options]`` table holds loss options, and ``[options.<plugin>]``
     sub-tables hold any other plugin's options."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8-sig")  # Notepad starts UTF-8 with a BOM
+        raw = tomllib.loads(text)
     except FileNotFoundError:
-        raise UsageError(f"{path}: config file not found") from None
+        raise UsageError(f"{path}: config file not found; check the path given to "
+                         "--config") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory; --config takes a TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the config file ({exc.strerror or exc}); check "
+                         "that it is a readable file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text, so not a TOML file; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+        reason, where = str(exc).replace(" (at end of document)", " at the end of the file"), path
+        if found := re.search(r" \(at line (\d+), column (\d+)\)$", reason):
+            reason, where = f"{reason[:found.start()]}, column {found[2]}", f"{path}:{found[1]}"
+        raise UsageError(f"{where}: not valid TOML ({reason}); fix the syntax, see "
+                         "https://toml.io") from None
     raw = _normalise_keys(raw)
+    table = ConfigFile(raw, path, _key_lines(text))
     unknown = sorted(set(raw) - set(RunConfig.model_fields))
     if unknown:
-        raise UsageError(
-            f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(RunConfig.model_fields))}"
-        )
-    return raw
+        raise UsageError(f"{table.where(unknown[0])}: unknown key {unknown[0]!r}; valid keys: "
+                         f"{', '.join(sorted(RunConfig.model_fields))}")
+    if not isinstance(raw.get("options", {}), dict):
+        raise UsageError(f"{table.where('options')}: options must be a table: an [options] "
+                         "section of key = value lines, or [options.<plugin>] sections")
+    return table
 
 
 def split_options(flat: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:
@@ -159,13 +203,14 @@ def with_preset(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def resolve_config(*layers: dict[str, Any]) -> RunConfig:
     """Merge layers (later wins) into a validated RunConfig; ``options`` merge per plugin."""
     merged: dict[str, Any] = {}
+    origin: dict[str, dict[str, Any]] = {}  # key -> the layer its value came from
     raw_options: list[dict[str, Any]] = []
     for layer in layers:
         for key, value in layer.items():
             if key == "options":
                 raw_options.append(value)
             elif value is not None:
-                merged[key] = value
+                merged[key], origin[key] = value, layer
     loss = merged.get("loss", RunConfig.model_fields["loss"].default)
     options: dict[str, dict[str, Any]] = {}
     for layer_options in raw_options:
@@ -181,4 +226,9 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
             raise UsageError(message) from None
         key = ".".join(str(p) for p in err["loc"]).replace("_", "-")
         given = merged.get(err["loc"][0])
+        layer = origin.get(str(err["loc"][0]))
+        if isinstance(layer, ConfigFile):
+            raise UsageError(f"{layer.where(str(err['loc'][0]))}: {key} = "
+                             f"{json.dumps(given, default=str)}: {message}; fix it in the "
+                             "config file") from None
         raise UsageError(f"--{key}={given}: {message}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import numbers
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -108,7 +109,8 @@ def _format_records(reader: type[DataFormat], p: Path,
 
 
 def _records(p: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    opener = gzip.open if p.suffix == ".gz" else open
+    gzipped = p.suffix == ".gz"
+    opener = gzip.open if gzipped else open
     line = 0
     try:
         # Bytes, decoded line by line, so an encoding error names its exact line.
@@ -116,16 +118,45 @@ def _records(p: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
             for line, raw in enumerate(handle, start=1):
                 try:
                     text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
-                except UnicodeDecodeError:
+                    if not text.strip():
+                        continue
+                    record = _parse_line(text, shown, line)
+                except (UnicodeDecodeError, DataError) as exc:
+                    # Damaged compressed data decompresses to garbage before its checksum is
+                    # reached: say the file is damaged rather than blame the line.
+                    if gzipped and (damage := _gzip_damage(p)):
+                        raise DataError(_damaged(damage, line - 1), shown) from None
+                    if isinstance(exc, DataError):
+                        raise
                     raise DataError("not UTF-8 text; save the file as UTF-8", shown, line) from None
-                if not text.strip():
-                    continue
-                yield line, _parse_line(text, shown, line)
-    except (OSError, EOFError) as exc:  # unreadable, or a corrupt or truncated gzip stream
-        where = f" after line {line}" if line else ""
-        kind = "gzip" if opener is gzip.open else "text"
-        raise DataError(f"cannot read it{where} ({exc}); is it a complete, readable {kind} file?",
-                        shown) from None
+                yield line, record
+    except gzip.BadGzipFile as exc:
+        if line == 0 and "Not a gzipped file" in str(exc):
+            raise DataError("not gzip data, though its name ends in .gz; compress it with gzip, "
+                            "or drop the .gz from its name", shown) from None
+        raise DataError(_damaged(str(exc), line), shown) from None
+    except (EOFError, zlib.error) as exc:  # a truncated or corrupt gzip stream
+        raise DataError(_damaged(str(exc), line), shown) from None
+    except OSError as exc:
+        raise DataError(f"cannot read it ({exc.strerror or exc}); check that it is a readable "
+                        "file", shown) from None
+
+
+def _damaged(reason: str, lines_read: int) -> str:
+    where = f" after line {lines_read}" if lines_read else ""
+    return (f"damaged gzip data{where} ({reason}); the file is truncated or corrupt: "
+            "copy or compress it again")
+
+
+def _gzip_damage(p: Path) -> str | None:
+    """Why the gzip file ``p`` is damaged (read to its end, checksum included), or None."""
+    try:
+        with gzip.open(p, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return str(exc)
+    return None
 
 
 def _hub_records(value: str) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -228,13 +229,14 @@ class Reporter:
             yield lambda n: bar.advance(task, n)
 
     # events ------------------------------------------------------------------------------
+    # Messages are text: brackets in them (paths, ``dpo-trainer[gguf]``) are not rich markup.
     def info(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message, highlight=False)
+            self.console.print(escape(message), highlight=False)
 
     def warn(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one record (a step or an evaluation) to metrics.jsonl, flushed at once so a
