@@ -19,8 +19,6 @@ ratio to padded. The log-probs of the three are checked equal (1e-4 relative) on
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
 import sys
 import time

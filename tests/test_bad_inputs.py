@@ -213,9 +213,6 @@ class Registers:
 PLUGINS = (Refuser(), Registers())
 LONG = "a" * 300  # a file name longer than any file system allows
 
-OUTPUT = pytest.mark.xfail(strict=False, reason="output safety")
-REF_LOGPS = pytest.mark.xfail(strict=False, reason="--ref-logps is checked only when written")
-HINT = pytest.mark.xfail(strict=False, reason="'no usable pairs' says not what to do")
 ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 
 
@@ -254,11 +251,11 @@ CASES = [
     case(RUN + "--data {d}/missing-rejected.jsonl", 2, "{d}/missing-rejected.jsonl:2: ", "rejected"),
     case(RUN + "--data {d}/number-chosen.jsonl", 2, "{d}/number-chosen.jsonl:2: ", "chosen"),
     case(RUN + "--data {d}/all-empty.jsonl", 2, "{d}/all-empty.jsonl: no usable pairs",
-         "--strict", marks=HINT),
+         "--strict"),
     case(RUN + "--data {d}/same-start.jsonl --max-length 4 --max-prompt-length 2", 2,
-         "{d}/same-start.jsonl: no usable pairs", "--strict", marks=HINT),
+         "{d}/same-start.jsonl: no usable pairs", "--strict"),
     case(EVAL + "--data {d}/all-empty.jsonl", 2, "{d}/all-empty.jsonl: no usable pairs",
-         "--strict", marks=HINT),
+         "--strict"),
     case(RUN + "--data {d}/one-empty.jsonl --strict", 2, "{d}/one-empty.jsonl:3: ", "--strict"),
     case(RUN + "--data {d}/same.jsonl --strict", 2, "{d}/same.jsonl:2: ", "--strict"),
     case(RUN + "--data {d}/hh.jsonl --format preference", 2, "{d}/hh.jsonl:1: preference format",
@@ -416,34 +413,29 @@ CASES = [
     # -- output paths (refused before any work; nothing of the user's touched) ----------------
     case(RUN + "--data {d}/good.jsonl --output {d}/userdir", 2, "{d}/userdir: already holds "
          "files", "--resume", "--overwrite"),
-    case(RUN + "--data {d}/good.jsonl --output . --overwrite", 2, "--output", marks=OUTPUT),
-    case(RUN + "--data {d}/good.jsonl --output '' --overwrite", 2, "--output", marks=OUTPUT),
-    case(RUN + "--data {d}/good.jsonl --output {d}/home --overwrite", 2, "{d}/home", marks=OUTPUT),
+    case(RUN + "--data {d}/good.jsonl --output . --overwrite", 2, "--output"),
+    case(RUN + "--data {d}/good.jsonl --output '' --overwrite", 2, "--output"),
+    case(RUN + "--data {d}/good.jsonl --output {d}/home --overwrite", 2, "{d}/home"),
     case(RUN + "--data {d}/good.jsonl --output {d}/userdir --overwrite", 2, "{d}/userdir",
-         "run.json", marks=OUTPUT),
-    case(RUN + "--data {d}/good.jsonl --output {d}/good.jsonl", 2, "{d}/good.jsonl", marks=OUTPUT),
-    case(RUN + "--data {d}/good.jsonl --output {d}/good.jsonl/run", 2, "{d}/good.jsonl",
-         marks=OUTPUT),
+         "run.json"),
+    case(RUN + "--data {d}/good.jsonl --output {d}/good.jsonl", 2, "{d}/good.jsonl"),
+    case(RUN + "--data {d}/good.jsonl --output {d}/good.jsonl/run", 2, "{d}/good.jsonl"),
     case(RUN + "--data {d}/good.jsonl --output {d}/readonly/run", 2, "{d}/readonly",
-         marks=(OUTPUT, ROOT)),
-    case(RUN + "--data {d}/good.jsonl --ref-logps {d}/userdir", 2, "--ref-logps {d}/userdir",
-         marks=REF_LOGPS),
+         marks=ROOT),
+    case(RUN + "--data {d}/good.jsonl --ref-logps {d}/userdir", 2, "--ref-logps {d}/userdir"),
     case(RUN + "--data {d}/good.jsonl --ref-logps {d}/good.jsonl/ref.safetensors", 2,
-         "--ref-logps {d}/good.jsonl", marks=REF_LOGPS),
-    case(PRE + "--data {d}/good.jsonl --ref-logps {d}/userdir", 2, "--ref-logps {d}/userdir",
-         marks=REF_LOGPS),
+         "--ref-logps {d}/good.jsonl"),
+    case(PRE + "--data {d}/good.jsonl --ref-logps {d}/userdir", 2, "--ref-logps {d}/userdir"),
     case(RUN + "--data {d}/good.jsonl --ref-logps {d}/cwd/notes.txt", 2, "{d}/cwd/notes.txt",
-         "not a reference log-prob file", marks=REF_LOGPS),
+         "not a reference log-prob file"),
     # -- run directories ----------------------------------------------------------------------
-    case("run --resume {d}/runs/broken-json", 2, "{d}/runs/broken-json/run.json", marks=OUTPUT),
-    case("run --resume {d}/runs/no-config", 2, "{d}/runs/no-config/run.json", marks=OUTPUT),
-    case("run --resume {d}/runs/config-list", 2, "{d}/runs/config-list/run.json", marks=OUTPUT),
-    case("run --resume {d}/runs/empty-checkpoint", 2, "{d}/runs/empty-checkpoint", "checkpoint",
-         marks=OUTPUT),
-    case("run --resume {d}/runs/truncated-state", 2, "{d}/runs/truncated-state", "checkpoint",
-         marks=OUTPUT),
+    case("run --resume {d}/runs/broken-json", 2, "{d}/runs/broken-json/run.json"),
+    case("run --resume {d}/runs/no-config", 2, "{d}/runs/no-config/run.json"),
+    case("run --resume {d}/runs/config-list", 2, "{d}/runs/config-list/run.json"),
+    case("run --resume {d}/runs/empty-checkpoint", 2, "{d}/runs/empty-checkpoint", "checkpoint"),
+    case("run --resume {d}/runs/truncated-state", 2, "{d}/runs/truncated-state", "checkpoint"),
     case(EVAL + "--data {d}/good.jsonl --model {d}/runs/eval-broken", 2,
-         "{d}/runs/eval-broken/run.json", marks=OUTPUT),
+         "{d}/runs/eval-broken/run.json"),
 ]
 
 

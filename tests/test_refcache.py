@@ -132,13 +132,24 @@ def test_changed_pairs_are_scored_and_a_stale_file_is_rebuilt(tmp_path, cli):
     assert_same_run(tmp_path / "c", tmp_path / "d")
 
 
-def test_unreadable_file_is_rebuilt_not_trusted(tmp_path, cli):
-    path = tmp_path / "ref.safetensors"
-    path.write_bytes(b"not a table")
-    result = cli(*run_args(tmp_path, "out", "--ref-logps", str(path)))
+def test_unreadable_file_in_the_cache_is_rebuilt_not_trusted(tmp_path, cli, monkeypatch):
+    """A damaged file in dpo's own cache is rebuilt; a file of the user's named by --ref-logps
+    that is not a table is refused and left as it was (it would be replaced)."""
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    first = cli(*run_args(tmp_path, "a"))
+    assert first.exit_code == 0, first.output
+    (cached,) = (tmp_path / "cache").rglob("*.safetensors")
+    cached.write_bytes(b"not a table")
+    result = cli(*run_args(tmp_path, "b"))
     assert result.exit_code == 0, result.output
     assert "computing 24 pairs" in result.output
-    assert len(refcache.read(path).values) == 24
+    assert len(refcache.read(cached).values) == 24
+
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"not a table")
+    refused = cli(*run_args(tmp_path, "c", "--ref-logps", str(mine)))
+    assert refused.exit_code == 2 and "not a reference log-prob file" in refused.output
+    assert mine.read_bytes() == b"not a table" and not (tmp_path / "c").exists()
 
 
 def test_digest_and_lookup():

@@ -6,7 +6,6 @@ import json
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -16,7 +15,7 @@ from dpo.core.errors import UsageError
 from dpo.core.evaluation import EvalRequest, evaluate_request
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
-from dpo.core.report import SUMMARY_KEYS, _fmt
+from dpo.core.report import SUMMARY_KEYS, _fmt, log_console
 
 
 def register(app: typer.Typer, catalog: Catalog) -> None:
@@ -58,7 +57,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         for key in SUMMARY_KEYS:
             if key in result["metrics"]:
                 table.add_row(key, _fmt(result["metrics"][key]))
-        Console().print(table)
+        log_console(stderr=False).print(table)
         for label, used in result["paths"].items():
-            Console().print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}",
+            log_console(stderr=False).print(f"{label} speed paths: {', '.join(used) or 'none (the plain path)'}",
                             markup=False)

@@ -7,7 +7,6 @@ the chosen and rejected rewards, and the policy's summed completion log-probs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ from dpo.core.loop import preference_metrics
 from dpo.core.models import load_model, resolve_source
 from dpo.core.paths import CHECK_PAIRS, check, resolve
 from dpo.core.plugins import Catalog
-
-RUN_FILE = "run.json"
+from dpo.core.rundir import RUN_FILE, read_record
 
 
 @dataclass
@@ -47,7 +45,7 @@ def find_run_config(model: str) -> dict[str, Any] | None:
     path = Path(model)
     for candidate in (path / RUN_FILE, path.parent / RUN_FILE):
         if candidate.is_file():
-            return json.loads(candidate.read_text()).get("config")
+            return read_record(candidate.parent)["config"]
     return None
 
 
@@ -92,7 +90,8 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     pairs, stats = tokenize_pairs(tokenizer, sourced, max_length, max_prompt_length,
                                   strict=request.strict, stats=stats)
     if not pairs:
-        raise UsageError(f"{request.data}: no usable pairs ({stats.as_dict()})")
+        raise UsageError(f"{request.data}: no usable pairs ({stats.as_dict()}); --strict "
+                         "names the first unusable record with its line")
     reference = None
     if loss.requires_reference:
         reference, ref_tokenizer = load_model(ref, seed)

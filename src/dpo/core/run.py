@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import platform
@@ -140,7 +139,8 @@ def _tokenized(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Re
     eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_sourced, *lengths, strict=config.strict,
                                             stats=eval_stats) if eval_sourced else ([], None)
     if not train_pairs:
-        raise UsageError(f"{config.data}: no usable pairs ({stats.as_dict()})")
+        raise UsageError(f"{config.data}: no usable pairs ({stats.as_dict()}); --strict names "
+                         "the first unusable record with its line")
     reporter.info(f"data: {len(train_pairs)} training pairs, {len(eval_pairs)} held out; "
                   + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items() if v))
     return train_pairs, eval_pairs, stats, eval_stats
@@ -284,6 +284,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     sources = {"model": resolve_source(config.model).describe()}
     if config.ref_model:
         sources["ref_model"] = resolve_source(config.ref_model).describe()
+    if config.ref_logps and loss.requires_reference and config.precompute_ref:
+        check_ref_logps(config.ref_logps)
 
     # 2. The output directory and the checkpoint to resume from.
     rundir.check_output(config.output, "--resume" if resume else "--output")
@@ -550,6 +552,15 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     return outcome
 
 
+def check_ref_logps(path: str) -> None:
+    """``--ref-logps``: a file to read and update, or a new one; never a file of the user's that
+    is not a table of reference log-probs (it would be replaced)."""
+    target = rundir.check_file_target(path, "--ref-logps")
+    if target.is_file() and refcache.read(target) is None:
+        raise UsageError(f"--ref-logps {path}: not a reference log-prob file (one that `dpo "
+                         "precompute-ref` or a run wrote), so it is left alone; name a new file")
+
+
 def check_compile(device: torch.device) -> None:
     """``--compile``: torch.compile must be able to build a kernel on this machine (inductor
     needs a C++ compiler on CPU, and with some torch versions setuptools). Tried on a tiny
@@ -724,6 +735,8 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     loss_cls = catalog.losses.get(config.loss, asked="loss" in config.model_fields_set)
     if not loss_cls.requires_reference:
         raise UsageError(f"loss {config.loss!r} uses no reference model: nothing to precompute")
+    if config.ref_logps:
+        check_ref_logps(config.ref_logps)
     if config.format:
         catalog.formats.get(config.format)
     spec = config.ref_model or config.model

@@ -56,6 +56,23 @@ def check_output(output: str | Path, flag: str = "--output") -> Path:
     return path
 
 
+def check_file_target(path: str | Path, flag: str) -> Path:
+    """A file this run will write (e.g. ``--ref-logps``): not a directory, under a directory
+    this process can write to. Whether an existing file may be replaced is the caller's call."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; name a file")
+    resolved = target.resolve()
+    existing = next((p for p in resolved.parents if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, so nothing can be created "
+                         "under it; name a file in a directory")
+    if not _writable(existing):
+        raise UsageError(f"{flag} {path}: {existing} is not writable by this user; choose a "
+                         "directory you can write to")
+    return target
+
+
 def _writable(directory: Path) -> bool:
     if not os.access(directory, os.W_OK | os.X_OK):
         return False
