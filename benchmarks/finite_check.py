@@ -7,6 +7,10 @@ step (forward and backward of a batch, then AdamW's update) of a 135M-parameter 
 SmolLM2-135M's shape (random float32 weights, random token ids: 4 pairs, 8 rows of
 ``--tokens`` tokens), alternately in one process, and prints both medians and their ratio.
 
+Measured on a shared two-core VM (2 threads, 3 rounds, while another job ran): step 41.2 s,
+check 0.17 s median: 0.0042 of a step. A max-magnitude reduction in its place took 3.55 s
+(0.082 of a step): the fused 2-norm is what makes the check cheap.
+
     python benchmarks/finite_check.py                    # 5 rounds, rows of 384 tokens
     python benchmarks/finite_check.py --rounds 10 --tokens 256 --device cuda
 """

@@ -216,8 +216,9 @@ def test_a_poisoned_update_after_a_checkpoint_names_that_checkpoint(tmp_path, in
 
 
 def test_all_finite_sees_parameters_and_optimizer_state():
-    """A max-magnitude reduction: finite when every value is, false for a nan or inf in a
-    parameter or in AdamW's moments (exp_avg_sq can overflow while the weights are fine)."""
+    """Finite when every value is, false for a nan or inf in a parameter or in AdamW's moments
+    (exp_avg_sq can overflow while the weights are fine); a huge finite value whose square
+    overflows the fused norm is still finite."""
     layer = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
     layer(torch.ones(1, 3)).sum().backward()
@@ -230,6 +231,9 @@ def test_all_finite_sees_parameters_and_optimizer_state():
     with torch.no_grad():
         layer.bias[1] = math.nan
     assert not strat.all_finite(params, optimizer, DistInfo())
+    with torch.no_grad():  # finite, though its square (1e60) overflows float32's 3.4e38
+        layer.bias[1] = 1e30
+    assert strat.all_finite(params, optimizer, DistInfo())
 
 
 def test_a_half_written_metrics_line_is_dropped_and_complete_lines_kept(tmp_path):

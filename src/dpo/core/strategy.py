@@ -174,9 +174,11 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 def all_finite(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                info: DistInfo) -> bool:
     """Whether every parameter and every tensor of the optimizer's state (e.g. AdamW's moments)
-    is finite: one fused max-magnitude reduction (nan propagates through it, and a max cannot
-    overflow the way a sum of squares can), one host read, and under several processes one
-    all-reduce of a flag (FSDP shards differ between ranks)."""
+    is finite: one fused 2-norm over them all (a nan or inf anywhere makes it nan or inf; a
+    max-magnitude norm, overflow-proof, measured 17x slower on CPU), one host read, and under
+    several processes one all-reduce of a flag (FSDP shards differ between ranks). A norm that
+    overflowed from finite values so large (above about 1e19) is told apart by an exact check
+    on that rare path only."""
     tensors = []
     for p in params:
         tensors.append(_local(p.detach()))
@@ -185,7 +187,9 @@ def all_finite(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimize
                 tensors.append(_local(value))
     if not tensors:
         return True
-    bad = (~torch.nn.utils.get_total_norm(tensors, norm_type=math.inf).isfinite()).float()
+    bad = (~torch.nn.utils.get_total_norm(tensors, norm_type=2.0).isfinite()).float()
+    if bad.item() and all(bool(t.isfinite().all()) for t in tensors):
+        bad.zero_()  # huge but finite: an overflow of the norm, not of the values
     if info.world_size > 1:
         info.all_reduce_sum(bad)
     return bad.item() == 0
