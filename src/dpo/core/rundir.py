@@ -46,13 +46,7 @@ def check_output(output: str | Path, flag: str = "--output") -> Path:
                              f"name a new directory, e.g. {flag} {path / 'out'}")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {output}: exists and is not a directory; name a directory")
-    existing = next((p for p in (resolved, *resolved.parents) if p.exists()), Path("/"))
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {output}: {existing} is a file, so nothing can be created "
-                         "under it; name a directory")
-    if not _writable(existing):
-        raise UsageError(f"{flag} {output}: {existing} is not writable by this user; choose a "
-                         "directory you can write to")
+    _check_creatable(resolved, flag, output, "a directory")
     return path
 
 
@@ -62,15 +56,20 @@ def check_file_target(path: str | Path, flag: str) -> Path:
     target = Path(path).expanduser()
     if target.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; name a file")
-    resolved = target.resolve()
-    existing = next((p for p in resolved.parents if p.exists()), Path("/"))
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, so nothing can be created "
-                         "under it; name a file in a directory")
-    if not _writable(existing):
-        raise UsageError(f"{flag} {path}: {existing} is not writable by this user; choose a "
-                         "directory you can write to")
+    _check_creatable(target.resolve().parent, flag, path, "a file in a directory")
     return target
+
+
+def _check_creatable(where: Path, flag: str, shown: str | Path, kind: str) -> None:
+    """``where`` (or the nearest directory above it that exists) is a directory this process
+    can create files in."""
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {shown}: {existing} is a file, so nothing can be created "
+                         f"under it; name {kind}")
+    if not _writable(existing):
+        raise UsageError(f"{flag} {shown}: {existing} is not writable by this user; choose a "
+                         "directory you can write to")
 
 
 def _writable(directory: Path) -> bool:
