@@ -279,6 +279,8 @@ CASES = [
     # -- flags --------------------------------------------------------------------------------
     case(RUN + "--data {d}/good.jsonl --lr -1", 2, "--lr=-1.0: Input should be greater than 0"),
     case(RUN + "--data {d}/good.jsonl --lr 0", 2, "--lr=0.0: "),
+    case(RUN + "--data {d}/good.jsonl --lr 1e39", 2, "--lr=1e+39: must be at most 3.403e+38"),
+    case(RUN + "--data {d}/good.jsonl --lr nan", 2, "--lr=nan: "),
     case(RUN + "--data {d}/good.jsonl --lr abc", 2, "'--lr'", "see 'dpo run --help'"),
     case(RUN + "--data {d}/good.jsonl --batch-size 0", 2, "--batch-size=0: "),
     case(RUN + "--data {d}/good.jsonl --grad-accum 0", 2, "--grad-accum=0: "),

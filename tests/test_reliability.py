@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 import dpo
 from dpo.cli import make_app
 from dpo.core import strategy as strat
-from dpo.core.distributed import DistInfo
 from dpo.core.errors import DataError
 from dpo.core.plugins import get_plugin_manager, register_plugin
 from dpo.core.report import read_metrics, truncate_metrics
@@ -192,48 +191,67 @@ def test_an_output_that_cannot_be_a_directory_is_refused_before_any_work(
 
 # -- a checkpoint that is saved is good -----------------------------------------------------
 
+POISON = ["--lr", "3e38", "--weight-decay", "2", "--warmup-steps", "0"]
+
+
 def test_a_poisoned_update_is_never_saved(tmp_path, invoke):
-    """--lr 1e39: step 1's loss (ln 2) and gradient are finite, so the update is applied, and
-    Adam's first step moves every weight by about lr * sign(grad) = 1e39, past float32's
-    largest value (3.4e38): the weights become inf (and the next products nan). The run fails
-    at once with one line; no checkpoint, no final/, and the record says failed."""
+    """A learning rate far too high: step 1's loss (ln 2) and gradient are finite, so the update
+    is applied, and AdamW's decay multiplies every weight by 1 - lr * weight_decay = 1 - 6e38,
+    past float32's largest value (3.4e38): the weights become inf (nan where they were 0). The
+    run fails at once with one line; no checkpoint, no final/, and the record says failed."""
     out = tmp_path / "out"
-    result = invoke(*args(tmp_path, out, 4, "--save-steps", "1", "--lr", "1e39",
-                          "--warmup-steps", "0", "--stop", "nan-guard"))
+    result = invoke(*args(tmp_path, out, 4, "--save-steps", "1", *POISON, "--stop", "nan-guard"))
     one_line(result, 1, "step 1's update", "non-finite", "lower --lr")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "run.json"]
     assert record(out)["status"].startswith("failed: step 1's update")
 
 
 def test_a_poisoned_update_after_a_checkpoint_names_that_checkpoint(tmp_path, invoke):
-    """Two good steps at a sane learning rate and a checkpoint; then --resume with --lr 1e39
-    poisons step 3: checkpoint-2 stays the newest and the error names it."""
+    """Two good steps at a sane learning rate and a checkpoint; then --resume with the new
+    --lr and --weight-decay (both honoured from there on) poisons step 3: checkpoint-2 stays
+    the newest and the error names it."""
     out = tmp_path / "out"
     assert invoke(*args(tmp_path, out, 2, "--save-steps", "1")).exit_code == 0
-    result = invoke("--resume", out, "--max-steps", "4", "--lr", "1e39", "--warmup-steps", "0")
+    result = invoke("--resume", out, "--max-steps", "4", *POISON)
     one_line(result, 1, "step 3's update", "resume from checkpoint-2")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_all_finite_sees_parameters_and_optimizer_state():
-    """Finite when every value is, false for a nan or inf in a parameter or in AdamW's moments
-    (exp_avg_sq can overflow while the weights are fine); a huge finite value whose square
-    overflows the fused norm is still finite."""
+def test_the_finite_flag_sees_parameters_and_optimizer_state():
+    """The flag is 0 when every value is finite, 1 for a nan or inf in a parameter or in
+    AdamW's moments (exp_avg_sq can overflow while the weights are fine); a huge finite value
+    whose square overflows the fused norm raises the flag too, and the exact check, run only
+    then, clears it."""
     layer = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
     layer(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     params = list(layer.parameters())
-    assert strat.all_finite(params, optimizer, DistInfo())
+
+    def flag() -> float:
+        return strat.nonfinite_flag(params, optimizer).item()
+
+    assert flag() == 0.0 and strat.exactly_finite(params, optimizer)
     optimizer.state[layer.weight]["exp_avg_sq"][0, 0] = math.inf
-    assert not strat.all_finite(params, optimizer, DistInfo())
+    assert flag() == 1.0 and not strat.exactly_finite(params, optimizer)
     optimizer.state[layer.weight]["exp_avg_sq"][0, 0] = 0.0
     with torch.no_grad():
         layer.bias[1] = math.nan
-    assert not strat.all_finite(params, optimizer, DistInfo())
+    assert flag() == 1.0 and not strat.exactly_finite(params, optimizer)
     with torch.no_grad():  # finite, though its square (1e60) overflows float32's 3.4e38
         layer.bias[1] = 1e30
-    assert strat.all_finite(params, optimizer, DistInfo())
+    assert flag() == 1.0 and strat.exactly_finite(params, optimizer)
+
+
+def test_a_poisoned_update_is_found_with_the_next_steps_metrics(tmp_path, invoke):
+    """Without a checkpoint at step 1, the flag of step 1's update is read with step 2's
+    metrics (no host read of its own): the run fails there, naming step 1, and step 2's
+    metrics (computed on poisoned weights) are not recorded."""
+    out = tmp_path / "out"
+    result = invoke(*args(tmp_path, out, 4, "--save-steps", "0", *POISON))
+    one_line(result, 1, "step 1's update", "non-finite", "start again with a lower --lr")
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "run.json"]
 
 
 def test_a_half_written_metrics_line_is_dropped_and_complete_lines_kept(tmp_path):

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from dpo.core.errors import UsageError
 
@@ -18,6 +19,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class RunConfig(BaseModel):
@@ -88,6 +92,14 @@ class RunConfig(BaseModel):
                                    "complete, so that --resume with more --max-steps can extend "
                                    "it (off: only final/ remains)")
     progress: bool = True
+
+    @field_validator("lr")
+    @classmethod
+    def _float32_lr(cls, value: float) -> float:
+        # Optimizer kernels (e.g. Intel's fused AdamW) take the learning rate as a float32.
+        if not value <= FLOAT32_MAX:
+            raise ValueError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest value)")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -338,6 +338,48 @@ class NonFiniteWeights(DpoError):
     """An optimizer step left non-finite values in the weights or the optimizer state."""
 
 
+class FiniteWatch:
+    """Whether the last update left the weights and the optimizer state finite, known without a
+    host sync of its own: the flag computed after an update travels with the next step's
+    metrics (its one host read, and under several processes its one all-reduce), and is read
+    on its own only before anything is saved (a checkpoint, ``best/``, ``final/``), so that
+    nothing from a poisoned update is ever written."""
+
+    KEY = "weights_nonfinite"
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 dist: DistInfo, message: Callable[[int, float], str]):
+        self.params, self.optimizer, self.dist, self.message = params, optimizer, dist, message
+        self.flag: torch.Tensor | None = None
+        self.step, self.lr = 0, 0.0
+
+    def updated(self, step: int, lr: float) -> None:
+        self.flag = strat.nonfinite_flag(self.params, self.optimizer)
+        self.step, self.lr = step, lr
+
+    def add_to(self, sums: dict[str, torch.Tensor], count: float) -> None:
+        if self.flag is not None:
+            sums[self.KEY] = self.flag.to(sums["loss"].device) * count  # averaged: back to 0/1
+
+    def judge_metrics(self, metrics: dict[str, float]) -> None:
+        flagged = metrics.pop(self.KEY, None)
+        if flagged is not None:
+            self._judge(flagged > 0)
+
+    def settle(self) -> None:
+        if self.flag is not None:
+            flag = self.flag.clone()
+            self.dist.all_reduce_sum(flag)
+            self._judge(flag.item() > 0)
+
+    def _judge(self, flagged: bool) -> None:
+        self.flag = None
+        if flagged and (self.dist.world_size > 1
+                        or not strat.exactly_finite(self.params, self.optimizer)):
+            # Nothing from this update may be saved: not as a checkpoint, best or final.
+            raise NonFiniteWeights(self.message(self.step, self.lr))
+
+
 def _newest(t: Trainee, checkpointed: list[Path]) -> Path | None:
     from dpo.core.checkpoint import latest_checkpoint
 
@@ -386,7 +428,11 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
 
     checkpointed: list[Path] = []  # written by this process, newest last
 
+    watch = FiniteWatch(params, t.optimizer, t.dist,
+                        lambda step, lr: _poisoned(t, step, lr, checkpointed))
+
     def checkpoint() -> None:
+        watch.settle()
         # Every rank gathers (FSDP's full state is collective); rank 0 alone writes.
         weights = strat.full_state_dict(t.policy, t.dist)
         optimizer_state = strat.optimizer_state(t.policy, t.optimizer, t.dist)
@@ -466,16 +512,19 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             # The norm is of the global gradient (the same on every rank): weighting it by the
             # rank's pairs makes the cross-rank average below give it back unchanged.
             sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_pairs
+            watch.add_to(sums, step_pairs)  # the previous update's flag, read in this sync
             if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
                 sums["stop_requested"] = torch.tensor(float(stop_request.requested),
                                                       device=sums["loss"].device)
             metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
             stop_now = metrics.pop("stop_requested", 0.0) > 0 or (
                 t.dist.world_size == 1 and stop_request.requested)
+            watch.judge_metrics(metrics)
             lr = t.scheduler.get_last_lr()[0]
             # Decided on the host from the values just read, so skipping costs no extra sync.
             if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
                 t.optimizer.step()
+                watch.updated(state.step + 1, lr)
             else:
                 reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update skipped")
             t.scheduler.step()
@@ -506,21 +555,22 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             train_metrics = metrics
             reporter.record({"step": state.step, **metrics})
             reporter.step(state.step, metrics)
-            if not strat.all_finite(params, t.optimizer, t.dist):
-                # Nothing from this update may be saved: not as a checkpoint, best or final.
-                raise NonFiniteWeights(_poisoned(t, state.step, lr, checkpointed))
             stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
             if keep_best:
+                watch.settle()
                 save_best(t, state.step, metrics)
 
             last = stopped is not None or state.step >= settings.total_steps
             if not stopped and (last or (settings.eval_steps and state.step % settings.eval_steps == 0)):
                 eval_metrics = evaluate(t, settings)
+                if not all(math.isfinite(v) for v in eval_metrics.values()):
+                    watch.settle()  # a poisoned update says so, rather than its evaluation
                 if eval_metrics:
                     reporter.record({"step": state.step, **eval_metrics})
                     stopped, keep_best = _decide(
                         t.policies, lambda p: p.on_eval(state.step, eval_metrics))
                     if keep_best:
+                        watch.settle()
                         save_best(t, state.step, eval_metrics)
             if stopped and not stopped[1].save:
                 break
@@ -544,6 +594,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             restored_step, eval_metrics = best
             reporter.info(f"final weights: the best evaluation's, from step {restored_step}")
     if saved:
+        watch.settle()
         weights = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP
         if t.dist.is_main:
             save_model_dir(t.output / FINAL, strat.unwrap(t.policy), t.tokenizer,

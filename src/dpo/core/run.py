@@ -471,6 +471,11 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         scheduler.load_state_dict(tensors["scheduler"])
         if set_peak_lr(scheduler, config.lr):
             reporter.info(f"peak learning rate now {config.lr:g} (--lr), from step {state.step}")
+        decay = optimizer.param_groups[0]  # the matrices' group; biases and norms take none
+        if decay["weight_decay"] != config.weight_decay:
+            decay["weight_decay"] = config.weight_decay
+            reporter.info(f"weight decay now {config.weight_decay:g} (--weight-decay), from "
+                          f"step {state.step}")
         for name, policy in policies.items():
             policy.load_state_dict(saved["policies"].get(name, {}))
         backend.set_rng_state(restore_rng_states(tensors["rng"]))

@@ -171,28 +171,34 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return full() if full is not None else norm
 
 
-def all_finite(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-               info: DistInfo) -> bool:
-    """Whether every parameter and every tensor of the optimizer's state (e.g. AdamW's moments)
-    is finite: one fused 2-norm over them all (a nan or inf anywhere makes it nan or inf; a
-    max-magnitude norm, overflow-proof, measured 17x slower on CPU), one host read, and under
-    several processes one all-reduce of a flag (FSDP shards differ between ranks). A norm that
-    overflowed from finite values so large (above about 1e19) is told apart by an exact check
-    on that rare path only."""
+def nonfinite_flag(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+                   ) -> torch.Tensor | None:
+    """A device scalar, 1.0 when a parameter or a tensor of the optimizer's state (e.g. AdamW's
+    moments) may hold a nan or inf, else 0.0; no host sync (the loop reads it with the next
+    step's metrics). One fused 2-norm over them all: a nan or inf anywhere makes it non-finite
+    (a max-magnitude norm, which cannot overflow, measured 17x slower on CPU); finite values
+    above about 1e19 overflow it too, which ``exactly_finite`` tells apart."""
+    tensors = _state_tensors(params, optimizer)
+    if not tensors:
+        return None
+    return (~torch.nn.utils.get_total_norm(tensors, norm_type=2.0).isfinite()).float()
+
+
+def exactly_finite(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
+    """Every value of this process's parameters and optimizer state is finite (a check per
+    tensor: for the rare case ``nonfinite_flag`` raised)."""
+    return all(bool(t.isfinite().all()) for t in _state_tensors(params, optimizer))
+
+
+def _state_tensors(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+                   ) -> list[torch.Tensor]:
     tensors = []
     for p in params:
         tensors.append(_local(p.detach()))
         for value in optimizer.state.get(p, {}).values():
             if torch.is_tensor(value) and value.is_floating_point() and value.numel() > 1:
                 tensors.append(_local(value))
-    if not tensors:
-        return True
-    bad = (~torch.nn.utils.get_total_norm(tensors, norm_type=2.0).isfinite()).float()
-    if bad.item() and all(bool(t.isfinite().all()) for t in tensors):
-        bad.zero_()  # huge but finite: an overflow of the norm, not of the values
-    if info.world_size > 1:
-        info.all_reduce_sum(bad)
-    return bad.item() == 0
+    return tensors
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
