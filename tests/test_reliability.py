@@ -198,10 +198,12 @@ def test_a_poisoned_update_is_never_saved(tmp_path, invoke):
     """A learning rate far too high: step 1's loss (ln 2) and gradient are finite, so the update
     is applied, and AdamW's decay multiplies every weight by 1 - lr * weight_decay = 1 - 6e38,
     past float32's largest value (3.4e38): the weights become inf (nan where they were 0). The
-    run fails at once with one line; no checkpoint, no final/, and the record says failed."""
+    run fails at once with one line; no checkpoint, no final/, and the record says failed.
+    (Intel's fused AdamW refuses the product lr * weight_decay as a float32 and raises in the
+    step instead: the same line, saying so, and the same outcome on disk.)"""
     out = tmp_path / "out"
     result = invoke(*args(tmp_path, out, 4, "--save-steps", "1", *POISON, "--stop", "nan-guard"))
-    one_line(result, 1, "step 1's update", "non-finite", "lower --lr")
+    one_line(result, 1, "step 1's update", "nothing from it was saved", "lower --lr")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "run.json"]
     assert record(out)["status"].startswith("failed: step 1's update")
 
@@ -249,8 +251,10 @@ def test_a_poisoned_update_is_found_with_the_next_steps_metrics(tmp_path, invoke
     metrics (computed on poisoned weights) are not recorded."""
     out = tmp_path / "out"
     result = invoke(*args(tmp_path, out, 4, "--save-steps", "0", *POISON))
-    one_line(result, 1, "step 1's update", "non-finite", "start again with a lower --lr")
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    line = one_line(result, 1, "step 1's update", "start again with a lower --lr")
+    # Intel's fused AdamW raises inside step 1 (see above): then not even step 1 is recorded.
+    recorded = [] if "failed in the optimizer" in line else [1]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == recorded
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "run.json"]
 
 

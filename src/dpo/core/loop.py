@@ -394,12 +394,12 @@ def _interrupted(t: Trainee, step: int, checkpointed: list[Path]) -> str:
     return f"stopped on request at step {step}; resume with --resume {t.output} (from {newest.name})"
 
 
-def _poisoned(t: Trainee, step: int, lr: float, checkpointed: list[Path]) -> str:
+def _poisoned(t: Trainee, step: int, lr: float, checkpointed: list[Path],
+              what: str = "made the weights or optimizer state non-finite") -> str:
     newest = _newest(t, checkpointed)
     where = (f"resume from {newest.name} with --resume {t.output} --lr LOWER" if newest
              else "start again with a lower --lr")
-    return (f"step {step}'s update (learning rate {lr:.3g}) made the weights or optimizer state "
-            f"non-finite; nothing from it was saved; {where}")
+    return f"step {step}'s update (learning rate {lr:.3g}) {what}; nothing from it was saved; {where}"
 
 
 def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
@@ -523,7 +523,13 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             lr = t.scheduler.get_last_lr()[0]
             # Decided on the host from the values just read, so skipping costs no extra sync.
             if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-                t.optimizer.step()
+                try:
+                    t.optimizer.step()
+                except RuntimeError as exc:  # e.g. Intel's fused AdamW: lr * decay overflows
+                    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    raise NonFiniteWeights(_poisoned(t, state.step + 1, lr, checkpointed,
+                                                     f"failed in the optimizer ({detail})")
+                                           ) from exc
                 watch.updated(state.step + 1, lr)
             else:
                 reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update skipped")
