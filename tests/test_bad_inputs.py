@@ -196,6 +196,27 @@ class WatchesEval(dpo.StoppingPolicy):
         return dpo.CONTINUE
 
 
+class BrokenWatch(dpo.StoppingPolicy):
+    """A stopping policy with a bug in ``watches``."""
+
+    name = "broken-watch"
+
+    def watches(self):
+        raise RuntimeError("metric list not built")
+
+
+class BrokenInit(dpo.Loss):
+    """A loss whose constructor has a bug."""
+
+    name = "broken-init"
+
+    def __init__(self, options):
+        raise KeyError("beta")
+
+    def __call__(self, logps):
+        raise AssertionError
+
+
 class Registers:
     @dpo.hookimpl
     def dpo_register_data_formats(self, register):
@@ -204,10 +225,12 @@ class Registers:
     @dpo.hookimpl
     def dpo_register_losses(self, register):
         register(NoReference)
+        register(BrokenInit)
 
     @dpo.hookimpl
     def dpo_register_stopping_policies(self, register):
         register(WatchesEval)
+        register(BrokenWatch)
 
 
 PLUGINS = (Refuser(), Registers())
@@ -410,6 +433,10 @@ CASES = [
          "scale=big"),
     case(RUN + "--data {d}/good.jsonl --loss no-ref --ref-model tiny", 2, "--ref-model given, but "
          "loss 'no-ref' uses no reference model"),
+    case(RUN + "--data {d}/good.jsonl --stop broken-watch", 1, "stopping policy 'broken-watch' "
+         "raised RuntimeError in watches(): metric list not built", "fix the plugin"),
+    case(RUN + "--data {d}/good.jsonl --loss broken-init", 1, "loss 'broken-init' raised "
+         "KeyError in __init__: 'beta'", "fix the plugin"),
     case(RUN + "--data {d}/good.jsonl --stop watch-eval", 2, "stopping on eval/loss needs held-out "
          "pairs", "--eval-data"),
     # -- output paths (refused before any work; nothing of the user's touched) ----------------

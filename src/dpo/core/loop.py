@@ -439,7 +439,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
         if not t.dist.is_main:
             return
         trainer_state = {"train": state.to_dict(),
-                         "policies": {n: p.state_dict() for n, p in t.policies.items()},
+                         "policies": {n: plugin_call(p, "state_dict()", p.state_dict)
+                                      for n, p in t.policies.items()},
                          "distributed": {"world_size": t.dist.world_size,
                                          "strategy": t.strategy},
                          "config": settings.config}

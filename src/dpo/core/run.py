@@ -53,6 +53,7 @@ from dpo.core.loop import (
     Trainee,
     TrainState,
     eval_batches,
+    plugin_call,
     train,
 )
 from dpo.core import paths as speed
@@ -266,14 +267,17 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
     # as defaults): where two plugins register a name, only a named one is an error.
     named = set() if resume else config.model_fields_set
     loss_cls = catalog.losses.get(config.loss, asked="loss" in named)
-    loss = loss_cls(loss_cls.parse_options(config.plugin_options(config.loss)))
+    loss = plugin_call(loss_cls, "__init__", loss_cls,
+                       loss_cls.parse_options(config.plugin_options(config.loss)))
     policies = {}
     for name in config.stop:
         cls = catalog.stopping.get(name, asked="stop" in named)
-        policies[name] = cls(cls.parse_options(config.plugin_options(name)))
+        policies[name] = plugin_call(cls, "__init__", cls,
+                                     cls.parse_options(config.plugin_options(name)))
     if config.format:
         catalog.formats.get(config.format)
-    watched = [m for p in policies.values() for m in p.watches() if m.startswith("eval/")]
+    watched = [m for p in policies.values() for m in plugin_call(p, "watches()", p.watches)
+               if m.startswith("eval/")]
     if watched and not (config.eval_data or config.eval_fraction):
         raise UsageError(f"stopping on {watched[0]} needs held-out pairs: give --eval-data or "
                          "--eval-fraction")
@@ -477,7 +481,8 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
             reporter.info(f"weight decay now {config.weight_decay:g} (--weight-decay), from "
                           f"step {state.step}")
         for name, policy in policies.items():
-            policy.load_state_dict(saved["policies"].get(name, {}))
+            plugin_call(policy, "load_state_dict()", policy.load_state_dict,
+                        saved["policies"].get(name, {}))
         backend.set_rng_state(restore_rng_states(tensors["rng"]))
         if dist.is_main:
             truncate_metrics(output / METRICS_FILE, state.step)
