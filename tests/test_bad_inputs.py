@@ -81,6 +81,8 @@ FILES: dict[str, object] = {
     "same.jsonl": line() + line(chosen="2", rejected="2"),
     "same-start.jsonl": line("Say it. ", "one two three four", "one two three five") * 2,
     "text-key.jsonl": '{"text": "key"}\n',  # the records of the Strict format below
+    "text-bug.jsonl": '{"text": "bug"}\n',
+    "detect-bug.jsonl": '{"crash": 1}\n',
     "text-bad.jsonl": '{"text": "hi"}\n',
     "text-unusable.jsonl": '{"text": "unusable"}\n' * 2,
     "hh.jsonl": json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: a",
@@ -162,11 +164,15 @@ class Strict(dpo.DataFormat):
 
     @classmethod
     def detect(cls, record):
+        if "crash" in record:
+            raise IndexError("list index out of range")  # a bug: detect must not raise
         return "text" in record
 
     def parse(self, record):
         if record["text"] == "key":
             return dpo.PreferencePair(record["prompt"], "a", "b")  # KeyError: no prompt
+        if record["text"] == "bug":
+            return record.missing_method()  # AttributeError: a bug in the plugin
         if record["text"] == "unusable":
             raise dpo.UnusableRecord("no_answer", "the record has no answer")
         raise ValueError(f"text {record['text']!r} is not a question; reword it as one")
@@ -423,6 +429,10 @@ CASES = [
     case("refuse --kind other", 1, "the remote store is unreachable; try again later"),
     case(RUN + "--data {d}/text-bad.jsonl", 2, "{d}/text-bad.jsonl:1: strict-format format: text "
          "'hi' is not a question; reword it as one"),
+    case(RUN + "--data {d}/text-bug.jsonl", 2, "{d}/text-bug.jsonl:1: strict-format format raised "
+         "AttributeError", "fix the format plugin"),
+    case(RUN + "--data {d}/detect-bug.jsonl", 2, "{d}/detect-bug.jsonl:1: strict-format format's "
+         "detect raised IndexError (list index out of range)", "fix or uninstall that plugin"),
     case(RUN + "--data {d}/text-key.jsonl", 2, "{d}/text-key.jsonl:1: strict-format format: "
          "missing field 'prompt'"),
     case(RUN + "--data {d}/text-unusable.jsonl", 2, "{d}/text-unusable.jsonl: no usable records: all "

@@ -243,6 +243,10 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
             raise DataError(f"{fmt.name} format: missing field {exc}", shown, line) from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{fmt.name} format: {exc}", shown, line) from None
+        except Exception as exc:  # noqa: BLE001 - a bug in a format plugin: still one line
+            raise DataError(f"{fmt.name} format raised {type(exc).__name__} ({_first_line(exc)})"
+                            "; fix the format plugin, or pick another with --format",
+                            shown, line) from None
         pairs.append(SourcedPair(pair, shown, line))
     drops = dropped.drops()
     if stats is not None:
@@ -269,11 +273,20 @@ def _reader(formats: Registry[DataFormat], path: str) -> type[DataFormat] | None
     return claimed[0] if claimed else None
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
 def _detect(formats: Registry[DataFormat], record: dict[str, Any], path: str,
             line: int) -> type[DataFormat]:
     for _, cls in formats:  # sorted by name, so detection does not depend on install order
-        if cls.detect(record):
-            return cls
+        try:
+            if cls.detect(record):
+                return cls
+        except Exception as exc:  # noqa: BLE001 - detect must not raise; a plugin's may
+            raise DataError(f"{cls.name} format's detect raised {type(exc).__name__} "
+                            f"({_first_line(exc)}); fix or uninstall that plugin, or pick a "
+                            "format with --format", path, line) from None
     keys = ", ".join(sorted(record)) or "none"
     installed = ", ".join(formats.names()) or "none"
     raise DataError(f"no installed data format recognises this record (keys: {keys}); "
