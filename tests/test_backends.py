@@ -20,6 +20,7 @@ from dpo.backends.xla import NOT_INSTALLED, XLABackend
 from dpo.backends.xpu import XPUBackend
 from dpo.core.errors import UsageError
 from dpo.core.plugins import collect
+from dpo.testing import plugin_of
 
 pytest_plugins = ["pytester"]
 
@@ -583,13 +584,8 @@ def test_a_backend_without_device_type_is_refused_with_what_to_set():
         "name": "vague", "unavailable_reason": MinimalHost.unavailable_reason,
         "device_count": MinimalHost.device_count, "device": MinimalHost.device})
 
-    class Plugin:
-        @dpo.hookimpl
-        def dpo_register_backends(self, register):
-            register(vague)
-
     pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, Plugin(), "vague-plugin")
+    register_plugin(pm, plugin_of(vague), "vague-plugin")
     assert "vague" not in collect(pm).backends
     [failure] = pm.failures
     assert failure.name == "vague-plugin" and "set the class attribute device_type" in failure.error

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import dpo
 from dpo.cli import make_app
 from dpo.core.plugins import get_plugin_manager, register_plugin
+from dpo.testing import plugin_of
 
 RUN = "run --model tiny --backend cpu --no-progress --max-steps 1 --output {d}/out "
 EVAL = "eval --model tiny --ref tiny --backend cpu "
@@ -223,23 +224,7 @@ class BrokenInit(dpo.Loss):
         raise AssertionError
 
 
-class Registers:
-    @dpo.hookimpl
-    def dpo_register_data_formats(self, register):
-        register(Strict)
-
-    @dpo.hookimpl
-    def dpo_register_losses(self, register):
-        register(NoReference)
-        register(BrokenInit)
-
-    @dpo.hookimpl
-    def dpo_register_stopping_policies(self, register):
-        register(WatchesEval)
-        register(BrokenWatch)
-
-
-PLUGINS = (Refuser(), Registers())
+PLUGINS = (Refuser(), plugin_of(Strict, NoReference, BrokenInit, WatchesEval, BrokenWatch))
 LONG = "a" * 300  # a file name longer than any file system allows
 
 ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

@@ -22,7 +22,7 @@ from dpo.core.errors import DpoError
 from dpo.core.loop import TIMING_KEYS
 from dpo.core.models import load_model
 from dpo.core.plugins import get_plugin_manager, register_plugin
-from dpo.testing import write_arithmetic_pairs
+from dpo.testing import plugin_of, write_arithmetic_pairs
 
 
 @pytest.fixture(scope="module")
@@ -303,15 +303,9 @@ class DieAt(dpo.StoppingPolicy):
         return dpo.CONTINUE
 
 
-class Plugin:
-    @dpo.hookimpl
-    def dpo_register_stopping_policies(self, register):
-        register(DieAt)
-
-
 def cli():
     pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, Plugin(), "die-plugin")
+    register_plugin(pm, plugin_of(DieAt), "die-plugin")
     app = make_app(pm)
     return lambda *args: CliRunner().invoke(app, ["run", "--no-progress", *args])
 

@@ -15,6 +15,7 @@ from dpo.core.errors import DataError, UsageError
 from dpo.core.plugins import collect, get_plugin_manager, register_plugin
 from dpo.core.registry import Registry
 from dpo.plugins.formats.preference import PreferenceFormat
+from dpo.testing import plugin_of
 
 
 class PipeFormat(DataFormat):
@@ -134,13 +135,8 @@ def test_two_formats_claiming_one_suffix_ask_for_format(tmp_path):
 def test_a_format_with_broken_reader_declarations_is_refused_at_registration(attributes, problem):
     cls = type("Broken", (PreferenceFormat,), {"name": "broken", **attributes})
 
-    class Plugin:
-        @dpo.hookimpl
-        def dpo_register_data_formats(self, register):
-            register(cls)
-
     pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, Plugin(), "broken-formats")
+    register_plugin(pm, plugin_of(cls), "broken-formats")
     assert "broken" not in collect(pm).formats
     [failure] = pm.failures
     assert failure.name == "broken-formats" and problem in failure.error
@@ -151,13 +147,8 @@ def test_a_run_trains_on_a_file_a_plugin_format_reads(tmp_path):
 
     from dpo.cli import make_app
 
-    class Plugin:
-        @dpo.hookimpl
-        def dpo_register_data_formats(self, register):
-            register(PipeFormat)
-
     pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, Plugin(), "pipes-plugin")
+    register_plugin(pm, plugin_of(PipeFormat), "pipes-plugin")
     data = tmp_path / "pairs.psv"
     data.write_text("".join(f"{i} + 1 = |{i + 1}|{i + 2}\n" for i in range(4)))
     out = tmp_path / "out"

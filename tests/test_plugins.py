@@ -424,3 +424,25 @@ def test_format_detection_passes_over_a_clashing_format_for_the_builtin(tmp_path
                                            "plugin 'shadow'")
     with pytest.raises(DuplicateNameError, match="'dpo.plugins.formats.preference'.*'shadow'"):
         load_pairs(path, formats, "preference")
+
+
+def test_plugin_of_registers_each_class_through_its_kinds_hook(dpo_register, dpo_plugin_manager):
+    """A loss and a stopping policy in one call: each lands in its own registry, under the
+    plugin's name; a class of no plugin kind is refused when the plugin is built."""
+    from dpo.testing import plugin_of
+
+    class Halve(dpo.Loss):
+        name = "halve"
+
+        def __call__(self, logps):
+            raise AssertionError
+
+    class Never(dpo.StoppingPolicy):
+        name = "never"
+
+    dpo_register(plugin_of(Halve, Never), name="two-kinds")
+    catalog = collect(dpo_plugin_manager)
+    assert catalog.losses.get("halve") is Halve and catalog.stopping.get("never") is Never
+    assert "halve" not in catalog.stopping and "never" not in catalog.losses
+    with pytest.raises(TypeError, match="is not a Backend, Loss, StoppingPolicy or DataFormat"):
+        plugin_of(Halve, dict)

@@ -21,7 +21,7 @@ from dpo.core import strategy as strat
 from dpo.core.errors import DataError
 from dpo.core.plugins import get_plugin_manager, register_plugin
 from dpo.core.report import read_metrics, truncate_metrics
-from dpo.testing import write_arithmetic_pairs
+from dpo.testing import plugin_of, write_arithmetic_pairs
 
 
 class Interrupter(dpo.StoppingPolicy):
@@ -58,21 +58,10 @@ class BrokenLoss(dpo.Loss):
         raise ValueError("shapes do not match\nsecond line")
 
 
-class Plugin:
-    @dpo.hookimpl
-    def dpo_register_stopping_policies(self, register):
-        register(Interrupter)
-        register(Raises)
-
-    @dpo.hookimpl
-    def dpo_register_losses(self, register):
-        register(BrokenLoss)
-
-
 @pytest.fixture
 def invoke():
     pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, Plugin(), "reliability-test")
+    register_plugin(pm, plugin_of(Interrupter, Raises, BrokenLoss), "reliability-test")
     app = make_app(pm)
 
     def call(*args: str):

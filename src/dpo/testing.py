@@ -11,7 +11,10 @@ or for one run with ``pytest -p dpo.testing``. It adds:
   otherwise (``cuda: this torch build has no CUDA``). A name no installed plugin registers fails
   the test, so a typo cannot silently skip it forever. Works under ``--strict-markers``.
 * fixtures: ``dpo_plugin_manager``, ``dpo_catalog``, ``dpo_register``, ``tiny_tokenizer`` and
-  ``tiny_model`` (see each one's docstring).
+  ``tiny_model`` (see each one's docstring);
+* ``plugin_of(*classes)``: a plugin object that registers test classes (backends, losses,
+  stopping policies, data formats), each through its kind's hook, instead of a class with one
+  ``@dpo.hookimpl`` method per kind.
 """
 
 from __future__ import annotations
@@ -136,6 +139,35 @@ def dpo_register(dpo_plugin_manager: DpoPluginManager) -> Iterator[Callable[...,
     finally:
         for name in reversed(registered):
             _unregister(dpo_plugin_manager, name)
+
+
+def plugin_of(*classes: type) -> object:
+    """A plugin object whose registration hooks register ``classes``, each through the hook of
+    its kind (a ``Backend``, ``Loss``, ``StoppingPolicy`` or ``DataFormat`` subclass), in the
+    order given. Register it like any plugin (``dpo_register(plugin_of(MyLoss))``, or
+    ``register_plugin(pm, plugin_of(...), name)``)."""
+    from dpo.core.hookspecs import hookimpl
+    from dpo.core.plugins import REGISTRATION_HOOKS
+
+    def hook(matching: list[type]) -> Callable[..., None]:
+        def register_all(self: Any, register: Callable[[type], None]) -> None:
+            for cls in matching:
+                register(cls)
+
+        return hookimpl(register_all)
+
+    methods: dict[str, Any] = {}
+    for name, (_, base) in REGISTRATION_HOOKS.items():
+        matching = [cls for cls in classes if isinstance(cls, type) and issubclass(cls, base)]
+        if matching:
+            methods[name] = hook(matching)
+    unplaced = [cls for cls in classes
+                if not any(isinstance(cls, type) and issubclass(cls, base)
+                           for _, base in REGISTRATION_HOOKS.values())]
+    if unplaced:
+        raise TypeError(f"plugin_of: {unplaced[0]!r} is not a Backend, Loss, StoppingPolicy or "
+                        "DataFormat subclass")
+    return type("PluginOf", (), methods)()
 
 
 def _unregister(pm: DpoPluginManager, name: str) -> None:
