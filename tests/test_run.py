@@ -15,7 +15,6 @@ from dpo.cli import make_app
 from dpo.core.loop import TIMING_KEYS
 from dpo.core.plugins import get_plugin_manager, register_plugin
 from dpo.plugins.losses.dpo import DPOLoss
-from dpo.testing import plugin_of
 from dpo.testing import write_arithmetic_pairs as write_pairs
 
 TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -69,10 +68,27 @@ class QAFormat(dpo.DataFormat):
                                   record["bad"])
 
 
+class TestPlugin:
+    """Written out hook by hook, as a plugin package would (``dpo.testing.plugin_of`` builds
+    the same for tests)."""
+
+    @dpo.hookimpl
+    def dpo_register_stopping_policies(self, register):
+        register(Crash)
+
+    @dpo.hookimpl
+    def dpo_register_data_formats(self, register):
+        register(QAFormat)
+
+    @dpo.hookimpl
+    def dpo_register_losses(self, register):
+        register(NanAt)
+
+
 @pytest.fixture
 def invoke():
     pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, plugin_of(Crash, QAFormat, NanAt), "test-plugin")
+    register_plugin(pm, TestPlugin(), "test-plugin")
     app = make_app(pm)
 
     def call(*args: str):
