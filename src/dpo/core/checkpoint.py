@@ -30,14 +30,13 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from dpo.core.dropout import saved_config
-from dpo.core.errors import DpoError, UsageError
+from dpo.core.errors import DpoError, UsageError, first_line, warn_on_stderr
 
 PREFIX = "checkpoint-"
 FINAL = "final"
@@ -409,10 +408,6 @@ def save_checkpoint(
 _warned: set[Path] = set()
 
 
-def _stderr_warning(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
-
-
 def prune(output: Path, step: int, keep: int, warn: Callable[[str], None] | None = None) -> None:
     """Remove this program's checkpoints up to ``step`` but the newest ``keep``. Newer ones (a
     damaged one passed over on resume, replaced when the run gets there) stay, and so does a
@@ -425,7 +420,7 @@ def prune(output: Path, step: int, keep: int, warn: Callable[[str], None] | None
             ours.append(path)
         elif path not in _warned:
             _warned.add(path)
-            (warn or _stderr_warning)(f"{path}: not written by dpo-trainer (no {MANIFEST}); "
+            (warn or warn_on_stderr)(f"{path}: not written by dpo-trainer (no {MANIFEST}); "
                                       "left in place, and not counted among the checkpoints kept")
     for path in ours[:-keep]:
         _remove(path)
@@ -461,7 +456,7 @@ def load_checkpoint_state(path: Path, tensors: bool = True
         # weights_only=False: the file holds Python RNG state (tuples) written by this project.
         loaded = torch.load(path / name, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes its reader raise
-        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UsageError(f"{path / name}: cannot be read ({detail}); the checkpoint is "
-                         f"damaged: move {path} aside to resume from an older one") from None
+        raise UsageError(f"{path / name}: cannot be read ({first_line(e, limit=200)}); the "
+                         f"checkpoint is damaged: move {path} aside to resume from an older "
+                         "one") from None
     return state, loaded

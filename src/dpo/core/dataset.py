@@ -21,7 +21,7 @@ import torch
 
 from dpo.core.batching import Batch, BatchSampler, collate
 from dpo.core.data import DataFormat, PreferencePair, UnusableRecord
-from dpo.core.errors import DataError, UsageError
+from dpo.core.errors import DataError, UsageError, first_line
 from dpo.core.registry import Registry
 from dpo.core.tokenization import STRICT_HINT, DataStats, TokenizedPair, tokenize_pairs
 
@@ -244,8 +244,9 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
         except (ValueError, TypeError) as exc:
             raise DataError(f"{fmt.name} format: {exc}", shown, line) from None
         except Exception as exc:  # noqa: BLE001 - a bug in a format plugin: still one line
-            raise DataError(f"{fmt.name} format raised {type(exc).__name__} ({_first_line(exc)})"
-                            "; fix the format plugin, or pick another with --format",
+            detail = first_line(exc, limit=200, fallback="")
+            raise DataError(f"{fmt.name} format raised {type(exc).__name__} ({detail}); fix "
+                            "the format plugin, or pick another with --format",
                             shown, line) from None
         pairs.append(SourcedPair(pair, shown, line))
     drops = dropped.drops()
@@ -273,10 +274,6 @@ def _reader(formats: Registry[DataFormat], path: str) -> type[DataFormat] | None
     return claimed[0] if claimed else None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
-
-
 def _detect(formats: Registry[DataFormat], record: dict[str, Any], path: str,
             line: int) -> type[DataFormat]:
     for _, cls in formats:  # sorted by name, so detection does not depend on install order
@@ -284,9 +281,10 @@ def _detect(formats: Registry[DataFormat], record: dict[str, Any], path: str,
             if cls.detect(record):
                 return cls
         except Exception as exc:  # noqa: BLE001 - detect must not raise; a plugin's may
+            detail = first_line(exc, limit=200, fallback="")
             raise DataError(f"{cls.name} format's detect raised {type(exc).__name__} "
-                            f"({_first_line(exc)}); fix or uninstall that plugin, or pick a "
-                            "format with --format", path, line) from None
+                            f"({detail}); fix or uninstall that plugin, or pick a format with "
+                            "--format", path, line) from None
     keys = ", ".join(sorted(record)) or "none"
     installed = ", ".join(formats.names()) or "none"
     raise DataError(f"no installed data format recognises this record (keys: {keys}); "

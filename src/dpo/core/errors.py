@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
+
+def first_line(exc: BaseException, limit: int | None = 300, fallback: str | None = None) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters, for a one-line error
+    that quotes it; ``fallback`` (default: the exception's type name) when it says nothing."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if fallback is None else fallback
+    return text.splitlines()[0][:limit]
+
+
+def warn_on_stderr(message: str) -> None:
+    """One warning line on the current stderr (looked up at the call, so captures see it)."""
+    sys.stderr.write(f"warning: {message}\n")
+
 
 class DpoError(Exception):
     """A problem the user can fix. The CLI prints ``str(error)`` on one line and exits with

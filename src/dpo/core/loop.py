@@ -30,7 +30,7 @@ from dpo.core.backend import Backend
 from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_dir
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
-from dpo.core.errors import DpoError, Interrupted
+from dpo.core.errors import DpoError, Interrupted, first_line
 from dpo.core.flops import FlopCounter
 from dpo.core.logps import backward_parts, batch_logps
 from dpo.core.loss import Loss, LossOutput, PairLogps
@@ -179,7 +179,7 @@ def plugin_call(plugin: Any, what: str, call: Callable[..., Any], *args: Any) ->
     except DpoError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of third-party code
-        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        detail = first_line(exc, fallback="")
         raise PluginError(f"{plugin.kind} {plugin.name!r} raised {type(exc).__name__} in "
                           f"{what}{': ' + detail if detail else ''}; fix the plugin or choose "
                           "another") from exc
@@ -527,10 +527,9 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 try:
                     t.optimizer.step()
                 except RuntimeError as exc:  # e.g. Intel's fused AdamW: lr * decay overflows
-                    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                    raise NonFiniteWeights(_poisoned(t, state.step + 1, lr, checkpointed,
-                                                     f"failed in the optimizer ({detail})")
-                                           ) from exc
+                    raise NonFiniteWeights(_poisoned(
+                        t, state.step + 1, lr, checkpointed,
+                        f"failed in the optimizer ({first_line(exc, limit=200)})")) from exc
                 watch.updated(state.step + 1, lr)
             else:
                 reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update skipped")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from dpo.core.checkpoint import transformers_bars_off
-from dpo.core.errors import UsageError
+from dpo.core.errors import UsageError, first_line
 from dpo.core.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -137,7 +137,8 @@ def _from_pretrained(location: str, spec: str, **kwargs: Any) -> tuple[torch.nn.
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             model = causal_lm(location, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model {spec}: could not load it ({_first_line(exc)})") from None
+        detail = first_line(exc, limit=None)
+        raise UsageError(f"--model {spec}: could not load it ({detail})") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id works, EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -173,11 +174,6 @@ def _from_hub(source: ModelSource) -> tuple[torch.nn.Module, Any]:
                          "and the hub is unreachable from here; download it where the hub is "
                          f"reachable (`hf download {source.location} --local-dir DIR`) and pass "
                          "--model DIR") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- GGUF --------------------------------------------------------------------------------------
@@ -264,4 +260,4 @@ def _convert_gguf(path: Path, out: Path) -> None:
             tokenizer.save_pretrained(out)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UsageError(f"--model {path}: could not convert this GGUF file "
-                         f"({_first_line(exc)})") from None
+                         f"({first_line(exc, limit=None)})") from None

@@ -20,18 +20,12 @@ only it provided says so, instead of calling the name unknown.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, TypeVar
 
-from dpo.core.errors import DuplicateNameError, UnknownNameError, UsageError
+from dpo.core.errors import DuplicateNameError, UnknownNameError, UsageError, warn_on_stderr
 
 T = TypeVar("T")
-
-
-def warn_on_stderr(message: str) -> None:
-    """One warning line on the current stderr (looked up at the call, so captures see it)."""
-    sys.stderr.write(f"warning: {message}\n")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ With one process nothing here wraps anything: the loop sees the Hugging Face mod
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from datetime import timedelta
 from typing import Any, ContextManager, Iterator
