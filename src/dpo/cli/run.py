@@ -20,7 +20,7 @@ from dpo.core.config import RunConfig, read_config_file, resolve_config, with_pr
 from dpo.core.demo import DEMO_PRESET
 from dpo.core.options import parse_assignments
 from dpo.core.plugins import Catalog
-from dpo.core.rundir import check_output, extends, finished, read_record
+from dpo.core.rundir import check_output, nothing_to_resume, read_record
 from dpo.core.run import recorded_config, run
 
 DATA = "Data"
@@ -147,12 +147,12 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             check_output(resume, "--resume")
             layers.append(recorded_config(resume))
             flags["output"] = str(resume)
-            if _already_complete(resume, resolve_config(*layers, flags)):
-                return
         if config is not None:
             layers.append(read_config_file(config))
         layers = layers if resume is not None else with_preset([*layers, flags])[:-1]
         resolved = resolve_config(*layers, flags)
+        if resume is not None and _already_complete(resume, resolved):
+            return
         if nproc is not None:
             raise typer.Exit(launch(nproc, resolved, catalog, ctx))
         with _exit_code_recorded():
@@ -169,7 +169,7 @@ def _already_complete(output: Path, config: Any) -> bool:
         record = read_record(output)
     except UsageError:
         return False
-    if not finished(record, output) or extends(record["config"], config.model_dump()):
+    if not nothing_to_resume(record, output, config.model_dump()):
         return False
     print(f"{output}: the run is already complete ({record['status']}, {record.get('steps')} "
           f"steps); its model is in {output / 'final'}", file=sys.stderr)

@@ -50,7 +50,6 @@ WRITING = ".dpo_writing"
 # What directories written before manifests existed carry: a checkpoint's trainer state, best/'s
 # record (dpo.core.loop.BEST_RECORD); final/ is recognised by the run record beside it.
 LEGACY_MARKERS = ("trainer_state.json", "dpo_best.json")
-RUN_RECORD = "run.json"  # dpo.core.run.RUN_FILE
 _CHUNK = 1 << 20
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
 
@@ -287,12 +286,14 @@ def written_here(path: Path) -> bool:
         return False
     if any((path / name).is_file() for name in (MANIFEST, WRITING, *LEGACY_MARKERS)):
         return True
+    from dpo.core.rundir import RUN_FILE  # that module builds on this one
+
     base = re.sub(r"^\.|\.(tmp|old)$", "", path.name)
     return (base == FINAL and (path / "config.json").is_file()
-            and (path.parent / RUN_RECORD).is_file())
+            and (path.parent / RUN_FILE).is_file())
 
 
-def _removable(path: Path) -> bool:
+def removable(path: Path) -> bool:
     """Nothing there, an empty directory, or a directory this program wrote."""
     if not (path.exists() or path.is_symlink()):
         return True
@@ -302,7 +303,7 @@ def _removable(path: Path) -> bool:
 
 
 def _remove(path: Path) -> None:
-    """Remove ``path``, which ``_removable`` allowed."""
+    """Remove ``path``, which ``removable`` allowed."""
     if not (path.exists() or path.is_symlink()):
         return
     if any(path.iterdir()):
@@ -334,7 +335,7 @@ def _replace_dir(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old")
     for p in (path, tmp, old):
-        if not _removable(p):
+        if not removable(p):
             raise DpoError(f"{p}: in the way, and not written by dpo-trainer (no {MANIFEST}); "
                            f"move it out of {path.parent}, then resume with --resume {path.parent}")
     created = False
@@ -412,18 +413,34 @@ def prune(output: Path, step: int, keep: int, warn: Callable[[str], None] | None
     """Remove this program's checkpoints up to ``step`` but the newest ``keep``. Newer ones (a
     damaged one passed over on resume, replaced when the run gets there) stay, and so does a
     ``checkpoint-N`` this program did not write, said once in a warning."""
+    for path in _ours(output, step, warn)[:-keep]:
+        _remove(path)
+
+
+def remove_checkpoints(output: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove every checkpoint this program wrote under ``output`` (a complete run's: they exist
+    to resume it, ``final/`` holds its model); a ``checkpoint-N`` it did not write stays, as in
+    ``prune``. Returns what was removed."""
+    removed = _ours(output, None, warn)
+    for path in removed:
+        _remove(path)
+    return removed
+
+
+def _ours(output: Path, up_to: int | None, warn: Callable[[str], None] | None) -> list[Path]:
+    """The checkpoints under ``output`` this program wrote (up to step ``up_to``), oldest
+    first; one it did not write is said once in a warning."""
     ours = []
     for path in list_checkpoints(output):
-        if _step(path) > step:
+        if up_to is not None and _step(path) > up_to:
             continue
-        if _removable(path):
+        if removable(path):
             ours.append(path)
         elif path not in _warned:
             _warned.add(path)
             (warn or warn_on_stderr)(f"{path}: not written by dpo-trainer (no {MANIFEST}); "
                                       "left in place, and not counted among the checkpoints kept")
-    for path in ours[:-keep]:
-        _remove(path)
+    return ours
 
 
 def _step(path: Path) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from dpo.core.backend import Backend
-from dpo.core.checkpoint import FINAL, rng_states, save_checkpoint, save_model_dir
+from dpo.core.checkpoint import FINAL, PREFIX, rng_states, save_checkpoint, save_model_dir
 from dpo.core.dataset import BatchSampler, Batch, TokenizedPair, collate
 from dpo.core.distributed import DistInfo
 from dpo.core.errors import DpoError, Interrupted, first_line
@@ -37,6 +37,7 @@ from dpo.core.loss import Loss, LossOutput, PairLogps
 from dpo.core.paths import PLAIN, Paths
 from dpo.core.refcache import RefLogps
 from dpo.core.report import Reporter
+from dpo.core.rundir import resume_hint
 from dpo.core.stopping import Decision, StoppingPolicy
 from dpo.core import strategy as strat
 
@@ -197,13 +198,12 @@ class StopRequest:
         self._reporter = reporter
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -387,11 +387,7 @@ def _newest(t: Trainee, checkpointed: list[Path]) -> Path | None:
 
 
 def _interrupted(t: Trainee, step: int, checkpointed: list[Path]) -> str:
-    newest = _newest(t, checkpointed)
-    if newest is None:
-        return (f"stopped on request at step {step}, before any checkpoint; --resume "
-                f"{t.output} starts the run again from step 0")
-    return f"stopped on request at step {step}; resume with --resume {t.output} (from {newest.name})"
+    return f"stopped on request at step {step}" + resume_hint(t.output, _newest(t, checkpointed))
 
 
 def _poisoned(t: Trainee, step: int, lr: float, checkpointed: list[Path],
@@ -460,7 +456,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
     reporter.start(settings.total_steps, state.step)
     stop_request = StopRequest(reporter)
     try:
-        stop_request.__enter__()
+        stop_request.install()
         if state.step == 0 and settings.eval_at_start and t.eval_pairs:
             # The baseline: policy == reference here unless --ref-model names another model.
             initial_eval = eval_metrics = evaluate(t, settings)
@@ -472,7 +468,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 checkpoint()
         while state.step < settings.total_steps and not stopped:
             if stop_request.requested and t.dist.world_size == 1:  # e.g. during an evaluation
-                if state.step and not (t.output / f"checkpoint-{state.step}").is_dir():
+                if state.step and not (t.output / f"{PREFIX}{state.step}").is_dir():
                     checkpoint()
                 raise Interrupted(_interrupted(t, state.step, checkpointed))
             started = time.perf_counter()
@@ -518,8 +514,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 sums["stop_requested"] = torch.tensor(float(stop_request.requested),
                                                       device=sums["loss"].device)
             metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
-            stop_now = metrics.pop("stop_requested", 0.0) > 0 or (
-                t.dist.world_size == 1 and stop_request.requested)
+            stop_now = metrics.pop("stop_requested", 0.0) > 0
             watch.judge_metrics(metrics)
             lr = t.scheduler.get_last_lr()[0]
             # Decided on the host from the values just read, so skipping costs no extra sync.
@@ -580,6 +575,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                         save_best(t, state.step, eval_metrics)
             if stopped and not stopped[1].save:
                 break
+            # One process decides alone, as late as it can; several agreed in the step's sync.
             stop_now = stop_now or (t.dist.world_size == 1 and stop_request.requested)
             if stopped or last or stop_now or (
                     settings.save_steps and state.step % settings.save_steps == 0):
@@ -589,7 +585,7 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             if stopped:
                 break
     finally:
-        stop_request.__exit__()
+        stop_request.restore()
         reporter.close()
 
     saved = not (stopped and not stopped[1].save)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpo.core.errors import DataError
+from dpo.core.errors import DataError, UsageError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,8 +60,6 @@ def progress_interval() -> float:
     except ValueError:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)):
-        from dpo.core.errors import UsageError
-
         raise UsageError(f"{PROGRESS_INTERVAL_ENV}={raw}: not a number of seconds (>= 0); "
                          f"unset it for the default ({DEFAULT_PROGRESS_INTERVAL:g} s)")
     return value

@@ -12,7 +12,6 @@ import gc
 import math
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from dpo.core.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint_state,
+    remove_checkpoints,
     restore_rng_states,
     resumable_checkpoint,
     transformers_bars_off,
@@ -219,11 +219,7 @@ class _Taken:
     def interrupted(self) -> str:
         if self.record is None:
             return "interrupted before anything was written"
-        newest = latest_checkpoint(self.output)
-        if newest is None:
-            return (f"interrupted before the first checkpoint; --resume {self.output} starts "
-                    "the run again from step 0")
-        return f"interrupted; resume with --resume {self.output} (from {newest.name})"
+        return "interrupted" + rundir.resume_hint(self.output, latest_checkpoint(self.output))
 
 
 def check_world(backend: Backend, dist: DistInfo) -> None:
@@ -301,8 +297,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                              f"there with --output {output}")
         with contextlib.suppress(UsageError):  # a damaged run.json is rewritten below
             previous = rundir.read_record(output)
-        if rundir.finished(previous, output) and not rundir.extends(previous["config"],
-                                                                     config.model_dump()):
+        if rundir.nothing_to_resume(previous, output, config.model_dump()):
             raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
                              f"its model is {output / 'final'}")
         # The newest checkpoint that verifies against its manifest; damaged newer ones are
@@ -384,10 +379,10 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
         output.mkdir(parents=True, exist_ok=True)
     strat.barrier(dist)
     # The directory is this run's from here on: run.json marks it, whatever happens next.
-    started = previous.get("started", now) if checkpoint is not None else now
-    resumes = previous.get("resumes", []) if checkpoint is not None else []
+    started, resumes = now, []
     if checkpoint is not None:
-        resumes = [*resumes, {"at": now, "from": checkpoint.name}]
+        started = previous.get("started", now)
+        resumes = [*previous.get("resumes", []), {"at": now, "from": checkpoint.name}]
     taken.write({"status": "running", "config": config.model_dump(), "started": started,
                  "resumes": resumes, "resumed_from": str(checkpoint) if checkpoint else None})
 
@@ -549,7 +544,7 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                               f"with --resume {output} --max-steps N; --no-keep-checkpoints "
                               "removes checkpoints once a run is complete")
         else:
-            removed = remove_checkpoints(output)
+            removed = remove_checkpoints(output, reporter.warn)
             if removed:
                 reporter.info(f"removed {', '.join(p.name for p in removed)}: the run is "
                               f"complete and its model is in {output / 'final'}")
@@ -720,16 +715,6 @@ def recorded_config(output: Path) -> dict[str, Any]:
             if isinstance(saved.get("config"), dict):
                 return saved["config"]
         raise damaged
-
-
-def remove_checkpoints(output: Path) -> list[Path]:
-    """Delete the checkpoints of a complete run (they exist to resume it; ``final/`` holds its
-    model): only directories the run wrote (``rundir.run_written``)."""
-    ours = set(rundir.run_written(output))
-    removed = [p for p in list_checkpoints(output) if p in ours]
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
 
 
 def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = None

@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dpo.core.checkpoint import written_here
+from dpo.core.checkpoint import removable
 from dpo.core.errors import UsageError
+from dpo.core.report import METRICS_FILE
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-# Directories a run writes (each says so: ``checkpoint.written_here``).
+# Directories a run writes (each says so, or is empty: ``checkpoint.removable``).
 _DIRS = re.compile(r"^(checkpoint-\d+|best|final)$")
 _TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|run\.json|metrics\.jsonl)\.(tmp|old)$")
 FINISHED = ("completed", "stopped by ")
@@ -97,8 +97,7 @@ def run_written(path: Path) -> list[Path]:
             found.append(entry)
         elif _TEMPORARY.match(entry.name):
             found.append(entry)
-        elif _DIRS.match(entry.name) and entry.is_dir() and (
-                not any(entry.iterdir()) or written_here(entry)):
+        elif _DIRS.match(entry.name) and entry.is_dir() and removable(entry):
             found.append(entry)
     return found
 
@@ -141,3 +140,18 @@ def finished(record: dict[str, Any], output: Path) -> bool:
 def extends(recorded: dict[str, Any], config: dict[str, Any]) -> bool:
     """Whether ``config`` asks a finished run for more training than ``recorded`` gave it."""
     return any(config.get(key) != recorded.get(key) for key in ("max_steps", "epochs"))
+
+
+def nothing_to_resume(record: dict[str, Any], output: Path, config: dict[str, Any]) -> bool:
+    """A ``--resume`` of the run in ``output`` with ``config`` has nothing to do: the run is
+    finished and ``config`` asks for no more training."""
+    return finished(record, output) and not extends(record["config"], config)
+
+
+def resume_hint(output: Path, newest: Path | None) -> str:
+    """How to go on with an interrupted run in ``output`` whose newest checkpoint is ``newest``:
+    the end of a sentence that starts with what happened ("interrupted", "stopped at step 3")."""
+    if newest is None:
+        return (f" before the first checkpoint; --resume {output} starts the run again from "
+                "step 0")
+    return f"; resume with --resume {output} (from {newest.name})"
