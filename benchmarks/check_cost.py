@@ -1,8 +1,8 @@
 """What the check of the speed paths on real data costs, against the training step it guards.
 
 A run checks its paths once, before the reference pass: the first pairs of its first batch
-(``dpo.core.paths.CHECK_PAIRS``) scored on the paths and each sequence alone (the plain path),
-without a gradient (``dpo.core.paths.check``). This times that check and, on the same pairs, one
+(``dpo.core.model.paths.CHECK_PAIRS``) scored on the paths and each sequence alone (the plain path),
+without a gradient (``dpo.core.model.pathcheck.check``). This times that check and, on the same pairs, one
 training step's forward and backward on the same paths, alternately in one process, and prints
 both medians and their ratio: the check costs that many steps, once per run.
 
@@ -38,12 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from layouts import hh_pairs
 
-    from dpo.core.batching import collate
-    from dpo.core.dropout import disable_dropout
-    from dpo.core.logps import batch_logps
-    from dpo.core.models import load_model
-    from dpo.core.paths import CHECK_PAIRS, check, resolve
-    from dpo.core.tokenization import tokenize_pairs
+    from dpo.core.data.batching import collate
+    from dpo.core.model.dropout import disable_dropout
+    from dpo.core.model.logps import batch_logps
+    from dpo.core.model.loading import load_model
+    from dpo.core.model.pathcheck import CHECK_PAIRS, check
+    from dpo.core.model.paths import resolve
+    from dpo.core.data.tokenization import tokenize_pairs
 
     model, tokenizer = load_model(args.model, seed=0)
     disable_dropout(model)

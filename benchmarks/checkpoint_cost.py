@@ -2,7 +2,7 @@
 
 A checkpoint of a 135M-parameter model (SmolLM2-135M's shape, random float32 weights) holds
 ``model.safetensors`` and ``trainer_state.pt`` with AdamW's two moments, about 1.6 GB. Each
-round writes one the way ``dpo.core.checkpoint.save_checkpoint`` does, timing apart: the write
+round writes one the way ``dpo.core.training.checkpoint.save_checkpoint`` does, timing apart: the write
 itself (model, tokenizer, trainer state), the manifest (hashing every file just written), the
 fsync of every file and directory, and ``verify`` (what resume does: sizes, then every digest
 again). It prints the medians and the manifest's and fsync's share of the write.
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
 
-    from dpo.core import checkpoint as ck
-    from dpo.core.tiny import build_tiny_tokenizer
+    from dpo.core.training import checkpoint as ck
+    from dpo.core.model.tiny import build_tiny_tokenizer
 
     model, tokenizer = smollm2_135m_shaped(), build_tiny_tokenizer()
     params = sum(p.numel() for p in model.parameters())

@@ -1,7 +1,7 @@
 """What the per-step check that the weights are still finite costs, against the step itself.
 
 After every optimizer step a run checks that no parameter and no AdamW moment became nan or
-infinite (``dpo.core.strategy.nonfinite_flag``: one fused 2-norm, whose value travels with the
+infinite (``dpo.core.training.strategy.nonfinite_flag``: one fused 2-norm, whose value travels with the
 next step's metrics; here it is read at once, a host read on top), so that weights from a
 diverged update are never saved. This times that check and one training
 step (forward and backward of a batch, then AdamW's update) of a 135M-parameter model of
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from checkpoint_cost import smollm2_135m_shaped
 
-    from dpo.core import strategy as strat
+    from dpo.core.training import strategy as strat
 
     device = torch.device(args.device)
     model = smollm2_135m_shaped().to(device).train()

@@ -1,4 +1,4 @@
-"""The three ways ``dpo.core.logps`` runs a batch of pairs, timed side by side in one process.
+"""The three ways ``dpo.core.model.logps`` runs a batch of pairs, timed side by side in one process.
 
     padded   prompt + completion rows, right-padded to the batch's longest (``completion_logps``)
     shared   each prompt once, both completions on its keys and values (``rows_logps`` with
@@ -33,8 +33,8 @@ LAYOUTS = ("padded", "shared", "packed")
 
 def hh_pairs(data: Path, count: int) -> list[dict[str, str]]:
     """The first ``count`` usable HH-RLHF records as prompt/chosen/rejected text."""
-    from dpo.core.plugins import collect, get_plugin_manager
-    from dpo.core.dataset import load_pairs
+    from dpo.core.interfaces.plugins import collect, get_plugin_manager
+    from dpo.core.data.reading import load_pairs
 
     formats = collect(get_plugin_manager()).formats
     out = []
@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.is_file():
         sys.exit(f"{args.data}: no such file (HH-RLHF JSONL.gz); pass --data")
 
-    from dpo.core.batching import collate
-    from dpo.core.logps import completion_logps, packed_logps, rows_logps
-    from dpo.core.models import load_model
-    from dpo.core.paths import resolve
-    from dpo.core.tokenization import tokenize_pairs
+    from dpo.core.data.batching import collate
+    from dpo.core.model.logps import completion_logps, packed_logps, rows_logps, tokens_run
+    from dpo.core.model.loading import load_model
+    from dpo.core.model.paths import resolve
+    from dpo.core.data.tokenization import tokenize_pairs
 
     model, tokenizer = load_model(args.model, seed=0)
     sourced = hh_pairs(args.data, args.batches * args.batch_size * 2)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                                          padded),
     }
     tokens = {"padded": sum(b.padded_tokens for b in batches),
-              "shared": sum(b.tokens_run(shared) for b in batches),
+              "shared": sum(tokens_run(b, shared) for b in batches),
               "packed": sum(b.real_tokens for b in batches)}
     seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for _ in range(args.rounds):

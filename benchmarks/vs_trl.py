@@ -71,7 +71,7 @@ Device and precision:
   and 8 key/value heads, MLP 8192, rope theta 500000, untied embeddings (1.17B parameters
   with the 49,152-token vocabulary). ``tiny``: a 3M-parameter Llama to try the mechanics on
   CPU.
-- Model FLOPs (CUDA only): both sides are counted by one formula, ``dpo.core.flops``
+- Model FLOPs (CUDA only): both sides are counted by one formula, ``dpo.core.model.flops``
   (``FlopCounter``: policy forward + backward, plus the reference forward when it runs in the
   step). Ours: as its metrics.jsonl logs them (``tflops`` x ``step_time``); its reference
   forward counts only when the reference scores the batch in the step, not when its
@@ -243,7 +243,7 @@ def select_pairs(data: Path, model_dir: str, count: int, max_length: int,
 _RESOLVE_DEFAULT = f"""
 import sys
 from pathlib import Path
-from dpo.core.models import converted_gguf, resolve_source
+from dpo.core.model.loading import converted_gguf, resolve_source
 source = resolve_source({DEFAULT_MODEL_NAME!r})
 if source.kind == "gguf":
     print(converted_gguf(Path(source.location), announce=True))
@@ -355,12 +355,12 @@ def random_model(preset: str, tokenizer_dir: str, root: Path) -> tuple[str, int]
 
 
 def flop_counter(model_dir: str) -> Any:
-    """``dpo.core.flops.FlopCounter`` of the model in ``model_dir``, read from a weightless
+    """``dpo.core.model.flops.FlopCounter`` of the model in ``model_dir``, read from a weightless
     copy of it (built on the meta device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo.core.flops import FlopCounter
+    from dpo.core.model.flops import FlopCounter
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
@@ -502,7 +502,7 @@ def run_ours(settings: Settings, python: str, workdir: Path, env: dict[str, str]
     peak_device = None
     if settings.device == "cuda" and all("peak_memory_gb" in r for r in steps):
         peak_device = round(max(r["peak_memory_gb"] for r in steps) * 2**30)
-    # The step's model FLOPs as dpo.core.flops counted them (tflops = FLOPs / step time).
+    # The step's model FLOPs as dpo.core.model.flops counted them (tflops = FLOPs / step time).
     flops = ([r["tflops"] * 1e12 * r["step_time"] for r in steps]
              if all("tflops" in r for r in steps) else [])
     return ChildResult(
@@ -820,7 +820,7 @@ def table(summary: dict[str, Any], steps: int, repeats: int, batch_size: int) ->
         lines.append("note: the two sides counted different real tokens per step: "
                      f"ours {ours['real_tokens_per_step']}, TRL {trl['real_tokens_per_step']}")
     if cuda:
-        lines.append("model FLOPs by dpo.core.flops on both sides: policy forward + backward, "
+        lines.append("model FLOPs by dpo.core.model.flops on both sides: policy forward + backward, "
                      "and the reference forward where it runs in the step (TRL: every step)")
         if ours["one_off_s"] is not None:
             lines.append("note: ours computed its reference log-probs before training, so its "

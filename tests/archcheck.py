@@ -2,9 +2,9 @@
 
 Not a test module: ``test_architectures.py`` runs it on every architecture of ``zoo.py``.
 ``python tests/archcheck.py [TYPE ...] > probe.jsonl`` probes each speed path on its own (with
-what it builds on), whatever ``dpo.core.verified`` says, one JSON line per variant, and
+what it builds on), whatever ``dpo.core.model.verified`` says, one JSON line per variant, and
 ``python tests/archcheck.py --suggest < probe.jsonl`` turns those lines into the entries of
-``dpo.core.verified`` they support: how the table was written, and how to add a type (about
+``dpo.core.model.verified`` they support: how the table was written, and how to add a type (about
 8 minutes for every type on 2 cores).
 
 The naive step is the textbook one: each sequence alone through the model's own forward (no
@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
 
 from dpo.backends.cpu import CPUBackend  # noqa: E402
-from dpo.core import paths as speed  # noqa: E402
-from dpo.core.batching import Batch, collate  # noqa: E402
-from dpo.core.dropout import disable_dropout  # noqa: E402
-from dpo.core.loop import pair_logps  # noqa: E402
-from dpo.core.paths import PLAIN, Paths  # noqa: E402
-from dpo.core.tokenization import TokenizedPair  # noqa: E402
+from dpo.core.model import paths as speed  # noqa: E402
+from dpo.core.data.batching import Batch, collate  # noqa: E402
+from dpo.core.model.dropout import disable_dropout  # noqa: E402
+from dpo.core.training.loop import pair_logps  # noqa: E402
+from dpo.core.model.paths import PLAIN, Paths  # noqa: E402
+from dpo.core.data.tokenization import TokenizedPair  # noqa: E402
 from dpo.plugins.losses.dpo import DPOLoss  # noqa: E402
 
 # (prompt, chosen, rejected) lengths, with EOS-free random tokens: prompts of different
@@ -221,7 +221,7 @@ def prepare(model: torch.nn.Module, mode: str, rebuild=None
     if mode == "shared":
         return model, speed.resolve(model, share_prompt_default=True), ""
     if mode == "checkpointed":
-        from dpo.core.activations import checkpoint_layers
+        from dpo.core.model.activations import checkpoint_layers
 
         paths = speed.resolve(model, share_prompt_default=True, gradient_checkpointing=True)
         copied = _copy(model, rebuild)
@@ -279,7 +279,7 @@ def rebuilder(variant: zoo.Variant):
     return lambda: built(variant)[0]
 
 
-# -- probing every path on its own (to write dpo.core.verified) -----------------------------
+# -- probing every path on its own (to write dpo.core.model.verified) -----------------------------
 
 def _closure(name: str) -> dict[str, bool]:
     on = {name: True}
@@ -334,7 +334,7 @@ def probe(variant: zoo.Variant) -> dict[str, str]:
             continue
         try:
             if name == "layer_checkpointing":
-                from dpo.core.activations import checkpoint_layers
+                from dpo.core.model.activations import checkpoint_layers
 
                 copied = _copy(model, rebuilder(variant))
                 if not checkpoint_layers(copied):
@@ -361,17 +361,17 @@ def probe(variant: zoo.Variant) -> dict[str, str]:
 
 
 def _tied(model: torch.nn.Module) -> bool:
-    from dpo.core.logps import TiedGradient
+    from dpo.core.model.logps import TiedGradient
 
     return TiedGradient.applies(model)
 
 
 def suggest(results: list[tuple[zoo.Variant, dict[str, str], tuple[str, ...]]]) -> str:
-    """``dpo.core.verified`` entries from probe results: a path is listed for a type when it is
+    """``dpo.core.model.verified`` entries from probe results: a path is listed for a type when it is
     exact in some variant of the type and wrong in none (where a logit- or embedding-scaling
     variant alone fails the head's paths or the tied buffer, they are listed with its
     attributes' neutral values instead)."""
-    from dpo.core.verified import ALL
+    from dpo.core.model.verified import ALL
 
     by_type: dict[str, list] = {}
     for variant, found, windows in results:

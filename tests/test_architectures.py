@@ -6,7 +6,7 @@ with and without logit scaling where it has one; with every dropout probability 
 has any), one DPO step on four pairs in each mode a run can be in:
 
 - ``plain``: every speed path off;
-- ``padded``: the paths a run takes by default off the CPU (``dpo.core.paths.resolve``);
+- ``padded``: the paths a run takes by default off the CPU (``dpo.core.model.paths.resolve``);
 - ``shared``: the CPU's default, with the shared prompt where it is verified;
 - ``checkpointed``: ``--gradient-checkpointing`` (ours where verified, else transformers' own);
 - ``packed``: under a variable-length attention kernel (a stand-in with flash-attention's
@@ -14,7 +14,7 @@ has any), one DPO step on four pairs in each mode a run can be in:
 
 In each, the paths the contract turns on must give the naive step's log-probs, loss and every
 gradient (``archcheck.exact``), or be off (and then the plain path is what runs). The test
-fails if ``dpo.core.verified`` claims a path that is not exact. An architecture that cannot be
+fails if ``dpo.core.model.verified`` claims a path that is not exact. An architecture that cannot be
 built or trained as a text causal LM is skipped with its reason (``pytest -ra`` lists them).
 """
 
@@ -26,8 +26,8 @@ import torch
 import archcheck
 import zoo
 
-from dpo.core.logps import batch_logps
-from dpo.core.paths import PLAIN
+from dpo.core.model.logps import batch_logps
+from dpo.core.model.paths import PLAIN
 
 pytestmark = pytest.mark.architectures
 

@@ -18,8 +18,8 @@ from dpo.backends.cuda import CUDABackend
 from dpo.backends.rocm import ROCmBackend
 from dpo.backends.xla import NOT_INSTALLED, XLABackend
 from dpo.backends.xpu import XPUBackend
-from dpo.core.errors import UsageError
-from dpo.core.plugins import collect
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.plugins import collect
 from dpo.testing import plugin_of
 
 pytest_plugins = ["pytester"]
@@ -58,7 +58,7 @@ def test_cpu_release_memory_trims_the_heap_at_most_once_per_interval(monkeypatch
     """``release_memory`` calls glibc's malloc_trim(0), then skips calls until
     ``TRIM_INTERVAL_S`` has passed (a clock moved by hand: 0 s trims, 0.4 s skips, 0.6 s
     trims again); where the C library has no malloc_trim it does nothing."""
-    from dpo.core import backend as cpu  # the host defaults live in the base class
+    from dpo.core.interfaces import backend as cpu  # the host defaults live in the base class
 
     trims, clock = [], [100.0]
     monkeypatch.setattr(cpu, "_glibc", lambda name: trims.append if name == "malloc_trim" else None)
@@ -91,7 +91,7 @@ def test_cpu_memory_stats_without_proc(monkeypatch):
     def no_proc(*args, **kwargs):
         raise FileNotFoundError("/proc/self/statm")
 
-    monkeypatch.setattr("dpo.core.backend.open", no_proc, raising=False)
+    monkeypatch.setattr("dpo.core.interfaces.backend.open", no_proc, raising=False)
     stats = CPUBackend().memory_stats()
     assert stats.current_bytes is None and stats.peak_bytes > 0
 
@@ -429,7 +429,7 @@ def test_dpo_register_unregisters_after_the_test_even_when_it_fails(pytester):
     pytester.makepyfile("""
         import dpo
         from dpo.backends.cpu import CPUBackend
-        from dpo.core.plugins import collect
+        from dpo.core.interfaces.plugins import collect
 
         class FakeBackend(CPUBackend):
             name = "fake"
@@ -483,7 +483,7 @@ def test_run_on_an_unavailable_backend_is_one_line_exit_2_and_writes_nothing(nam
     from typer.testing import CliRunner
 
     from dpo.cli import make_app
-    from dpo.core.plugins import get_plugin_manager
+    from dpo.core.interfaces.plugins import get_plugin_manager
 
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "1 + 1 = ", "chosen": "2", "rejected": "3"}\n')
@@ -539,7 +539,7 @@ def test_a_minimal_host_backend_gets_the_cpu_backends_speed_defaults(monkeypatch
     threshold (mallopt(M_MMAP_THRESHOLD = -3, 1 MiB)) and trim (malloc_trim(0)) under
     --gradient-checkpointing: what the built-in cpu backend does, with nothing overridden."""
     from dpo.backends import _intel
-    from dpo.core import backend as base
+    from dpo.core.interfaces import backend as base
 
     calls = []
     monkeypatch.setattr(base, "_glibc", lambda name: lambda *args: calls.append((name, args)) or 1)
@@ -562,7 +562,7 @@ def test_a_minimal_host_backend_gets_the_cpu_backends_speed_defaults(monkeypatch
 
 
 def test_a_minimal_accelerator_backend_keeps_the_batched_path_and_the_host_alone(monkeypatch):
-    from dpo.core import backend as base
+    from dpo.core.interfaces import backend as base
 
     calls = []
     monkeypatch.setattr(base, "_glibc", lambda name: lambda *args: calls.append(name) or 1)
@@ -578,7 +578,7 @@ def test_a_minimal_accelerator_backend_keeps_the_batched_path_and_the_host_alone
 
 
 def test_a_backend_without_device_type_is_refused_with_what_to_set():
-    from dpo.core.plugins import get_plugin_manager, register_plugin
+    from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 
     vague = type("Vague", (dpo.Backend,), {
         "name": "vague", "unavailable_reason": MinimalHost.unavailable_reason,

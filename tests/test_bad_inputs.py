@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import dpo
 from dpo.cli import make_app
-from dpo.core.plugins import get_plugin_manager, register_plugin
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 from dpo.testing import plugin_of
 
 RUN = "run --model tiny --backend cpu --no-progress --max-steps 1 --output {d}/out "

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from dpo.core.data import PreferencePair, UnusableRecord
-from dpo.core.dataset import load_pairs, tokenize_pairs
-from dpo.core.errors import DataError
-from dpo.core.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
-from dpo.core.tiny import build_tiny_tokenizer
-from dpo.core.tokenization import DataStats
+from dpo.core.interfaces.data_format import PreferencePair, UnusableRecord
+from dpo.core.data.reading import load_pairs
+from dpo.core.data.tokenization import tokenize_pairs
+from dpo.core.interfaces.errors import DataError
+from dpo.core.interfaces.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
+from dpo.core.model.tiny import build_tiny_tokenizer
+from dpo.core.data.stats import DataStats
 from dpo.plugins.formats.chat import ChatFormat
 
 MODULE = "dpo.plugins.formats.chat"

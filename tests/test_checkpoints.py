@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 import dpo
 from dpo.cli import make_app
-from dpo.core import checkpoint as ck
-from dpo.core import refcache
-from dpo.core.errors import DpoError
-from dpo.core.loop import TIMING_KEYS
-from dpo.core.models import load_model
-from dpo.core.plugins import get_plugin_manager, register_plugin
+from dpo.core.training import checkpoint as ck
+from dpo.core.training import refcache
+from dpo.core.interfaces.errors import DpoError
+from dpo.core.training.loop import TIMING_KEYS
+from dpo.core.model.loading import load_model
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 from dpo.testing import plugin_of, write_arithmetic_pairs
 
 

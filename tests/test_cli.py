@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import dpo
 from dpo.cli import make_app
-from dpo.core.plugins import get_plugin_manager, register_plugin
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 
 
 def write_pairs(path: Path) -> Path:
@@ -159,7 +159,7 @@ def test_brackets_in_an_error_are_text_not_markup(app, tmp_path):
 def test_reporter_lines_print_brackets_as_given(tmp_path):
     from rich.console import Console
 
-    from dpo.core.report import Reporter
+    from dpo.core.training.report import Reporter
 
     console = Console(record=True, width=200)
     reporter = Reporter(tmp_path, console=console)
@@ -170,7 +170,7 @@ def test_reporter_lines_print_brackets_as_given(tmp_path):
 
 
 def test_eval_prints_a_model_path_with_brackets_as_given(app, tmp_path, monkeypatch):
-    from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+    from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     monkeypatch.chdir(tmp_path)
     tokenizer = build_tiny_tokenizer()

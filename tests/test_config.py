@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dpo.core.config import read_config_file, resolve_config, split_options
-from dpo.core.errors import UsageError
-from dpo.core.schedule import lr_factor
+from dpo.core.training.config import read_config_file, resolve_config, split_options
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.training.schedule import lr_factor
 
 
 def test_layers_later_wins_and_options_merge_per_plugin():

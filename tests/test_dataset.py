@@ -13,22 +13,14 @@ import pytest
 import torch
 from tokenizers import processors
 
-from dpo.core.data import DataFormat, PreferencePair, UnusableRecord
-from dpo.core.dataset import (
-    Batch,
-    BatchSampler,
-    DataStats,
-    SourcedPair,
-    TokenizedPair,
-    collate,
-    load_pairs,
-    read_records,
-    split_eval,
-    tokenize_pairs,
-)
-from dpo.core.errors import DataError, UnknownNameError, UsageError
-from dpo.core.registry import Registry
-from dpo.core.tiny import build_tiny_tokenizer
+from dpo.core.interfaces.data_format import DataFormat, PreferencePair, UnusableRecord
+from dpo.core.data.batching import Batch, BatchSampler, collate
+from dpo.core.data.reading import SourcedPair, load_pairs, read_records, split_eval
+from dpo.core.data.stats import DataStats
+from dpo.core.data.tokenization import TokenizedPair, tokenize_pairs
+from dpo.core.interfaces.errors import DataError, UnknownNameError, UsageError
+from dpo.core.interfaces.registry import Registry
+from dpo.core.model.tiny import build_tiny_tokenizer
 from dpo.plugins.formats.preference import PreferenceFormat
 
 

@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core import models
-from dpo.core.errors import UsageError
-from dpo.core.plugins import get_plugin_manager
+from dpo.core.model import loading as models
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.plugins import get_plugin_manager
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,4 +1,4 @@
-"""The built-in demo dataset (dpo.core.demo): deterministic, disjoint splits, right answers
+"""The built-in demo dataset (dpo.core.training.demo): deterministic, disjoint splits, right answers
 chosen, no cue outside the question, and loadable by the project's own data path."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import re
 
 import pytest
 
-from dpo.core import demo
-from dpo.core.dataset import load_pairs, tokenize_pairs
-from dpo.core.plugins import collect, get_plugin_manager
-from dpo.core.tiny import build_tiny_tokenizer
+from dpo.core.training import demo
+from dpo.core.data.reading import load_pairs
+from dpo.core.data.tokenization import tokenize_pairs
+from dpo.core.interfaces.plugins import collect, get_plugin_manager
+from dpo.core.model.tiny import build_tiny_tokenizer
 
 
 def user_text(record: dict) -> str:

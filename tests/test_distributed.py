@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core.loop import TIMING_KEYS
-from dpo.core.plugins import get_plugin_manager
+from dpo.core.training.loop import TIMING_KEYS
+from dpo.core.interfaces.plugins import get_plugin_manager
 from dpo.testing import write_arithmetic_pairs as write_pairs
 
 pytestmark = pytest.mark.distributed
@@ -188,8 +188,8 @@ def test_nproc_under_torchrun_is_refused(tmp_path, monkeypatch):
 
 
 def test_check_launch_counts_accelerator_devices():
-    from dpo.core.errors import UsageError
-    from dpo.core.strategy import check_launch, decoder_layers
+    from dpo.core.interfaces.errors import UsageError
+    from dpo.core.training.strategy import check_launch, decoder_layers
 
     check_launch(4, "cpu", 1, on_accelerator=False)  # CPU processes share the host
     with pytest.raises(UsageError, match="--nproc 4: backend 'cuda' has 2 device"):

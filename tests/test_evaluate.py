@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core.plugins import get_plugin_manager
+from dpo.core.interfaces.plugins import get_plugin_manager
 
 
 @pytest.fixture

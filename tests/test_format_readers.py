@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import dpo
-from dpo.core.data import DataFormat
-from dpo.core.dataset import load_pairs
-from dpo.core.errors import DataError, UsageError
-from dpo.core.plugins import collect, get_plugin_manager, register_plugin
-from dpo.core.registry import Registry
+from dpo.core.interfaces.data_format import DataFormat
+from dpo.core.data.reading import load_pairs
+from dpo.core.interfaces.errors import DataError, UsageError
+from dpo.core.interfaces.plugins import collect, get_plugin_manager, register_plugin
+from dpo.core.interfaces.registry import Registry
 from dpo.plugins.formats.preference import PreferenceFormat
 from dpo.testing import plugin_of
 

@@ -11,9 +11,9 @@ import typer
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core.config import RunConfig
-from dpo.core.demo import DEMO_PRESET
-from dpo.core.plugins import get_plugin_manager
+from dpo.core.training.config import RunConfig
+from dpo.core.training.demo import DEMO_PRESET
+from dpo.core.interfaces.plugins import get_plugin_manager
 
 # Options that have no default value to show: a list that starts empty, a file or a run
 # directory named only when wanted.

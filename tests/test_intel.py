@@ -23,7 +23,7 @@ from dpo.backends import _intel
 from dpo.backends.cpu import CPUBackend
 from dpo.backends.xpu import XPUBackend
 from dpo.cli import make_app
-from dpo.core.plugins import get_plugin_manager
+from dpo.core.interfaces.plugins import get_plugin_manager
 
 TORCH_MINOR = ".".join(torch.__version__.split(".")[:2])
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -225,7 +225,7 @@ def test_real_ipex_bfloat16_training_with_or_without_prepacking(tiny_model, tiny
 
     from transformers import AutoModelForCausalLM
 
-    from dpo.core.checkpoint import save_model_dir
+    from dpo.core.training.checkpoint import save_model_dir
 
     save_model_dir(tmp_path / "saved", model, tiny_tokenizer)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")  # dtype from config.json

@@ -12,10 +12,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core import report
-from dpo.core.errors import UsageError
-from dpo.core.plugins import get_plugin_manager
-from dpo.core.report import Reporter
+from dpo.core.training import report
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.plugins import get_plugin_manager
+from dpo.core.training.report import Reporter
 from dpo.testing import write_arithmetic_pairs
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo.core.logps import completion_logps
-from dpo.core.paths import Paths
+from dpo.core.model.logps import completion_logps, tokens_run
+from dpo.core.model.paths import Paths
 
 # The speed paths as the tiny Llama takes them (its embedding is tied: the gradient buffer too).
 PADDED = Paths(batched=True, unmasked=True, chunked_head=True, tied_buffer=True)
@@ -76,8 +76,8 @@ def test_on_replay_is_called_before_each_layer_runs_again_in_backward(tiny_model
     completions: two calls of each layer, each replayed), 0 under ``torch.no_grad``."""
     import copy
 
-    from dpo.core.activations import checkpoint_layers
-    from dpo.core.logps import batch_logps
+    from dpo.core.model.activations import checkpoint_layers
+    from dpo.core.model.logps import batch_logps
 
     _, batch = pair_batch()
     model = copy.deepcopy(tiny_model)
@@ -109,7 +109,7 @@ def test_head_logps_matches_full_logits_across_chunk_boundaries():
     targets = torch.randint(0, 50, (7,))
     g = torch.randn(7, dtype=torch.float64)
 
-    from dpo.core.logps import head_logps
+    from dpo.core.model.logps import head_logps
 
     got = head_logps(hidden, weight, bias, targets, chunk_rows=3)
     (got * g).sum().backward()
@@ -133,7 +133,7 @@ def test_head_logps_is_stable_where_exp_of_the_logits_overflows():
     targets = torch.randint(0, 40, (5,))
     g = torch.randn(5)
 
-    from dpo.core.logps import head_logps
+    from dpo.core.model.logps import head_logps
 
     got = head_logps(hidden, weight, None, targets, chunk_rows=2)
     (got * g).sum().backward()
@@ -160,7 +160,7 @@ def test_head_logps_under_bf16_autocast_matches_the_plain_projection():
     targets = torch.randint(0, 64, (9,))
     g = torch.randn(9)
 
-    from dpo.core.logps import head_logps
+    from dpo.core.model.logps import head_logps
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = head_logps(hidden, weight, None, targets, chunk_rows=4)
@@ -198,10 +198,10 @@ def test_tied_embedding_gradient_is_one_buffer_and_autograd_s_sum(tiny_model, mo
     (padding and one real token: its row stays 0)."""
     import copy
 
-    import dpo.core.logps as logps_module
-    from dpo.core.batching import collate
-    from dpo.core.logps import TiedGradient, batch_logps
-    from dpo.core.tokenization import TokenizedPair
+    import dpo.core.model.logps as logps_module
+    from dpo.core.data.batching import collate
+    from dpo.core.model.logps import TiedGradient, batch_logps
+    from dpo.core.data.tokenization import TokenizedPair
 
     model = copy.deepcopy(tiny_model)
     embedding = model.get_input_embeddings()
@@ -241,7 +241,7 @@ def test_chunked_path_with_tied_embeddings_matches_plain(tiny_model, monkeypatch
     """The tiny model's completion rows through the projection 2 at a time: log-probs and every
     parameter's gradient (the tied embedding gets both its input and output gradient) equal the
     full-logits computation."""
-    import dpo.core.logps as logps_module
+    import dpo.core.model.logps as logps_module
 
     monkeypatch.setattr(logps_module, "CHUNK_ROWS", 2)
     tiny_model.config.tie_word_embeddings = True
@@ -258,8 +258,8 @@ def test_every_loss_is_unchanged_by_chunking(tiny_model, dpo_catalog, monkeypatc
     """For each built-in loss (IPO's per-token normalisation included: it divides by the
     completion token counts), the loss and the policy's gradient through chunked log-probs
     (chunks of 1 row) equal those through full logits."""
-    import dpo.core.logps as logps_module
-    from dpo.core.loss import PairLogps
+    import dpo.core.model.logps as logps_module
+    from dpo.core.interfaces.loss import PairLogps
 
     input_ids, attention_mask, completion_mask = padded_batch()
     # 2 pairs: rows 0/1 chosen, 2/3 rejected (rejected = the chosen rows with a changed token).
@@ -291,8 +291,8 @@ def test_every_loss_is_unchanged_by_chunking(tiny_model, dpo_catalog, monkeypatc
 def pair_batch():
     """Three pairs with different prompt lengths (3, 1, 5), the chosen completion longer in one,
     the rejected in another, equal in the third; right-padded to the longest row (9)."""
-    from dpo.core.batching import collate
-    from dpo.core.tokenization import TokenizedPair
+    from dpo.core.data.batching import collate
+    from dpo.core.data.tokenization import TokenizedPair
 
     pairs = [TokenizedPair((5, 6, 7), (8, 9, 10, 11), (12, 13)),
              TokenizedPair((14,), (15, 16), (17, 18, 19, 20)),
@@ -303,8 +303,8 @@ def pair_batch():
 def test_every_loss_is_unchanged_by_sharing_the_prompt(tiny_model, dpo_catalog):
     """dpo, cdpo and ipo (whose per-token normalisation reads the counts): the same losses and
     gradients through shared-prompt log-probs as through padded rows."""
-    from dpo.core.logps import batch_logps
-    from dpo.core.loss import PairLogps
+    from dpo.core.model.logps import batch_logps
+    from dpo.core.interfaces.loss import PairLogps
 
     _, batch = pair_batch()
     reference = [v - 0.25 for v in completion_logps(
@@ -331,9 +331,9 @@ def test_a_batch_that_costs_more_shared_runs_padded(tiny_model, monkeypatch):
     48 (+ 192 for the group's calls: 240); as two groups 12 + 18 = 30 tokens + 2 x 192 = 414;
     padded rows 4 x 10 = 40 + 192 = 232. So the padded rows run. The long-prompt pair alone
     shares (8 + 2 x 2 = 12 tokens against 2 x 10 = 20)."""
-    import dpo.core.logps as logps_module
-    from dpo.core.batching import collate
-    from dpo.core.tokenization import TokenizedPair
+    import dpo.core.model.logps as logps_module
+    from dpo.core.data.batching import collate
+    from dpo.core.data.tokenization import TokenizedPair
 
     calls = []
     real = logps_module.shared_prompt_logps
@@ -343,11 +343,11 @@ def test_a_batch_that_costs_more_shared_runs_padded(tiny_model, monkeypatch):
     long_completion = TokenizedPair((5, 6), tuple(range(30, 38)), (40, 41))
     mixed = collate([long_prompt, long_completion], pad_token_id=0)
     assert logps_module.shared_prompt_plan(mixed.prompt_lengths, mixed.row_lengths) == ([[0, 1]], 48)
-    assert mixed.tokens_run(paths=SHARED) == mixed.padded_tokens == 40
+    assert tokens_run(mixed, SHARED) == mixed.padded_tokens == 40
     logps_module.batch_logps(tiny_model, mixed, paths=SHARED)
     assert calls == []
     alone = collate([long_prompt], pad_token_id=0)
-    assert alone.tokens_run(paths=SHARED) == 12
+    assert tokens_run(alone, SHARED) == 12
     logps_module.batch_logps(tiny_model, alone, paths=SHARED)
     assert calls == [1]
 
@@ -357,15 +357,15 @@ def test_an_odd_pair_runs_apart_and_the_result_is_unchanged(tiny_model):
     a 300-token completion (in the middle of the batch). One group: 4 x 4 + 8 x 300 = 2416
     tokens; padded rows: 8 x 302 = 2416; apart: 3 x 4 + 6 x 2 = 24 and 2 + 2 x 300 = 602,
     626 tokens + 192 for the extra group. Values and gradients equal the padded rows'."""
-    from dpo.core.batching import collate
-    from dpo.core.logps import batch_logps, shared_prompt_plan
-    from dpo.core.tokenization import TokenizedPair
+    from dpo.core.data.batching import collate
+    from dpo.core.model.logps import batch_logps, shared_prompt_plan
+    from dpo.core.data.tokenization import TokenizedPair
 
     short = [TokenizedPair((5 + i, 6, 7, 8), (9, 10), (11, 12 + i)) for i in range(3)]
     odd = TokenizedPair((5, 6), tuple(range(20, 320)), (13, 14))
     batch = collate([short[0], odd, short[1], short[2]], pad_token_id=0)
     assert shared_prompt_plan(batch.prompt_lengths, batch.row_lengths) == ([[0, 2, 3], [1]], 626)
-    assert batch.tokens_run(paths=SHARED) == 626 and batch.padded_tokens == 2416
+    assert tokens_run(batch, SHARED) == 626 and batch.padded_tokens == 2416
 
     shared, counts, grads = with_grads(tiny_model, batch_logps, batch, paths=SHARED)
     padded, padded_counts, want = with_grads(tiny_model, batch_logps, batch, paths=PADDED)
@@ -385,8 +385,8 @@ def test_checkpointed_layers_keep_values_and_gradients_on_both_paths(tiny_model,
     query length), so there a replay that stored its keys again would attend to them twice."""
     import copy
 
-    from dpo.core.activations import checkpoint_layers, is_checkpointed
-    from dpo.core.logps import batch_logps
+    from dpo.core.model.activations import checkpoint_layers, is_checkpointed
+    from dpo.core.model.logps import batch_logps
 
     _, batch = pair_batch()
     model = copy.deepcopy(tiny_model)
@@ -424,9 +424,9 @@ def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
     each part's log-probs are bit for bit the whole batch's rows (the same calls), and the sum
     of the parts' gradients is the whole batch's gradient. A batch of one group, or without
     sharing, stays whole."""
-    from dpo.core.batching import collate
-    from dpo.core.logps import backward_parts, batch_logps
-    from dpo.core.tokenization import TokenizedPair
+    from dpo.core.data.batching import collate
+    from dpo.core.model.logps import backward_parts, batch_logps
+    from dpo.core.data.tokenization import TokenizedPair
 
     short = [TokenizedPair((5 + i, 6, 7, 8), (9, 10), (11, 12 + i)) for i in range(3)]
     odd = TokenizedPair((5, 6), tuple(range(20, 320)), (13, 14))
@@ -434,7 +434,7 @@ def test_backward_parts_are_the_groups_and_give_the_batch_gradient(tiny_model):
     parts = backward_parts(batch, paths=SHARED)
     assert [p.num_pairs for p in parts] == [3, 1]
     assert parts[1].input_ids.shape == (2, 302) and parts[0].input_ids.shape == (6, 6)
-    assert sum(p.tokens_run(paths=SHARED) for p in parts) == batch.tokens_run(SHARED) == 626
+    assert sum(tokens_run(p, SHARED) for p in parts) == tokens_run(batch, SHARED) == 626
     assert sum(p.completion_tokens for p in parts) == batch.completion_tokens
 
     whole, _, want = with_grads(tiny_model, batch_logps, batch, paths=SHARED)
@@ -469,8 +469,8 @@ def test_shared_and_packed_rows_match_padded_rows_values_counts_and_gradients(ti
     by block from the restarting positions (so ``rows_logps`` would not pack this model)."""
     import copy
 
-    from dpo.core.logps import packed_logps, shared_prompt_logps
-    from dpo.core.paths import verified_paths
+    from dpo.core.model.logps import packed_logps, shared_prompt_logps
+    from dpo.core.model.paths import verified_paths
 
     _, batch = pair_batch()
     model = copy.deepcopy(tiny_model)
@@ -491,7 +491,7 @@ def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_pack
     """An attention with a variable-length kernel (here a stand-in that attends within each
     sequence from the cumulative lengths it is given, as flash-attention's variable-length
     kernel does, named in ``VARLEN_ATTENTION`` as flash-attention's names are) makes the
-    run's paths (``dpo.core.paths.resolve``) pack the rows, the shared prompt being off by
+    run's paths (``dpo.core.model.paths.resolve``) pack the rows, the shared prompt being off by
     default off the CPU: every layer's kernel sees the rows' boundaries (cumulative
     real lengths, from the host) and the longest row, and the log-probs, counts and gradients
     equal the padded rows' under sdpa."""
@@ -501,8 +501,8 @@ def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_pack
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    import dpo.core.paths as paths_module
-    from dpo.core.logps import batch_logps
+    import dpo.core.model.paths as paths_module
+    from dpo.core.model.logps import batch_logps
 
     monkeypatch.setattr(paths_module, "VARLEN_ATTENTION", ["flash", "dpo_test_varlen"])
     seen = []
@@ -533,7 +533,7 @@ def test_a_variable_length_kernel_gets_the_rows_boundaries_and_the_rows_run_pack
     layers = len(model.get_decoder().layers)
     assert seen == [(bounds, max(lengths), bounds)] * layers
     # rows 3+4, 1+2, 5+4 (chosen) and 3+2, 1+4, 5+4 (rejected): 38 tokens, none padding
-    assert batch.tokens_run(PACKED) == bounds[-1] == 38
+    assert tokens_run(batch, PACKED) == bounds[-1] == 38
     assert got[1].tolist() == want[1].tolist()
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert_all_close(got[2], want[2], rtol=1e-4, atol=1e-6)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dpo.core.errors import UsageError
-from dpo.core.loss import PairLogps
-from dpo.core.plugins import collect, get_plugin_manager
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.loss import PairLogps
+from dpo.core.interfaces.plugins import collect, get_plugin_manager
 from dpo.plugins.losses.dpo import ConservativeDPOLoss, DPOLoss, cdpo_loss, dpo_loss
 from dpo.plugins.losses.ipo import IPOLoss, ipo_loss
 

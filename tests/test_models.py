@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core import models
-from dpo.core.errors import UsageError
-from dpo.core.models import DEFAULT_MODEL, load_model, resolve_source
-from dpo.core.plugins import get_plugin_manager
-from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+from dpo.core.model import loading as models
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.model.loading import DEFAULT_MODEL, load_model, resolve_source
+from dpo.core.interfaces.plugins import get_plugin_manager
+from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture

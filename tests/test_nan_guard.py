@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from dpo.core.errors import UsageError
-from dpo.core.plugins import collect, get_plugin_manager
-from dpo.core.stopping import CONTINUE
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.plugins import collect, get_plugin_manager
+from dpo.core.interfaces.stopping import CONTINUE
 from dpo.plugins.stopping.nan_guard import NanGuard
 
 NAN, INF = math.nan, math.inf

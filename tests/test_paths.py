@@ -1,4 +1,4 @@
-"""The correctness contract of the speed paths (``dpo.core.paths``): which paths a model gets and
+"""The correctness contract of the speed paths (``dpo.core.model.paths``): which paths a model gets and
 why, the check on real data that turns a wrong one off, dropout off for real, and the same rules
 for the reference log-prob file, ``dpo eval`` and ``dpo precompute-ref``."""
 
@@ -13,14 +13,16 @@ import torch
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core import paths as speed
-from dpo.core import refcache, verified
-from dpo.core.batching import collate
-from dpo.core.errors import UsageError
-from dpo.core.logps import batch_logps, shared_prompt_plan
-from dpo.core.paths import PLAIN, Paths, check, resolve, verified_paths
-from dpo.core.plugins import get_plugin_manager
-from dpo.core.tokenization import TokenizedPair
+from dpo.core.model import paths as speed
+from dpo.core.training import refcache
+from dpo.core.model import verified
+from dpo.core.data.batching import collate
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.model.logps import batch_logps, shared_prompt_plan
+from dpo.core.model.pathcheck import CHECK_ATOL, check
+from dpo.core.model.paths import PLAIN, Paths, resolve, verified_paths
+from dpo.core.interfaces.plugins import get_plugin_manager
+from dpo.core.data.tokenization import TokenizedPair
 from dpo.testing import write_arithmetic_pairs
 
 
@@ -147,7 +149,7 @@ def test_a_logit_transform_nobody_declared_is_caught_and_its_paths_turned_off(ti
     checked, report = check(model, batch, paths)
     assert checked.used() == ["batched", "unmasked"]
     assert list(report.turned_off) == ["chunked_head"]
-    assert report.max_difference > 100 * speed.CHECK_ATOL
+    assert report.max_difference > 100 * CHECK_ATOL
     assert checked.inexact == {"chunked_head"}
     assert "differed from the plain path's by" in checked.reasons()["chunked_head"]
     assert "needs chunked_head" in checked.reasons()["shared_prompt"]
@@ -171,7 +173,7 @@ def test_a_window_the_table_does_not_name_is_caught_by_the_check(monkeypatch):
 
 
 def test_a_path_that_raises_is_turned_off(tiny_model, monkeypatch):
-    import dpo.core.logps as logps_module
+    import dpo.core.model.logps as logps_module
 
     def broken(*args, **kwargs):
         raise IndexError("no plain key/value cache")
@@ -210,9 +212,9 @@ def test_dropout_is_off_in_training_mode_and_a_saved_config_keeps_the_users(tmp_
     equal eval mode's; a saved checkpoint's config says 0.3, and training goes on at 0."""
     from transformers import AutoConfig
 
-    from dpo.core.checkpoint import save_model_dir
-    from dpo.core.dropout import disable_dropout
-    from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+    from dpo.core.training.checkpoint import save_model_dir
+    from dpo.core.model.dropout import disable_dropout
+    from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import dpo
-from dpo.core import hookspecs
-from dpo.core.errors import DuplicateNameError, UnknownNameError
-from dpo.core.plugins import (
+from dpo.core.interfaces import hookspecs
+from dpo.core.interfaces.errors import DuplicateNameError, UnknownNameError
+from dpo.core.interfaces.plugins import (
     DEFAULT_PLUGINS,
     DpoPluginManager,
     collect,
@@ -150,7 +150,7 @@ def test_registering_a_non_subclass_is_a_failure():
     register_plugin(pm, Wrong(), "wrong")
     collect(pm)
     [failure] = pm.failures
-    assert failure.name == "wrong" and "not a subclass of dpo.core.loss.Loss" in failure.error
+    assert failure.name == "wrong" and "not a subclass of dpo.core.interfaces.loss.Loss" in failure.error
 
 
 def test_duplicate_names_are_an_error_naming_both_plugins(site):
@@ -401,7 +401,7 @@ def test_dpo_backends_and_dpo_plugins_show_the_clash():
 def test_format_detection_passes_over_a_clashing_format_for_the_builtin(tmp_path):
     """A third party's ``preference`` parses every record as ("X", "X", "Y"): detection must use
     the built-in one (the pair as written), and ``--format preference`` must refuse."""
-    from dpo.core.dataset import load_pairs
+    from dpo.core.data.reading import load_pairs
     from dpo.plugins.formats.preference import PreferenceFormat
 
     class Shadow(PreferenceFormat):

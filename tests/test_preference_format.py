@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dpo.core.data import PreferencePair
-from dpo.core.errors import UsageError
-from dpo.core.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
+from dpo.core.interfaces.data_format import PreferencePair
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
 from dpo.plugins.formats.preference import PreferenceFormat
 
 MODULE = "dpo.plugins.formats.preference"

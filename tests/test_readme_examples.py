@@ -8,7 +8,7 @@ import re
 import shlex
 from pathlib import Path
 
-from dpo.core.config import RunConfig
+from dpo.core.training.config import RunConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -1,4 +1,4 @@
-"""Reference log-probs computed once before training and kept on disk (``dpo.core.refcache``,
+"""Reference log-probs computed once before training and kept on disk (``dpo.core.training.refcache``,
 ``dpo precompute-ref``): the same numbers as a reference model in memory, reused across runs,
 and never reused when stale."""
 
@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core import refcache
-from dpo.core.loop import TIMING_KEYS
-from dpo.core.plugins import get_plugin_manager
-from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
-from dpo.core.tokenization import TokenizedPair
+from dpo.core.training import refcache
+from dpo.core.training.loop import TIMING_KEYS
+from dpo.core.interfaces.plugins import get_plugin_manager
+from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
+from dpo.core.data.tokenization import TokenizedPair
 from dpo.testing import write_arithmetic_pairs as write_pairs
 
 
@@ -232,9 +232,9 @@ def test_share_prompt_is_refused_where_checkpointing_cannot_keep_the_cache(tiny_
     import copy
 
     from dpo.backends.cpu import CPUBackend
-    from dpo.core.config import RunConfig
-    from dpo.core.errors import UsageError
-    from dpo.core.run import resolve_paths
+    from dpo.core.training.config import RunConfig
+    from dpo.core.interfaces.errors import UsageError
+    from dpo.core.training.run import resolve_paths
 
     model = copy.deepcopy(tiny_model)
     model.get_decoder().layers = torch.nn.Sequential(*model.get_decoder().layers)
@@ -306,7 +306,7 @@ def test_a_batch_cut_into_groups_trains_group_by_group_to_the_same_run(tmp_path,
     odd pair apart, and training runs the two groups' forward and backward one after the
     other. The run equals one over padded rows with a reference in memory, and starts exactly
     at the reference (each group scored by the calls the reference pass made)."""
-    import dpo.core.loop as loop
+    import dpo.core.training.loop as loop
 
     monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "odd.jsonl"

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 import dpo
 from dpo.cli import make_app
-from dpo.core import strategy as strat
-from dpo.core.errors import DataError
-from dpo.core.plugins import get_plugin_manager, register_plugin
-from dpo.core.report import read_metrics, truncate_metrics
+from dpo.core.training import strategy as strat
+from dpo.core.interfaces.errors import DataError
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
+from dpo.core.training.report import read_metrics, truncate_metrics
 from dpo.testing import plugin_of, write_arithmetic_pairs
 
 
@@ -167,7 +167,7 @@ def test_overwrite_replaces_only_what_the_run_wrote(tmp_path, invoke):
 def test_an_output_that_cannot_be_a_directory_is_refused_before_any_work(
         tmp_path, invoke, monkeypatch, where):
     """Found before the model is loaded: loading it would fail this test."""
-    import dpo.core.run as run_module
+    import dpo.core.training.run as run_module
 
     monkeypatch.setattr(run_module, "load_model",
                         lambda *a, **k: pytest.fail("the model was loaded before the check"))
@@ -368,7 +368,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_how_to_go_on(tmp_path, invoke):
 
 
 def test_ctrl_c_before_training_leaves_a_resumable_record(tmp_path, invoke, monkeypatch):
-    import dpo.core.run as run_module
+    import dpo.core.training.run as run_module
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

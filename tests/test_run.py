@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import dpo
 from dpo.cli import make_app
-from dpo.core.loop import TIMING_KEYS
-from dpo.core.plugins import get_plugin_manager, register_plugin
+from dpo.core.training.loop import TIMING_KEYS
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 from dpo.plugins.losses.dpo import DPOLoss
 from dpo.testing import write_arithmetic_pairs as write_pairs
 

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from dpo.cli import make_app
-from dpo.core.errors import DpoError, UsageError
-from dpo.core.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
-from dpo.core.tiny import build_tiny_model, build_tiny_tokenizer
+from dpo.core.interfaces.errors import DpoError, UsageError
+from dpo.core.interfaces.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
+from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 from dpo.plugins.stopping.early_stopping import EarlyStopping
 from dpo.plugins.stopping.target import Target
 from dpo.testing import write_arithmetic_pairs as write_pairs

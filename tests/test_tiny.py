@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from dpo.core.tiny import (
+from dpo.core.model.tiny import (
     EOS_TOKEN,
     IM_START_TOKEN,
     PAD_TOKEN,

@@ -1,6 +1,6 @@
 """Drop counts, strict mode and the token-level chat boundary check of ``tokenize_pairs``.
 
-The tiny tokenizer's ids (dpo.core.tiny): id = byte value for single bytes ("A" 65, " " 32 shown
+The tiny tokenizer's ids (dpo.core.model.tiny): id = byte value for single bytes ("A" 65, " " 32 shown
 as "Ġ", "\\n" 10), then the merges from 256 ("Ġt" 256, "he" 257, "Ġthe" 258, ...), then
 <|endoftext|> 276, <|im_start|> 277, <|im_end|> 278 (the EOS).
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from dpo.core.data import PreferencePair
-from dpo.core.dataset import SourcedPair
-from dpo.core.errors import DataError
-from dpo.core.tiny import build_tiny_tokenizer
-from dpo.core.tokenization import DataStats, TokenizedPair, tokenize_pairs
+from dpo.core.interfaces.data_format import PreferencePair
+from dpo.core.data.reading import SourcedPair
+from dpo.core.interfaces.errors import DataError
+from dpo.core.model.tiny import build_tiny_tokenizer
+from dpo.core.data.stats import DataStats
+from dpo.core.data.tokenization import TokenizedPair, tokenize_pairs
 
 EOS = 278
 STRICT = "; fix or remove the record, or run without --strict"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo.core.flops import FlopCounter
+from dpo.core.model.flops import FlopCounter
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_trl.py"
 

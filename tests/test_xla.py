@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 import dpo
 from dpo.backends.xla import XLABackend
 from dpo.cli import make_app
-from dpo.core.batching import bucket_length, collate
-from dpo.core.logps import completion_logps
-from dpo.core.plugins import get_plugin_manager, register_plugin
-from dpo.core.tokenization import TokenizedPair
+from dpo.core.data.batching import bucket_length, collate
+from dpo.core.model.logps import completion_logps
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
+from dpo.core.data.tokenization import TokenizedPair
 from dpo.plugins.losses.dpo import DPOLoss
 
 XLA_AVAILABLE = XLABackend.is_available()
@@ -80,7 +80,7 @@ def test_masked_logps_equal_the_selected_ones_with_their_gradients(tiny_model):
     log-probs, token counts and gradients as the selection path, on a padded batch."""
     batch = collate([pair(5, 4, 7), pair(9, 3, 2), pair(2, 6, 6)], pad_token_id=0,
                     pad_length=bucket_length)
-    from dpo.core.paths import Paths
+    from dpo.core.model.paths import Paths
 
     results = []
     for paths in (Paths(batched=True, unmasked=True, chunked_head=True), Paths(static_shapes=True)):

@@ -15,13 +15,13 @@ The public API for plugin authors::
 
 __version__ = "0.1.0"
 
-from dpo.core.backend import Backend, MemoryStats  # noqa: E402
-from dpo.core.data import DataFormat, PreferencePair, UnusableRecord  # noqa: E402
-from dpo.core.errors import DataError, DpoError, UsageError  # noqa: E402
-from dpo.core.hookspecs import hookimpl  # noqa: E402
-from dpo.core.loss import Loss, LossOutput, PairLogps  # noqa: E402
-from dpo.core.options import PluginOptions  # noqa: E402
-from dpo.core.stopping import CONTINUE, Decision, StoppingPolicy  # noqa: E402
+from dpo.core.interfaces.backend import Backend, MemoryStats  # noqa: E402
+from dpo.core.interfaces.data_format import DataFormat, PreferencePair, UnusableRecord  # noqa: E402
+from dpo.core.interfaces.errors import DataError, DpoError, UsageError  # noqa: E402
+from dpo.core.interfaces.hookspecs import hookimpl  # noqa: E402
+from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps  # noqa: E402
+from dpo.core.interfaces.options import PluginOptions  # noqa: E402
+from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy  # noqa: E402
 
 __all__ = [
     "Backend",

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
-from dpo.core.errors import DpoError
-from dpo.core.plugins import Catalog, DpoPluginManager, collect, get_plugin_manager, register_plugin
+from dpo.core.interfaces.errors import DpoError
+from dpo.core.interfaces.plugins import Catalog, DpoPluginManager, collect, get_plugin_manager, register_plugin
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from dpo.core.backend import Backend
+    from dpo.core.interfaces.backend import Backend
 
 MARKER = "backend"
 
@@ -146,8 +146,8 @@ def plugin_of(*classes: type) -> object:
     its kind (a ``Backend``, ``Loss``, ``StoppingPolicy`` or ``DataFormat`` subclass), in the
     order given. Register it like any plugin (``dpo_register(plugin_of(MyLoss))``, or
     ``register_plugin(pm, plugin_of(...), name)``)."""
-    from dpo.core.hookspecs import hookimpl
-    from dpo.core.plugins import REGISTRATION_HOOKS
+    from dpo.core.interfaces.hookspecs import hookimpl
+    from dpo.core.interfaces.plugins import REGISTRATION_HOOKS
 
     def hook(matching: list[type]) -> Callable[..., None]:
         def register_all(self: Any, register: Callable[[type], None]) -> None:
@@ -179,7 +179,7 @@ def _unregister(pm: DpoPluginManager, name: str) -> None:
 @pytest.fixture
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """The ``--model tiny`` tokenizer (byte-level BPE, ChatML chat template), built offline."""
-    from dpo.core.tiny import build_tiny_tokenizer
+    from dpo.core.model.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 
@@ -188,7 +188,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A fresh two-layer tiny Llama on the CPU in float32, identical weights in every test
     (seed 0), so tests may train or mutate it freely."""
-    from dpo.core.tiny import build_tiny_model
+    from dpo.core.model.tiny import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer)
 

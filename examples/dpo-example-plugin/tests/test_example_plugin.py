@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 import dpo
 from dpo.cli import make_app
-from dpo.core.dataset import DataStats, load_pairs
-from dpo.core.plugins import collect
+from dpo.core.data.reading import load_pairs
+from dpo.core.data.stats import DataStats
+from dpo.core.interfaces.plugins import collect
 from dpo_example_plugin import HingeLoss, TSVFormat
 
 

@@ -12,8 +12,8 @@ from typing import Any, ContextManager
 import torch
 
 from dpo.backends import _intel
-from dpo.core.backend import Backend
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.backend import Backend
+from dpo.core.interfaces.hookspecs import hookimpl
 
 
 class CPUBackend(Backend):

@@ -19,9 +19,9 @@ from typing import Any, ClassVar, ContextManager
 
 import torch
 
-from dpo.core.backend import Backend, MemoryStats
-from dpo.core.errors import UsageError
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.backend import Backend, MemoryStats
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.hookspecs import hookimpl
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpo.backends.cuda import Peak, _CudaLikeBackend
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.hookspecs import hookimpl
 
 # Dense matrix-core peaks from AMD Instinct datasheets. Some ROCm releases name an MI250 "AMD
 # Instinct MI250X/MI250", which the MI250X row then claims: MFU reads slightly low there.

@@ -32,10 +32,10 @@ from typing import Any, ContextManager
 
 import torch
 
-from dpo.core.backend import Backend, MemoryStats
-from dpo.core.batching import bucket_length
-from dpo.core.errors import UsageError
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.backend import Backend, MemoryStats
+from dpo.core.data.batching import bucket_length
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.hookspecs import hookimpl
 
 NOT_INSTALLED = "torch_xla is not installed (pip install torch-xla matching your torch version)"
 

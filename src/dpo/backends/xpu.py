@@ -13,7 +13,7 @@ import torch
 
 from dpo.backends import _intel
 from dpo.backends.cuda import Peak, _DeviceModuleBackend
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.hookspecs import hookimpl
 
 
 # Dense peaks of the Data Center GPU Max parts (both stacks), from their engine counts at peak

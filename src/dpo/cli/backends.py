@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dpo.core.plugins import Catalog
-from dpo.core.registry import Clash
-from dpo.core.report import log_console
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.interfaces.registry import Clash
+from dpo.core.training.report import log_console
 
 
 def backend_rows(catalog: Catalog) -> list[dict]:

@@ -9,13 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dpo.cli import one_line_errors
-from dpo.core.config import DTYPES
-from dpo.core.errors import UsageError
-from dpo.core.evaluation import EvalRequest, evaluate_request
-from dpo.core.options import parse_assignments
-from dpo.core.plugins import Catalog
-from dpo.core.report import SUMMARY_KEYS, _fmt, log_console
+from dpo.cli.common import one_line_errors
+from dpo.core.training.config import DTYPES
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.training.evaluation import EvalRequest, evaluate_request
+from dpo.core.interfaces.options import parse_assignments
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.training.report import SUMMARY_KEYS, _fmt, log_console
 
 
 def register(app: typer.Typer, catalog: Catalog) -> None:

@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from dpo.core.plugins import Catalog
-from dpo.core.report import log_console
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.training.report import log_console
 
 
 def verified_rows() -> list[dict]:
     """One row per verified model type: its paths, window attributes and neutral values."""
-    from dpo.core.paths import SPEED_PATHS
-    from dpo.core.verified import VERIFIED
+    from dpo.core.model.paths import SPEED_PATHS
+    from dpo.core.model.verified import VERIFIED
 
     return [{"model_type": name, "paths": [p for p in SPEED_PATHS if p in arch.paths],
              "window": list(arch.window),
@@ -26,9 +26,9 @@ def verified_rows() -> list[dict]:
 def model_paths(spec: str, backend_name: str, share_prompt: bool | None,
                 gradient_checkpointing: bool, catalog: Catalog) -> dict:
     """The paths ``spec`` takes in a run on the backend, and why each other one is off."""
-    from dpo.core.models import load_model
-    from dpo.core.paths import SPEED_PATHS, architecture, resolve
-    from dpo.core.run import resolve_backend
+    from dpo.core.model.loading import load_model
+    from dpo.core.model.paths import SPEED_PATHS, architecture, resolve
+    from dpo.core.training.run import resolve_backend
 
     backend = resolve_backend(backend_name, catalog)
     model, _ = load_model(spec, seed=0)
@@ -45,7 +45,7 @@ def model_paths(spec: str, backend_name: str, share_prompt: bool | None,
 
 
 def register(app: typer.Typer, catalog: Catalog) -> None:
-    from dpo.cli import one_line_errors
+    from dpo.cli.common import one_line_errors
 
     @app.command("paths")
     @one_line_errors

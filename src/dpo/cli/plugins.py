@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dpo.core.plugins import REGISTRATION_HOOKS, Catalog, DpoPluginManager
-from dpo.core.report import log_console
+from dpo.core.interfaces.plugins import REGISTRATION_HOOKS, Catalog, DpoPluginManager
+from dpo.core.training.report import log_console
 
 
 def plugin_report(pm: DpoPluginManager, catalog: Catalog, commands: dict[str, list[str]]) -> dict:

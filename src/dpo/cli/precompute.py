@@ -9,12 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from dpo.cli import one_line_errors
+from dpo.cli.common import one_line_errors
 from dpo.cli.run import with_default
-from dpo.core.config import read_config_file, resolve_config, with_preset
-from dpo.core.options import parse_assignments
-from dpo.core.plugins import Catalog
-from dpo.core.run import precompute
+from dpo.core.training.config import read_config_file, resolve_config, with_preset
+from dpo.core.interfaces.options import parse_assignments
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.training.run import precompute
 
 
 def register(app: typer.Typer, catalog: Catalog) -> None:

@@ -13,15 +13,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from dpo.cli import one_line_errors
-from dpo.core import strategy as strat
-from dpo.core.errors import DpoError, UsageError
-from dpo.core.config import RunConfig, read_config_file, resolve_config, with_preset
-from dpo.core.demo import DEMO_PRESET
-from dpo.core.options import parse_assignments
-from dpo.core.plugins import Catalog
-from dpo.core.rundir import check_output, nothing_to_resume, read_record
-from dpo.core.run import recorded_config, run
+from dpo.cli.common import one_line_errors
+from dpo.core.training import strategy as strat
+from dpo.core.interfaces.errors import DpoError, UsageError
+from dpo.core.training.config import RunConfig, read_config_file, resolve_config, with_preset
+from dpo.core.training.demo import DEMO_PRESET
+from dpo.core.interfaces.options import parse_assignments
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.training.rundir import check_output, nothing_to_resume, read_record
+from dpo.core.training.run import recorded_config, run
 
 DATA = "Data"
 OPTIM = "Optimisation"
@@ -203,7 +203,7 @@ class _exit_code_recorded:
 def launch(nproc: int, config: Any, catalog: Catalog, ctx: typer.Context) -> int:
     """``dpo run --nproc N ARGS``: ``torchrun --nproc-per-node N -m dpo run ARGS``; the exit code
     is the failing worker's (rank 0's first), else torchrun's."""
-    from dpo.core.run import resolve_backend
+    from dpo.core.training.run import resolve_backend
 
     if strat.launched_by_torchrun():
         raise UsageError("--nproc: this process already runs under torchrun; drop --nproc")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo.core.data import DataFormat, Messages, PreferencePair, UnusableRecord, json_type
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.data_format import DataFormat, Messages, PreferencePair, UnusableRecord, json_type
+from dpo.core.interfaces.hookspecs import hookimpl
 
 ASSISTANT = "assistant"
 

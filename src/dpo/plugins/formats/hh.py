@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dpo.core.data import DataFormat, Messages, PreferencePair, UnusableRecord, json_type
-from dpo.core.hookspecs import hookimpl
-from dpo.core.options import PluginOptions
+from dpo.core.interfaces.data_format import DataFormat, Messages, PreferencePair, UnusableRecord, json_type
+from dpo.core.interfaces.hookspecs import hookimpl
+from dpo.core.interfaces.options import PluginOptions
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo.core.data import DataFormat, PreferencePair, json_type
-from dpo.core.hookspecs import hookimpl
+from dpo.core.interfaces.data_format import DataFormat, PreferencePair, json_type
+from dpo.core.interfaces.hookspecs import hookimpl
 
 FIELDS = ("prompt", "chosen", "rejected")
 

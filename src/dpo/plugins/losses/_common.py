@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from dpo.core.loss import LossOutput, PairLogps
-from dpo.core.options import PluginOptions
+from dpo.core.interfaces.loss import LossOutput, PairLogps
+from dpo.core.interfaces.options import PluginOptions
 
 
 class BetaOptions(PluginOptions):

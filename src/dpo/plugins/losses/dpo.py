@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from dpo.core.hookspecs import hookimpl
-from dpo.core.loss import Loss, LossOutput, PairLogps
+from dpo.core.interfaces.hookspecs import hookimpl
+from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
 from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from dpo.core.errors import DpoError
+from dpo.core.interfaces.errors import DpoError
 
 Mode = Literal["max", "min"]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from dpo.core.hookspecs import hookimpl
-from dpo.core.options import PluginOptions
-from dpo.core.stopping import CONTINUE, Decision, StoppingPolicy
+from dpo.core.interfaces.hookspecs import hookimpl
+from dpo.core.interfaces.options import PluginOptions
+from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
 from dpo.plugins.stopping._metric import Mode, is_eval_metric, read_metric
 
 

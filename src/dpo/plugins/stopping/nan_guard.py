@@ -6,9 +6,9 @@ import math
 
 from pydantic import Field
 
-from dpo.core.hookspecs import hookimpl
-from dpo.core.options import PluginOptions
-from dpo.core.stopping import CONTINUE, Decision, StoppingPolicy
+from dpo.core.interfaces.hookspecs import hookimpl
+from dpo.core.interfaces.options import PluginOptions
+from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
 
 
 class NanGuard(StoppingPolicy):

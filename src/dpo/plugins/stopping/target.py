@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dpo.core.hookspecs import hookimpl
-from dpo.core.options import PluginOptions
-from dpo.core.stopping import CONTINUE, Decision, StoppingPolicy
+from dpo.core.interfaces.hookspecs import hookimpl
+from dpo.core.interfaces.options import PluginOptions
+from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
 from dpo.plugins.stopping._metric import Mode, is_eval_metric, read_metric
 
 

@@ -1,0 +1,72 @@
+"""The Loss interface: a preference loss over per-pair summed log-probabilities.
+
+The math lives in pure functions with shapes in their docstrings and the paper's equation cited
+(see the built-ins under ``dpo.plugins.losses``). A ``Loss`` wraps one such function with its
+typed options.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from dpo.core.interfaces.options import Configurable
+
+
+@dataclass
+class PairLogps:
+    """Per-pair inputs of a preference loss. Every tensor has shape [B] (B pairs).
+
+    ``policy_*`` are log-probabilities of the completion under the policy, summed over
+    completion tokens only (prompt masked, the appended EOS counted), in float32.
+    ``ref_*`` are the same under the reference model; ``None`` when the loss is reference-free.
+    ``*_tokens`` are the completion token counts n_w and n_l (for length normalisation).
+    """
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen is not None and self.ref_rejected is not None
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns. ``losses``, ``chosen_rewards`` and ``rejected_rewards`` have shape [B].
+
+    ``losses`` carries the graph; rewards are detached. ``metrics`` holds extra detached values,
+    each of shape [B] or a scalar, logged under the given name (averaged per optimizer step).
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The batch loss: the mean of the per-pair losses."""
+        return self.losses.mean()
+
+
+class Loss(Configurable, ABC):
+    """A preference loss plugin.
+
+    Subclasses set ``name`` (the ``--loss`` value), ``requires_reference`` and a nested
+    ``Options`` model (a :class:`dpo.core.interfaces.options.PluginOptions`), and implement ``__call__``.
+    """
+
+    kind: ClassVar[str] = "loss"
+    requires_reference: ClassVar[bool] = True
+
+    @abstractmethod
+    def __call__(self, logps: PairLogps) -> LossOutput:
+        """Per-pair losses and rewards for one micro-batch."""

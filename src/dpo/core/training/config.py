@@ -1,0 +1,246 @@
+"""RunConfig: every option of ``dpo run``, resolved as defaults < ``--config`` file < flags."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from dpo.core.interfaces.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class RunConfig(BaseModel):
+    """The resolved configuration of one training run (recorded in ``run.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train on
+    model: str = Field("SmolLM2-135M-Instruct", description="the default model, a .gguf file, a local "
+                       "Hugging Face directory, a hub id, or 'tiny'")
+    ref_model: str | None = Field(None, description="reference model; default: a frozen copy of --model")
+    precompute_ref: bool = Field(True, description="score every pair with the reference once "
+                                 "before training (kept on disk), not in every step")
+    ref_logps: str | None = Field(None, description="file of precomputed reference log-probs; "
+                                  "default: the cache directory, one file per reference model")
+    data: str = Field("demo", description="training pairs (JSONL or JSONL.gz), a datasets name, or "
+                      "'demo' (the built-in demo dataset)")
+    format: str | None = Field(None, description="data format; auto-detected when unset")
+    eval_data: str | None = Field(None, description="held-out pairs for evaluation")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of --data")
+    max_length: int = Field(512, gt=1, description="prompt + completion tokens, at most")
+    max_prompt_length: int = Field(256, gt=0, description="prompt tokens kept (the last ones)")
+    strict: bool = Field(False, description="refuse unusable records instead of dropping them")
+
+    # where to run it
+    backend: str = Field("auto", description="cpu, cuda, rocm, xpu, xla, or auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how several processes share "
+                                             "the model: ddp (replicas) or fsdp (FSDP2 shards)")
+
+    # the objective
+    loss: str = "dpo"
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-plugin options, keyed by plugin name"
+    )
+    stop: list[str] = Field(default_factory=lambda: ["nan-guard"])
+
+    # the optimisation
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 means --epochs decide")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, gt=0, description="pairs per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="used when --warmup-steps is 0")
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = Field(42, ge=0, lt=2**63, description="random seed (torch takes 64 bits)")
+    shuffle: bool = Field(True, description="a new order of the pairs every epoch")
+    group_by_length: bool = Field(True, description="batches of pairs of similar length")
+
+    # speed and memory
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's "
+                                         "activations in backward: less memory, about 1/3 more compute")
+    compile: bool = Field(False, description="torch.compile the model's decoder layers")
+    share_prompt: bool | None = Field(None, description="run each pair's prompt once for both "
+                                      "completions, with no padding; default: where the "
+                                      "backend gains from it (CPU)")
+
+    # output
+    output: str = "out"
+    eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_at_start: bool = Field(True, description="evaluate once before training (the baseline)")
+    save_steps: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    keep_checkpoints: bool = Field(True, description="keep the checkpoints once the run is "
+                                   "complete, so that --resume with more --max-steps can extend "
+                                   "it (off: only final/ remains)")
+    progress: bool = True
+
+    @field_validator("lr")
+    @classmethod
+    def _float32_lr(cls, value: float) -> float:
+        # Optimizer kernels (e.g. Intel's fused AdamW) take the learning rate as a float32.
+        if not value <= FLOAT32_MAX:
+            raise ValueError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest value)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length}) to leave room for the completion"
+            )
+        if self.eval_data and self.eval_fraction:
+            raise ValueError("give either eval_data or eval_fraction, not both")
+        return self
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        return dict(self.options.get(name, {}))
+
+
+def _normalise_keys(table: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_") if k != "options" else k: v for k, v in table.items()}
+
+
+class ConfigFile(dict):
+    """The table of a ``--config`` file, keeping its path and each key's line so that a bad
+    value is reported where the user can fix it."""
+
+    def __init__(self, table: dict[str, Any], path: Path, lines: dict[str, int]):
+        super().__init__(table)
+        self.path, self.lines = path, lines
+
+    def where(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each top-level key (``key = ...`` before the first table, or ``[key...]``)."""
+    lines: dict[str, int] = {}
+    in_table = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if match := re.match(r"\s*\[+\s*\"?([\w-]+)", line):
+            in_table = True
+        elif not in_table:
+            match = re.match(r"\s*\"?([\w-]+)\"?\s*[=.]", line)
+        if match:
+            lines.setdefault(match[1].replace("-", "_"), number)
+    return lines
+
+
+def read_config_file(path: str | Path) -> ConfigFile:
+    """Read a TOML config file: top-level keys are ``run`` options (``max_steps`` or
+    ``max-steps``); an ``[options]`` table holds loss options, and ``[options.<plugin>]``
+    sub-tables hold any other plugin's options."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # Notepad starts UTF-8 with a BOM
+        raw = tomllib.loads(text)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found; check the path given to "
+                         "--config") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory; --config takes a TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the config file ({exc.strerror or exc}); check "
+                         "that it is a readable file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text, so not a TOML file; save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        reason, where = str(exc).replace(" (at end of document)", " at the end of the file"), path
+        if found := re.search(r" \(at line (\d+), column (\d+)\)$", reason):
+            reason, where = f"{reason[:found.start()]}, column {found[2]}", f"{path}:{found[1]}"
+        raise UsageError(f"{where}: not valid TOML ({reason}); fix the syntax, see "
+                         "https://toml.io") from None
+    raw = _normalise_keys(raw)
+    table = ConfigFile(raw, path, _key_lines(text))
+    unknown = sorted(set(raw) - set(RunConfig.model_fields))
+    if unknown:
+        raise UsageError(f"{table.where(unknown[0])}: unknown key {unknown[0]!r}; valid keys: "
+                         f"{', '.join(sorted(RunConfig.model_fields))}")
+    if not isinstance(raw.get("options", {}), dict):
+        raise UsageError(f"{table.where('options')}: options must be a table: an [options] "
+                         "section of key = value lines, or [options.<plugin>] sections")
+    return table
+
+
+def split_options(flat: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:
+    """``{"beta": 0.2, "nan-guard.check_grad_norm": False, "dpo": {...}}`` ->
+    ``{"dpo": {"beta": 0.2}, "nan-guard": {"check_grad_norm": False}}``.
+
+    Unqualified keys belong to the loss; ``plugin.key`` keys and sub-tables to that plugin."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+            continue
+        plugin, dot, option = key.rpartition(".")
+        out.setdefault(plugin if dot else loss, {})[option] = value
+    return out
+
+
+def with_preset(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``layers`` behind the demo's preset when the run trains on the demo dataset: the preset
+    fills what no layer sets."""
+    data = RunConfig.model_fields["data"].default
+    for layer in layers:
+        if layer.get("data") is not None:
+            data = layer["data"]
+    if data != "demo":
+        return layers
+    from dpo.core.training.demo import DEMO_PRESET
+
+    return [DEMO_PRESET, *layers]
+
+
+def resolve_config(*layers: dict[str, Any]) -> RunConfig:
+    """Merge layers (later wins) into a validated RunConfig; ``options`` merge per plugin."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, dict[str, Any]] = {}  # key -> the layer its value came from
+    raw_options: list[dict[str, Any]] = []
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "options":
+                raw_options.append(value)
+            elif value is not None:
+                merged[key], origin[key] = value, layer
+    loss = merged.get("loss", RunConfig.model_fields["loss"].default)
+    options: dict[str, dict[str, Any]] = {}
+    for layer_options in raw_options:
+        for plugin, values in split_options(layer_options, loss).items():
+            options.setdefault(plugin, {}).update(values)
+    merged["options"] = options
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            raise UsageError(message) from None
+        key = ".".join(str(p) for p in err["loc"]).replace("_", "-")
+        given = merged.get(err["loc"][0])
+        layer = origin.get(str(err["loc"][0]))
+        if isinstance(layer, ConfigFile):
+            raise UsageError(f"{layer.where(str(err['loc'][0]))}: {key} = "
+                             f"{json.dumps(given, default=str)}: {message}; fix it in the "
+                             "config file") from None
+        raise UsageError(f"--{key}={given}: {message}") from None

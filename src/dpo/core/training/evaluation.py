@@ -1,0 +1,134 @@
+"""``dpo eval``: preference metrics of a policy against its reference on held-out pairs.
+
+The metrics are those a run logs under ``eval/`` (TRL's names): the loss, ``rewards/accuracies``
+(the share of pairs whose implicit reward prefers the chosen completion), ``rewards/margins``,
+the chosen and rejected rewards, and the policy's summed completion log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo.core.data.batching import collate
+from dpo.core.data.reading import load_pairs
+from dpo.core.data.stats import DataStats
+from dpo.core.data.tokenization import tokenize_pairs
+from dpo.core.interfaces.errors import UsageError
+from dpo.core.model.dropout import disable_dropout
+from dpo.core.training.loop import preference_metrics
+from dpo.core.model.loading import load_model, resolve_source
+from dpo.core.model.pathcheck import CHECK_PAIRS, check
+from dpo.core.model.paths import resolve
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.training.rundir import RUN_FILE, read_record
+
+
+@dataclass
+class EvalRequest:
+    model: str
+    data: str
+    ref: str | None = None
+    loss: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # loss options (beta, ...)
+    format: str | None = None
+    backend: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    strict: bool = False
+    seed: int = 42
+
+
+def find_run_config(model: str) -> dict[str, Any] | None:
+    """The configuration of the run that wrote ``model`` (a run directory, or its ``final/`` /
+    ``checkpoint-N/`` / ``best/`` subdirectory), if there is one."""
+    path = Path(model)
+    for candidate in (path / RUN_FILE, path.parent / RUN_FILE):
+        if candidate.is_file():
+            return read_record(candidate.parent)["config"]
+    return None
+
+
+def model_dir(model: str) -> str:
+    """A run directory stands for its final model."""
+    path = Path(model)
+    if (path / RUN_FILE).is_file() and (path / "final" / "config.json").is_file():
+        return str(path / "final")
+    return model
+
+
+def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
+    """Resolve the request (defaults come from the run that wrote the model, when found) and
+    compute the metrics. Returns the metrics and what was compared."""
+    from dpo.core.training.run import check_same_tokenizer, resolve_backend, resolve_dtype
+
+    run = find_run_config(request.model) or {}
+    loss_name = request.loss or run.get("loss", "dpo")
+    loss_cls = catalog.losses.get(loss_name, asked=bool(request.loss))
+    options = dict(run.get("options", {}).get(loss_name, {})) if not request.loss else {}
+    options.update(request.options)
+    loss = loss_cls(loss_cls.parse_options(options))
+    ref = request.ref or run.get("ref_model") or run.get("model")
+    if loss.requires_reference and not ref:
+        raise UsageError(f"loss {loss.name!r} compares against a reference: give --ref (the "
+                         "model training started from)")
+    max_length = request.max_length or run.get("max_length", 512)
+    max_prompt_length = request.max_prompt_length or run.get("max_prompt_length", 256)
+    backend = resolve_backend(request.backend, catalog)
+    dtype = resolve_dtype(request.dtype, backend)
+    seed = run.get("seed", request.seed)  # `tiny` is built from the run's seed
+    policy_spec = model_dir(request.model)
+    resolve_source(policy_spec)
+    if loss.requires_reference:
+        resolve_source(ref)
+
+    policy, tokenizer = load_model(policy_spec, seed)
+    stats = DataStats()
+    sourced = load_pairs(request.data, catalog.formats, request.format,
+                         dict(run.get("options", {}).get(request.format, {})) if request.format else None,
+                         strict=request.strict, stats=stats)
+    pairs, stats = tokenize_pairs(tokenizer, sourced, max_length, max_prompt_length,
+                                  strict=request.strict, stats=stats)
+    if not pairs:
+        raise UsageError(f"{request.data}: no usable pairs ({stats.as_dict()}); --strict "
+                         "names the first unusable record with its line")
+    reference = None
+    if loss.requires_reference:
+        reference, ref_tokenizer = load_model(ref, seed)
+        check_same_tokenizer(tokenizer, ref_tokenizer, policy_spec, ref, flag="--ref")
+    device = backend.device(0)
+    for m in (policy, reference):
+        if m is not None:
+            disable_dropout(m)
+            m.requires_grad_(False).eval().to(device)
+    # The same speed paths and check as a run's, for each model.
+    check_batch = collate(pairs[:CHECK_PAIRS], tokenizer.pad_token_id,
+                          pad_length=backend.padded_length).to(device)
+    found, checks = {}, {}
+    for label, model in (("policy", policy), ("reference", reference)):
+        if model is not None:
+            paths = resolve(model, static_shapes=backend.static_shapes,
+                            share_prompt_default=backend.share_prompt_default,
+                            backend_name=backend.name)
+            found[label], report = check(model, check_batch, paths, training=False)
+            checks[label] = report.record()
+    metrics = preference_metrics(policy, reference, tokenizer, loss, pairs, backend, device,
+                                 dtype, request.batch_size, paths=found["policy"],
+                                 ref_paths=found.get("reference"))
+    return {
+        "model": policy_spec,
+        "ref": ref if loss.requires_reference else None,
+        "loss": loss.name,
+        "options": loss.options.model_dump(mode="json"),
+        "data": request.data,
+        "pairs": len(pairs),
+        "data_stats": stats.as_dict(),
+        "backend": backend.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "paths": {label: paths.used() for label, paths in found.items()},
+        "paths_check": checks,
+        "metrics": {k.removeprefix("eval/"): v for k, v in metrics.items()},
+    }

@@ -1,0 +1,606 @@
+"""The training loop: plain Python over resolved objects. It never touches the plugin manager.
+
+One optimizer step:
+  1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward (with a
+     shared prompt: the prompts in one forward, then both sides' completions in another; a
+     micro-batch the shared prompt cuts into groups runs forward and backward group by group).
+  2. Summed completion log-probs in float32 (``dpo.core.model.logps``), on the speed paths the run
+     resolved and checked for each model (``dpo.core.model.paths``); the reference under no_grad.
+  3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
+     step's gradient is that of the mean loss over all its pairs.
+  4. Clip -> optimizer step -> schedule. A non-finite loss or gradient norm skips the update.
+  5. Metrics averaged over the step's pairs (not per micro-batch), reduced across ranks.
+  6. Stopping policies see every step and every evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dpo.core.interfaces.backend import Backend
+from dpo.core.training.checkpoint import rng_states, save_checkpoint, save_model_dir
+from dpo.core.training.layout import BEST, BEST_RECORD, FINAL, PREFIX
+from dpo.core.data.batching import Batch, BatchSampler, collate
+from dpo.core.data.tokenization import TokenizedPair
+from dpo.core.training.distributed import DistInfo
+from dpo.core.interfaces.errors import DpoError, Interrupted, first_line
+from dpo.core.model.flops import FlopCounter
+from dpo.core.model.logps import backward_parts, batch_logps, tokens_run
+from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
+from dpo.core.model.paths import PLAIN, Paths
+from dpo.core.training.refcache import RefLogps
+from dpo.core.training.report import Reporter
+from dpo.core.training.rundir import resume_hint
+from dpo.core.interfaces.stopping import Decision, StoppingPolicy
+from dpo.core.training import strategy as strat
+
+# Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic on CPU.
+TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_second",
+                         "samples_per_second", "peak_memory_gb", "memory_gb", "tflops", "mfu"})
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done and the position in the data."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Settings:
+    total_steps: int
+    grad_accum: int
+    max_grad_norm: float
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    dtype: torch.dtype
+    batch_size: int
+    eval_at_start: bool = True
+    paths: Paths = PLAIN  # the policy's speed paths (``dpo.core.model.paths``)
+    ref_paths: Paths | None = None  # the reference model's (None: the policy's)
+    backward_by_group: bool = False  # a micro-batch's shared-prompt groups one by one
+    config: dict[str, Any] = field(default_factory=dict)  # kept in each checkpoint
+
+
+@dataclass
+class Trainee:
+    """The resolved objects a run trains with."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: Any
+    backend: Backend
+    device: torch.device
+    loss: Loss
+    policies: dict[str, StoppingPolicy]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    sampler: BatchSampler
+    output: Path
+    dist: DistInfo = field(default_factory=DistInfo)
+    strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
+    ref_table: RefLogps | None = None  # precomputed reference log-probs (then reference is None)
+    flops: FlopCounter | None = None  # the policy's model FLOPs, for tflops and MFU
+
+
+@dataclass
+class Outcome:
+    step: int
+    stopped_by: str | None
+    reason: str
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    saved: bool
+    initial_eval: dict[str, float] = field(default_factory=dict)  # at step 0, before training
+    restored_step: int | None = None  # final weights are those of this step's evaluation
+
+
+# -- one micro-batch ---------------------------------------------------------------------------
+
+def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
+               backend: Backend, dtype: torch.dtype, paths: Paths = PLAIN,
+               ref_paths: Paths | None = None) -> PairLogps:
+    """Policy (with graph) and reference (without) log-probs of a batch's pairs, on their
+    speed paths (``ref_paths``: the policy's by default); the reference's come from the batch
+    when it carries precomputed ones."""
+    b = batch.num_pairs
+    with backend.autocast(dtype):
+        logps, counts = _logps(policy, batch, paths)
+        ref = batch.ref_logps
+        if ref is None and reference is not None:
+            with torch.no_grad():
+                ref, _ = _logps(reference, batch, paths if ref_paths is None else ref_paths)
+    return PairLogps(
+        policy_chosen=logps[:b], policy_rejected=logps[b:],
+        chosen_tokens=counts[:b], rejected_tokens=counts[b:],
+        ref_chosen=None if ref is None else ref[:b],
+        ref_rejected=None if ref is None else ref[b:],
+    )
+
+
+def _logps(model: torch.nn.Module, batch: Batch, paths: Paths
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DDP/FSDP-wrapped ``LogpsModel`` is called (its forward arms the collectives, and it
+    holds the same paths); a plain Hugging Face model goes straight through ``batch_logps``."""
+    if strat.is_logps_module(model):
+        return model(batch.input_ids, batch.attention_mask, batch.completion_mask,
+                     batch.prompt_lengths, batch.row_lengths)
+    return batch_logps(model, batch, paths)
+
+
+def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
+    """Per-batch sums of the TRL-named metrics; divided by the pair count per step."""
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    sums = {
+        "loss": out.losses.detach().sum(),
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        # Strict: a tie (e.g. policy == reference) is not a correct preference.
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "logps/chosen": logps.policy_chosen.detach().sum(),
+        "logps/rejected": logps.policy_rejected.detach().sum(),
+    }
+    n = out.losses.shape[0]
+    for key, value in out.metrics.items():
+        value = value.detach().float()
+        sums[key] = value.sum() if value.ndim else value * n
+    return sums
+
+
+def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+    for key, value in part.items():
+        total[key] = total[key] + value if key in total else value
+
+
+class PluginError(DpoError):
+    """A plugin's code raised while the run used it."""
+
+
+def plugin_call(plugin: Any, what: str, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``; an exception other than dpo's own errors becomes one line naming the
+    plugin (the run's record says so too), not a traceback from inside the loop."""
+    try:
+        return call(*args)
+    except DpoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of third-party code
+        detail = first_line(exc, fallback="")
+        raise PluginError(f"{plugin.kind} {plugin.name!r} raised {type(exc).__name__} in "
+                          f"{what}{': ' + detail if detail else ''}; fix the plugin or choose "
+                          "another") from exc
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to stop after the step in
+    progress and checkpoint it; a second one stops at once. Only in the main thread (signal
+    handlers can be set nowhere else); elsewhere the signals keep their usual effect."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, reporter: Reporter):
+        self.requested = False
+        self._reporter = reporter
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._reporter.warn("stopping after this step, with a checkpoint; press Ctrl-C again to "
+                            "stop at once")
+
+
+def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo,
+              backend: Backend) -> dict[str, float]:
+    """One host sync for all metrics of a step."""
+    keys = list(sums)
+    stacked = torch.stack([sums[k].float() for k in keys] + [torch.tensor(float(count), device=sums[keys[0]].device)])
+    dist.all_reduce_sum(stacked)
+    # Run everything queued first (XLA: the step's graph, clipped gradients included), so that
+    # reading the metrics below is a copy, not a second run of part of the step.
+    backend.materialize()
+    values = stacked.tolist()
+    total = values[-1]
+    return {k: v / total for k, v in zip(keys, values[:-1])}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
+    """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
+    return preference_metrics(t.policy, t.reference, t.tokenizer, t.loss, t.eval_pairs,
+                              t.backend, t.device, settings.dtype, settings.batch_size, t.dist,
+                              t.ref_table, settings.paths, settings.ref_paths)
+
+
+def eval_batches(pairs: list[TokenizedPair], batch_size: int, dist: DistInfo
+                 ) -> list[list[TokenizedPair]]:
+    """This rank's evaluation batches. Every pair counts once: the ranks share the first
+    pairs evenly (no padding by repeats), and the few left over (fewer than the ranks) form a
+    last batch that every rank scores, since a sharded model's forward is collective, but that
+    rank 0 alone counts."""
+    tail = len(pairs) % dist.world_size
+    shared = pairs[:len(pairs) - tail]
+    sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                            for p in shared], batch_size, seed=0, shuffle=False,
+                           rank=dist.rank, world_size=dist.world_size)
+    batches = [[shared[i] for i in indices] for indices in sampler.batches(0)]
+    if tail:
+        batches.append(pairs[len(pairs) - tail:])
+    return batches
+
+
+def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, tokenizer: Any,
+                       loss: Loss, pairs: list[TokenizedPair], backend: Backend,
+                       device: torch.device, dtype: torch.dtype, batch_size: int,
+                       dist: DistInfo | None = None, ref_table: RefLogps | None = None,
+                       paths: Paths = PLAIN, ref_paths: Paths | None = None
+                       ) -> dict[str, float]:
+    """The loss and TRL-named metrics of ``policy`` against ``reference`` on ``pairs``, averaged
+    over pairs (and ranks), under ``eval/`` names; empty when there are no pairs."""
+    if not pairs:
+        return {}
+    dist = dist or DistInfo()
+    batches = eval_batches(pairs, batch_size, dist)
+    tail = len(pairs) % dist.world_size
+    for model in (policy, reference):  # idempotent; `dpo eval` loads its models itself
+        if model is not None:
+            backend.configure_model(strat.unwrap(model))
+    was_training = policy.training
+    policy.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad():
+        for i, chunk in enumerate(batches):
+            batch = collate(chunk, tokenizer.pad_token_id, pad_length=backend.padded_length,
+                            ref=ref_table).to(device)
+            logps = pair_logps(policy, reference, batch, backend, dtype, paths, ref_paths)
+            part = metric_sums(plugin_call(loss, "evaluation", loss, logps), logps)
+            if not (tail and i == len(batches) - 1) or dist.is_main:
+                count += batch.num_pairs
+            else:  # the shared tail: the same keys on every rank, rank 0's values only
+                part = {k: torch.zeros_like(v) for k, v in part.items()}
+            _add(sums, part)
+            backend.materialize()  # one graph per batch shape, not one for the whole set
+    policy.train(was_training)
+    return {f"eval/{k}": v for k, v in _averages(sums, count, dist, backend).items()}
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy], Decision]
+            ) -> tuple[tuple[str, Decision] | None, bool]:
+    """Every policy sees the metrics (so each one's state stays exact); the first one to stop
+    wins. Also says whether a policy that restores its best weights marked these as best."""
+    stopped, keep_best = None, False
+    for name, policy in policies.items():
+        decision = plugin_call(policy, "deciding", ask, policy)
+        keep_best = keep_best or (decision.best and policy.restores_best())
+        if decision.stop and stopped is None:
+            stopped = (name, decision)
+    return stopped, keep_best
+
+
+
+
+def save_best(t: Trainee, step: int, metrics: dict[str, float]) -> None:
+    """Keep these weights as the run's best (``best/``, a Hugging Face directory), with the step
+    and the evaluation that made them best."""
+    state = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP: every rank
+    if t.dist.is_main:
+        save_model_dir(t.output / BEST, strat.unwrap(t.policy), t.tokenizer,
+                       extra={BEST_RECORD: {"step": step, "metrics": metrics}}, state_dict=state)
+    strat.barrier(t.dist)  # restore_best on any rank reads what rank 0 wrote
+
+
+def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
+    """Load the weights kept in ``best/`` into the policy; (step, its evaluation) or None."""
+    record_path = t.output / BEST / BEST_RECORD
+    if not record_path.is_file():
+        return None
+    from dpo.core.model.loading import causal_lm
+
+    record = json.loads(record_path.read_text())
+    best = causal_lm(t.output / BEST)
+    strat.load_full_state_dict(t.policy, best.state_dict())
+    return int(record["step"]), record["metrics"]
+
+
+class NonFiniteWeights(DpoError):
+    """An optimizer step left non-finite values in the weights or the optimizer state."""
+
+
+class FiniteWatch:
+    """Whether the last update left the weights and the optimizer state finite, known without a
+    host sync of its own: the flag computed after an update travels with the next step's
+    metrics (its one host read, and under several processes its one all-reduce), and is read
+    on its own only before anything is saved (a checkpoint, ``best/``, ``final/``), so that
+    nothing from a poisoned update is ever written."""
+
+    KEY = "weights_nonfinite"
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 dist: DistInfo, message: Callable[[int, float], str]):
+        self.params, self.optimizer, self.dist, self.message = params, optimizer, dist, message
+        self.flag: torch.Tensor | None = None
+        self.step, self.lr = 0, 0.0
+
+    def updated(self, step: int, lr: float) -> None:
+        self.flag = strat.nonfinite_flag(self.params, self.optimizer)
+        self.step, self.lr = step, lr
+
+    def add_to(self, sums: dict[str, torch.Tensor], count: float) -> None:
+        if self.flag is not None:
+            sums[self.KEY] = self.flag.to(sums["loss"].device) * count  # averaged: back to 0/1
+
+    def judge_metrics(self, metrics: dict[str, float]) -> None:
+        flagged = metrics.pop(self.KEY, None)
+        if flagged is not None:
+            self._judge(flagged > 0)
+
+    def settle(self) -> None:
+        if self.flag is not None:
+            flag = self.flag.clone()
+            self.dist.all_reduce_sum(flag)
+            self._judge(flag.item() > 0)
+
+    def _judge(self, flagged: bool) -> None:
+        self.flag = None
+        if flagged and (self.dist.world_size > 1
+                        or not strat.exactly_finite(self.params, self.optimizer)):
+            # Nothing from this update may be saved: not as a checkpoint, best or final.
+            raise NonFiniteWeights(self.message(self.step, self.lr))
+
+
+def _newest(t: Trainee, checkpointed: list[Path]) -> Path | None:
+    from dpo.core.training.checkpoint import latest_checkpoint
+
+    return checkpointed[-1] if checkpointed else latest_checkpoint(t.output)
+
+
+def _interrupted(t: Trainee, step: int, checkpointed: list[Path]) -> str:
+    return f"stopped on request at step {step}" + resume_hint(t.output, _newest(t, checkpointed))
+
+
+def _poisoned(t: Trainee, step: int, lr: float, checkpointed: list[Path],
+              what: str = "made the weights or optimizer state non-finite") -> str:
+    newest = _newest(t, checkpointed)
+    where = (f"resume from {newest.name} with --resume {t.output} --lr LOWER" if newest
+             else "start again with a lower --lr")
+    return f"step {step}'s update (learning rate {lr:.3g}) {what}; nothing from it was saved; {where}"
+
+
+def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
+          on_save: Callable[[Path], None] | None = None) -> Outcome:
+    """Run optimizer steps from ``state`` until the step budget or a stopping policy ends it."""
+    params = [p for p in t.policy.parameters() if p.requires_grad]
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = t.sampler.batches(epoch)
+        return epoch_cache[epoch]
+
+    def next_batches(n: int) -> list[list[int]]:
+        # A step may straddle an epoch boundary; the position stays exact for resume.
+        taken: list[list[int]] = []
+        while len(taken) < n:
+            batches = epoch_batches(state.epoch)
+            if state.micro_in_epoch >= len(batches):
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+                continue
+            taken.append(batches[state.micro_in_epoch])
+            state.micro_in_epoch += 1
+        return taken
+
+    checkpointed: list[Path] = []  # written by this process, newest last
+
+    watch = FiniteWatch(params, t.optimizer, t.dist,
+                        lambda step, lr: _poisoned(t, step, lr, checkpointed))
+
+    def checkpoint() -> None:
+        watch.settle()
+        # Every rank gathers (FSDP's full state is collective); rank 0 alone writes.
+        weights = strat.full_state_dict(t.policy, t.dist)
+        optimizer_state = strat.optimizer_state(t.policy, t.optimizer, t.dist)
+        if not t.dist.is_main:
+            return
+        trainer_state = {"train": state.to_dict(),
+                         "policies": {n: plugin_call(p, "state_dict()", p.state_dict)
+                                      for n, p in t.policies.items()},
+                         "distributed": {"world_size": t.dist.world_size,
+                                         "strategy": t.strategy},
+                         "config": settings.config}
+        tensors = {"optimizer": optimizer_state, "scheduler": t.scheduler.state_dict(),
+                   "rng": rng_states(t.backend.rng_state())}
+        path = save_checkpoint(t.output, state.step, strat.unwrap(t.policy), t.tokenizer,
+                               trainer_state, tensors, settings.save_total_limit, weights)
+        checkpointed.append(path)
+        if on_save:
+            on_save(path)
+
+    t.policy.train()
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    initial_eval: dict[str, float] = {}
+    stopped: tuple[str, Decision] | None = None
+    reporter.start(settings.total_steps, state.step)
+    stop_request = StopRequest(reporter)
+    try:
+        stop_request.install()
+        if state.step == 0 and settings.eval_at_start and t.eval_pairs:
+            # The baseline: policy == reference here unless --ref-model names another model.
+            initial_eval = eval_metrics = evaluate(t, settings)
+            reporter.record({"step": 0, **initial_eval})
+            stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, initial_eval))
+            if keep_best:
+                save_best(t, 0, initial_eval)
+            if stopped and stopped[1].save:
+                checkpoint()
+        while state.step < settings.total_steps and not stopped:
+            if stop_request.requested and t.dist.world_size == 1:  # e.g. during an evaluation
+                if state.step and not (t.output / f"{PREFIX}{state.step}").is_dir():
+                    checkpoint()
+                raise Interrupted(_interrupted(t, state.step, checkpointed))
+            started = time.perf_counter()
+            t.backend.reset_peak_memory()
+            micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
+            step_pairs = sum(len(m) for m in micro)
+            sums: dict[str, torch.Tensor] = {}
+            real_tokens = padded_tokens = 0
+            step_flops = 0.0
+            for i, pairs in enumerate(micro):
+                whole = collate(pairs, t.tokenizer.pad_token_id,
+                                pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
+                parts = (backward_parts(whole, settings.paths)
+                         if settings.backward_by_group else [whole])
+                for j, batch in enumerate(parts):
+                    logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
+                                       settings.paths, settings.ref_paths)
+                    out = plugin_call(t.loss, f"step {state.step + 1}", t.loss, logps)
+                    # Sum over the part divided by the step's pairs: the accumulated gradient
+                    # is the gradient of the mean loss over the whole step, whatever the split.
+                    # Several ranks hold equal shares of the step, and DDP/FSDP average
+                    # gradients over ranks: the mean over the global step. Only the last part
+                    # of the last micro-batch syncs.
+                    last = i == len(micro) - 1 and j == len(parts) - 1
+                    with strat.no_sync(t.policy, sync=last):
+                        (out.losses.sum() / step_pairs).backward()
+                    _add(sums, metric_sums(out, logps))
+                    real_tokens += batch.real_tokens
+                    padded_tokens += tokens_run(batch, settings.paths)
+                    if t.flops is not None:
+                        step_flops += t.flops.train_step(
+                            batch.row_lengths, batch.completion_tokens,
+                            reference_forward=batch.ref_logps is None and t.reference is not None)
+                t.backend.materialize()  # one graph per micro-batch shape, however they mix
+
+            t.backend.reduce_gradients(t.optimizer)
+            max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
+            # The norm is of the global gradient (the same on every rank): weighting it by the
+            # rank's pairs makes the cross-rank average below give it back unchanged.
+            sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_pairs
+            watch.add_to(sums, step_pairs)  # the previous update's flag, read in this sync
+            if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
+                sums["stop_requested"] = torch.tensor(float(stop_request.requested),
+                                                      device=sums["loss"].device)
+            metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
+            stop_now = metrics.pop("stop_requested", 0.0) > 0
+            watch.judge_metrics(metrics)
+            lr = t.scheduler.get_last_lr()[0]
+            # Decided on the host from the values just read, so skipping costs no extra sync.
+            if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+                try:
+                    t.optimizer.step()
+                except RuntimeError as exc:  # e.g. Intel's fused AdamW: lr * decay overflows
+                    raise NonFiniteWeights(_poisoned(
+                        t, state.step + 1, lr, checkpointed,
+                        f"failed in the optimizer ({first_line(exc, limit=200)})")) from exc
+                watch.updated(state.step + 1, lr)
+            else:
+                reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update skipped")
+            t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.backend.step_end()
+            state.step += 1
+
+            t.backend.synchronize()
+            elapsed = time.perf_counter() - started
+            memory = t.backend.memory_stats()
+            epoch_len = max(len(epoch_batches(state.epoch)), 1)
+            metrics.update({
+                "lr": lr,
+                "epoch": round(state.epoch + state.micro_in_epoch / epoch_len, 6),
+                "step_time": elapsed,
+                "tokens_per_second": real_tokens * t.dist.world_size / elapsed,
+                "padded_tokens_per_second": padded_tokens * t.dist.world_size / elapsed,
+                "samples_per_second": step_pairs * t.dist.world_size / elapsed,
+            })
+            if memory.peak_bytes is not None:
+                metrics["peak_memory_gb"] = memory.peak_bytes / 2**30
+            if step_flops:  # per process: each one's device does its own share
+                metrics["tflops"] = step_flops / elapsed / 1e12
+                peak = t.backend.peak_flops(settings.dtype)
+                if peak:
+                    metrics["mfu"] = step_flops / elapsed / peak
+            metrics.update(t.backend.step_metrics())
+            train_metrics = metrics
+            reporter.record({"step": state.step, **metrics})
+            reporter.step(state.step, metrics)
+            stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
+            if keep_best:
+                watch.settle()
+                save_best(t, state.step, metrics)
+
+            last = stopped is not None or state.step >= settings.total_steps
+            if not stopped and (last or (settings.eval_steps and state.step % settings.eval_steps == 0)):
+                eval_metrics = evaluate(t, settings)
+                if not all(math.isfinite(v) for v in eval_metrics.values()):
+                    watch.settle()  # a poisoned update says so, rather than its evaluation
+                if eval_metrics:
+                    reporter.record({"step": state.step, **eval_metrics})
+                    stopped, keep_best = _decide(
+                        t.policies, lambda p: p.on_eval(state.step, eval_metrics))
+                    if keep_best:
+                        watch.settle()
+                        save_best(t, state.step, eval_metrics)
+            if stopped and not stopped[1].save:
+                break
+            # One process decides alone, as late as it can; several agreed in the step's sync.
+            stop_now = stop_now or (t.dist.world_size == 1 and stop_request.requested)
+            if stopped or last or stop_now or (
+                    settings.save_steps and state.step % settings.save_steps == 0):
+                checkpoint()
+            if stop_now and not (stopped or last):
+                raise Interrupted(_interrupted(t, state.step, checkpointed))
+            if stopped:
+                break
+    finally:
+        stop_request.restore()
+        reporter.close()
+
+    saved = not (stopped and not stopped[1].save)
+    restored_step = None
+    if saved and any(p.restores_best() for p in t.policies.values()):
+        best = restore_best(t)
+        if best is not None:
+            restored_step, eval_metrics = best
+            reporter.info(f"final weights: the best evaluation's, from step {restored_step}")
+    if saved:
+        watch.settle()
+        weights = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP
+        if t.dist.is_main:
+            save_model_dir(t.output / FINAL, strat.unwrap(t.policy), t.tokenizer,
+                           state_dict=weights)
+    name, decision = stopped if stopped else (None, Decision())
+    return Outcome(state.step, name, decision.reason, train_metrics, eval_metrics, saved,
+                   initial_eval, restored_step)
