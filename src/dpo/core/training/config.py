@@ -53,6 +53,9 @@ class RunConfig(BaseModel):
                                              "the model: ddp (replicas) or fsdp (FSDP2 shards)")
 
     # the objective
+    objective: Literal["dpo", "sft"] = Field("dpo", description="what the run trains: dpo "
+                                             "(`dpo run`: preference pairs, a loss plugin) or "
+                                             "sft (`dpo sft`: the completions' token-mean NLL)")
     loss: str = "dpo"
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-plugin options, keyed by plugin name"
