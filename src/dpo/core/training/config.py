@@ -23,6 +23,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 FLOAT32_MAX = 3.4028234663852886e38
 
+# Defaults that depend on the objective, over RunConfig's own (which are DPO's): supervised
+# fine-tuning takes a learning rate well above DPO's, and writes its run beside a DPO run's.
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {},
+    "sft": {"objective": "sft", "lr": 2e-5, "output": "out-sft"},
+}
+
 
 class RunConfig(BaseModel):
     """The resolved configuration of one training run (recorded in ``run.json``)."""

@@ -169,6 +169,17 @@ DEMO_PRESET: dict[str, Any] = {
     "keep_checkpoints": False,
 }
 
+# ``dpo sft --data demo``: supervised training on the training split's right answers (the
+# chosen side of each pair), so that the model learns the answer's form (a bare number).
+SFT_DEMO_PRESET: dict[str, Any] = {
+    "lr": 5e-5,
+    "max_steps": 40,
+    "batch_size": 8,
+    "eval_steps": 10,
+    "save_steps": 0,
+    "keep_checkpoints": False,
+}
+
 
 def demo_files() -> tuple[Path, Path]:
     """The demo's train and eval files, written once into the cache directory (their names
