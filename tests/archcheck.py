@@ -37,7 +37,7 @@ from dpo.backends.cpu import CPUBackend  # noqa: E402
 from dpo.core.model import paths as speed  # noqa: E402
 from dpo.core.data.batching import Batch, collate  # noqa: E402
 from dpo.core.model.dropout import disable_dropout  # noqa: E402
-from dpo.core.training.loop import pair_logps  # noqa: E402
+from dpo.core.training.objectives import pair_logps  # noqa: E402
 from dpo.core.model.paths import PLAIN, Paths  # noqa: E402
 from dpo.core.data.tokenization import TokenizedPair  # noqa: E402
 from dpo.plugins.losses.dpo import DPOLoss  # noqa: E402

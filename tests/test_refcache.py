@@ -234,7 +234,7 @@ def test_share_prompt_is_refused_where_checkpointing_cannot_keep_the_cache(tiny_
     from dpo.backends.cpu import CPUBackend
     from dpo.core.training.config import RunConfig
     from dpo.core.interfaces.errors import UsageError
-    from dpo.core.training.run import resolve_paths
+    from dpo.core.training.setup import resolve_paths
 
     model = copy.deepcopy(tiny_model)
     model.get_decoder().layers = torch.nn.Sequential(*model.get_decoder().layers)
@@ -306,7 +306,7 @@ def test_a_batch_cut_into_groups_trains_group_by_group_to_the_same_run(tmp_path,
     odd pair apart, and training runs the two groups' forward and backward one after the
     other. The run equals one over padded rows with a reference in memory, and starts exactly
     at the reference (each group scored by the calls the reference pass made)."""
-    import dpo.core.training.loop as loop
+    import dpo.core.training.objectives as objectives
 
     monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "odd.jsonl"
@@ -323,8 +323,8 @@ def test_a_batch_cut_into_groups_trains_group_by_group_to_the_same_run(tmp_path,
         seen.append(len(parts))
         return parts
 
-    real_parts = loop.backward_parts
-    monkeypatch.setattr(loop, "backward_parts", spy)
+    real_parts = objectives.backward_parts
+    monkeypatch.setattr(objectives, "backward_parts", spy)
     common = ["run", "--no-progress", "--model", "tiny", "--data", str(data), "--backend", "cpu",
               "--max-steps", "4", "--lr", "1e-3", "--batch-size", "4", "--no-shuffle",
               "--no-group-by-length"]

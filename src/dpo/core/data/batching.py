@@ -184,6 +184,12 @@ class BatchSampler:
 
     def batches(self, epoch: int) -> list[list[int]]:
         """The index batches of ``epoch`` for this rank, in order."""
+        return [step[self.rank::self.world_size] for step in self.steps(epoch)]
+
+    def steps(self, epoch: int) -> list[list[int]]:
+        """The indices of ``epoch``'s batches over all ranks, in order: rank r's batch is
+        ``step[r::world_size]``. Every rank can compute them all, so what a step holds on the
+        other ranks (its weight) is known without a collective."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         n = len(self.lengths)
         order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
@@ -199,4 +205,4 @@ class BatchSampler:
         steps = [order[i:i + self.step_size] for i in range(0, len(order), self.step_size)]
         if self.group_by_length and self.shuffle:
             steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
-        return [step[self.rank::self.world_size] for step in steps]
+        return steps

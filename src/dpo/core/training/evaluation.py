@@ -17,7 +17,9 @@ from dpo.core.data.stats import DataStats
 from dpo.core.data.tokenization import tokenize_pairs
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.model.dropout import disable_dropout
-from dpo.core.training.loop import preference_metrics
+from dpo.core.training.loop import objective_metrics
+from dpo.core.training.objectives import DpoObjective
+from dpo.core.training.setup import check_same_tokenizer, resolve_backend, resolve_dtype
 from dpo.core.model.loading import load_model, resolve_source
 from dpo.core.model.pathcheck import CHECK_PAIRS, check
 from dpo.core.model.paths import resolve
@@ -63,7 +65,6 @@ def model_dir(model: str) -> str:
 def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     """Resolve the request (defaults come from the run that wrote the model, when found) and
     compute the metrics. Returns the metrics and what was compared."""
-    from dpo.core.training.run import check_same_tokenizer, resolve_backend, resolve_dtype
 
     run = find_run_config(request.model) or {}
     loss_name = request.loss or run.get("loss", "dpo")
@@ -115,9 +116,9 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
                             backend_name=backend.name)
             found[label], report = check(model, check_batch, paths, training=False)
             checks[label] = report.record()
-    metrics = preference_metrics(policy, reference, tokenizer, loss, pairs, backend, device,
-                                 dtype, request.batch_size, paths=found["policy"],
-                                 ref_paths=found.get("reference"))
+    objective = DpoObjective(backend, dtype, tokenizer.pad_token_id, loss, found["policy"],
+                             reference, found.get("reference"))
+    metrics = objective_metrics(objective, policy, pairs, request.batch_size, device)
     return {
         "model": policy_spec,
         "ref": ref if loss.requires_reference else None,

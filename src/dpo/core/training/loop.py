@@ -1,15 +1,16 @@
 """The training loop: plain Python over resolved objects. It never touches the plugin manager.
 
-One optimizer step:
-  1. ``grad_accum`` micro-batches of pairs; chosen and rejected rows in one forward (with a
-     shared prompt: the prompts in one forward, then both sides' completions in another; a
-     micro-batch the shared prompt cuts into groups runs forward and backward group by group).
-  2. Summed completion log-probs in float32 (``dpo.core.model.logps``), on the speed paths the run
-     resolved and checked for each model (``dpo.core.model.paths``); the reference under no_grad.
-  3. Loss plugin -> backward, each micro-batch weighted by its share of the step's pairs, so the
-     step's gradient is that of the mean loss over all its pairs.
+The loop knows a batch, an objective and a step (``dpo.core.training.objectives``: DPO and its
+relatives on preference pairs, SFT on demonstrations). One optimizer step:
+  1. ``grad_accum`` micro-batches of this process's examples, each collated by the objective.
+  2. The objective's forward: the sum of the micro-batch's losses and metrics in its unit (pairs,
+     or trained tokens); a micro-batch the objective cuts into parts runs forward and backward
+     part by part.
+  3. Backward of that sum divided by the step's total weight over every process (known on the
+     host from the data order before the step runs), so that the step's gradient is that of the
+     mean loss over the whole step, whatever the split into micro-batches and processes.
   4. Clip -> optimizer step -> schedule. A non-finite loss or gradient norm skips the update.
-  5. Metrics averaged over the step's pairs (not per micro-batch), reduced across ranks.
+  5. Metrics averaged over the step's units (not per micro-batch), reduced across ranks.
   6. Stopping policies see every step and every evaluation.
 """
 
@@ -26,22 +27,20 @@ from typing import Any, Callable
 
 import torch
 
+from dpo.core.data.batching import BatchSampler
 from dpo.core.interfaces.backend import Backend
-from dpo.core.training.checkpoint import rng_states, save_checkpoint, save_model_dir
-from dpo.core.training.layout import BEST, BEST_RECORD, FINAL, PREFIX
-from dpo.core.data.batching import Batch, BatchSampler, collate
-from dpo.core.data.tokenization import TokenizedPair
-from dpo.core.training.distributed import DistInfo
 from dpo.core.interfaces.errors import DpoError, Interrupted, first_line
+from dpo.core.interfaces.stopping import Decision, StoppingPolicy
 from dpo.core.model.flops import FlopCounter
-from dpo.core.model.logps import backward_parts, batch_logps, tokens_run
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.core.model.paths import PLAIN, Paths
-from dpo.core.training.refcache import RefLogps
+from dpo.core.model.logps import tokens_run
+from dpo.core.training import strategy as strat
+from dpo.core.training.checkpoint import rng_states, save_checkpoint, save_model_dir
+from dpo.core.training.distributed import DistInfo
+from dpo.core.training.layout import BEST, BEST_RECORD, FINAL, PREFIX
+from dpo.core.training.objectives import Objective
+from dpo.core.training.plugin_calls import plugin_call
 from dpo.core.training.report import Reporter
 from dpo.core.training.rundir import resume_hint
-from dpo.core.interfaces.stopping import Decision, StoppingPolicy
-from dpo.core.training import strategy as strat
 
 # Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic on CPU.
 TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_second",
@@ -71,9 +70,6 @@ class Settings:
     dtype: torch.dtype
     batch_size: int
     eval_at_start: bool = True
-    paths: Paths = PLAIN  # the policy's speed paths (``dpo.core.model.paths``)
-    ref_paths: Paths | None = None  # the reference model's (None: the policy's)
-    backward_by_group: bool = False  # a micro-batch's shared-prompt groups one by one
     config: dict[str, Any] = field(default_factory=dict)  # kept in each checkpoint
 
 
@@ -82,21 +78,19 @@ class Trainee:
     """The resolved objects a run trains with."""
 
     policy: torch.nn.Module
-    reference: torch.nn.Module | None
     tokenizer: Any
     backend: Backend
     device: torch.device
-    loss: Loss
+    objective: Objective
     policies: dict[str, StoppingPolicy]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
+    train_examples: list[Any]  # what the objective takes: pairs, or demonstrations
+    eval_examples: list[Any]
     sampler: BatchSampler
     output: Path
     dist: DistInfo = field(default_factory=DistInfo)
     strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
-    ref_table: RefLogps | None = None  # precomputed reference log-probs (then reference is None)
     flops: FlopCounter | None = None  # the policy's model FLOPs, for tflops and MFU
 
 
@@ -112,80 +106,9 @@ class Outcome:
     restored_step: int | None = None  # final weights are those of this step's evaluation
 
 
-# -- one micro-batch ---------------------------------------------------------------------------
-
-def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
-               backend: Backend, dtype: torch.dtype, paths: Paths = PLAIN,
-               ref_paths: Paths | None = None) -> PairLogps:
-    """Policy (with graph) and reference (without) log-probs of a batch's pairs, on their
-    speed paths (``ref_paths``: the policy's by default); the reference's come from the batch
-    when it carries precomputed ones."""
-    b = batch.num_pairs
-    with backend.autocast(dtype):
-        logps, counts = _logps(policy, batch, paths)
-        ref = batch.ref_logps
-        if ref is None and reference is not None:
-            with torch.no_grad():
-                ref, _ = _logps(reference, batch, paths if ref_paths is None else ref_paths)
-    return PairLogps(
-        policy_chosen=logps[:b], policy_rejected=logps[b:],
-        chosen_tokens=counts[:b], rejected_tokens=counts[b:],
-        ref_chosen=None if ref is None else ref[:b],
-        ref_rejected=None if ref is None else ref[b:],
-    )
-
-
-def _logps(model: torch.nn.Module, batch: Batch, paths: Paths
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A DDP/FSDP-wrapped ``LogpsModel`` is called (its forward arms the collectives, and it
-    holds the same paths); a plain Hugging Face model goes straight through ``batch_logps``."""
-    if strat.is_logps_module(model):
-        return model(batch.input_ids, batch.attention_mask, batch.completion_mask,
-                     batch.prompt_lengths, batch.row_lengths)
-    return batch_logps(model, batch, paths)
-
-
-def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
-    """Per-batch sums of the TRL-named metrics; divided by the pair count per step."""
-    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-    sums = {
-        "loss": out.losses.detach().sum(),
-        "rewards/chosen": chosen.sum(),
-        "rewards/rejected": rejected.sum(),
-        # Strict: a tie (e.g. policy == reference) is not a correct preference.
-        "rewards/accuracies": (chosen > rejected).float().sum(),
-        "rewards/margins": (chosen - rejected).sum(),
-        "logps/chosen": logps.policy_chosen.detach().sum(),
-        "logps/rejected": logps.policy_rejected.detach().sum(),
-    }
-    n = out.losses.shape[0]
-    for key, value in out.metrics.items():
-        value = value.detach().float()
-        sums[key] = value.sum() if value.ndim else value * n
-    return sums
-
-
 def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
     for key, value in part.items():
         total[key] = total[key] + value if key in total else value
-
-
-class PluginError(DpoError):
-    """A plugin's code raised while the run used it."""
-
-
-def plugin_call(plugin: Any, what: str, call: Callable[..., Any], *args: Any) -> Any:
-    """``call(*args)``; an exception other than dpo's own errors becomes one line naming the
-    plugin (the run's record says so too), not a traceback from inside the loop."""
-    try:
-        return call(*args)
-    except DpoError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure of third-party code
-        detail = first_line(exc, fallback="")
-        raise PluginError(f"{plugin.kind} {plugin.name!r} raised {type(exc).__name__} in "
-                          f"{what}{': ' + detail if detail else ''}; fix the plugin or choose "
-                          "another") from exc
 
 
 class StopRequest:
@@ -235,63 +158,57 @@ def _averages(sums: dict[str, torch.Tensor], count: float, dist: DistInfo,
 # -- evaluation --------------------------------------------------------------------------------
 
 def evaluate(t: Trainee, settings: Settings) -> dict[str, float]:
-    """Preference metrics of the policy on the held-out pairs, under ``eval/`` names."""
-    return preference_metrics(t.policy, t.reference, t.tokenizer, t.loss, t.eval_pairs,
-                              t.backend, t.device, settings.dtype, settings.batch_size, t.dist,
-                              t.ref_table, settings.paths, settings.ref_paths)
+    """The objective's metrics of the policy on the held-out examples, under ``eval/`` names."""
+    return objective_metrics(t.objective, t.policy, t.eval_examples, settings.batch_size, t.device,
+                             t.dist)
 
 
-def eval_batches(pairs: list[TokenizedPair], batch_size: int, dist: DistInfo
-                 ) -> list[list[TokenizedPair]]:
-    """This rank's evaluation batches. Every pair counts once: the ranks share the first
-    pairs evenly (no padding by repeats), and the few left over (fewer than the ranks) form a
-    last batch that every rank scores, since a sharded model's forward is collective, but that
-    rank 0 alone counts."""
-    tail = len(pairs) % dist.world_size
-    shared = pairs[:len(pairs) - tail]
-    sampler = BatchSampler([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-                            for p in shared], batch_size, seed=0, shuffle=False,
+def eval_batches(examples: list[Any], length: Callable[[Any], int], batch_size: int,
+                 dist: DistInfo) -> list[list[Any]]:
+    """This rank's evaluation batches (``length``: an example's tokens, for grouping). Every
+    example counts once: the ranks share the first ones evenly (no padding by repeats), and the
+    few left over (fewer than the ranks) form a last batch that every rank scores, since a
+    sharded model's forward is collective, but that rank 0 alone counts."""
+    tail = len(examples) % dist.world_size
+    shared = examples[:len(examples) - tail]
+    sampler = BatchSampler([length(e) for e in shared], batch_size, seed=0, shuffle=False,
                            rank=dist.rank, world_size=dist.world_size)
     batches = [[shared[i] for i in indices] for indices in sampler.batches(0)]
     if tail:
-        batches.append(pairs[len(pairs) - tail:])
+        batches.append(examples[len(examples) - tail:])
     return batches
 
 
-def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module | None, tokenizer: Any,
-                       loss: Loss, pairs: list[TokenizedPair], backend: Backend,
-                       device: torch.device, dtype: torch.dtype, batch_size: int,
-                       dist: DistInfo | None = None, ref_table: RefLogps | None = None,
-                       paths: Paths = PLAIN, ref_paths: Paths | None = None
-                       ) -> dict[str, float]:
-    """The loss and TRL-named metrics of ``policy`` against ``reference`` on ``pairs``, averaged
-    over pairs (and ranks), under ``eval/`` names; empty when there are no pairs."""
-    if not pairs:
+def objective_metrics(objective: Objective, policy: torch.nn.Module, examples: list[Any],
+                      batch_size: int, device: torch.device, dist: DistInfo | None = None
+                      ) -> dict[str, float]:
+    """The objective's loss and metrics of ``policy`` on ``examples``, averaged over its unit
+    (and ranks), under ``eval/`` names; empty when there are no examples."""
+    if not examples:
         return {}
     dist = dist or DistInfo()
-    batches = eval_batches(pairs, batch_size, dist)
-    tail = len(pairs) % dist.world_size
-    for model in (policy, reference):  # idempotent; `dpo eval` loads its models itself
-        if model is not None:
-            backend.configure_model(strat.unwrap(model))
+    backend = objective.backend
+    batches = eval_batches(examples, objective.length, batch_size, dist)
+    tail = len(examples) % dist.world_size
+    for model in (policy, *objective.models()):  # idempotent; `dpo eval` loads its models itself
+        backend.configure_model(strat.unwrap(model))
     was_training = policy.training
     policy.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad():
         for i, chunk in enumerate(batches):
-            batch = collate(chunk, tokenizer.pad_token_id, pad_length=backend.padded_length,
-                            ref=ref_table).to(device)
-            logps = pair_logps(policy, reference, batch, backend, dtype, paths, ref_paths)
-            part = metric_sums(plugin_call(loss, "evaluation", loss, logps), logps)
+            batch = objective.collate(chunk).to(device)
+            _, part = objective.forward(policy, batch, "evaluation")
             if not (tail and i == len(batches) - 1) or dist.is_main:
-                count += batch.num_pairs
+                count += sum(objective.weight(e) for e in chunk)
             else:  # the shared tail: the same keys on every rank, rank 0's values only
                 part = {k: torch.zeros_like(v) for k, v in part.items()}
             _add(sums, part)
             backend.materialize()  # one graph per batch shape, not one for the whole set
     policy.train(was_training)
-    return {f"eval/{k}": v for k, v in _averages(sums, count, dist, backend).items()}
+    metrics = objective.derived(_averages(sums, count, dist, backend))
+    return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -402,23 +319,25 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
           on_save: Callable[[Path], None] | None = None) -> Outcome:
     """Run optimizer steps from ``state`` until the step budget or a stopping policy ends it."""
     params = [p for p in t.policy.parameters() if p.requires_grad]
+    objective = t.objective
     epoch_cache: dict[int, list[list[int]]] = {}
 
-    def epoch_batches(epoch: int) -> list[list[int]]:
+    def epoch_steps(epoch: int) -> list[list[int]]:
+        """The epoch's batches over every rank (``BatchSampler.steps``)."""
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            epoch_cache[epoch] = t.sampler.batches(epoch)
+            epoch_cache[epoch] = t.sampler.steps(epoch)
         return epoch_cache[epoch]
 
-    def next_batches(n: int) -> list[list[int]]:
+    def next_steps(n: int) -> list[list[int]]:
         # A step may straddle an epoch boundary; the position stays exact for resume.
         taken: list[list[int]] = []
         while len(taken) < n:
-            batches = epoch_batches(state.epoch)
-            if state.micro_in_epoch >= len(batches):
+            steps = epoch_steps(state.epoch)
+            if state.micro_in_epoch >= len(steps):
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
                 continue
-            taken.append(batches[state.micro_in_epoch])
+            taken.append(steps[state.micro_in_epoch])
             state.micro_in_epoch += 1
         return taken
 
@@ -457,8 +376,8 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
     stop_request = StopRequest(reporter)
     try:
         stop_request.install()
-        if state.step == 0 and settings.eval_at_start and t.eval_pairs:
-            # The baseline: policy == reference here unless --ref-model names another model.
+        if state.step == 0 and settings.eval_at_start and t.eval_examples:
+            # The baseline (DPO: policy == reference here unless --ref-model names another).
             initial_eval = eval_metrics = evaluate(t, settings)
             reporter.record({"step": 0, **initial_eval})
             stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, initial_eval))
@@ -473,47 +392,44 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                 raise Interrupted(_interrupted(t, state.step, checkpointed))
             started = time.perf_counter()
             t.backend.reset_peak_memory()
-            micro = [[t.train_pairs[i] for i in b] for b in next_batches(settings.grad_accum)]
-            step_pairs = sum(len(m) for m in micro)
+            steps = next_steps(settings.grad_accum)
+            rank, world = t.dist.rank, t.dist.world_size
+            micro = [[t.train_examples[i] for i in s[rank::world]] for s in steps]
+            step_examples = sum(len(m) for m in micro)
+            step_weight = sum(objective.weight(e) for m in micro for e in m)  # this rank's
+            # Every rank's weight, so that the mean is over the whole step: DDP/FSDP average
+            # gradients over ranks, so each rank divides by the global weight over the ranks.
+            # With equal shares (pairs) this is each rank's own weight, the same division.
+            share = sum(objective.weight(t.train_examples[i]) for s in steps for i in s) / world
             sums: dict[str, torch.Tensor] = {}
             real_tokens = padded_tokens = 0
             step_flops = 0.0
-            for i, pairs in enumerate(micro):
-                whole = collate(pairs, t.tokenizer.pad_token_id,
-                                pad_length=t.backend.padded_length, ref=t.ref_table).to(t.device)
-                parts = (backward_parts(whole, settings.paths)
-                         if settings.backward_by_group else [whole])
+            for i, examples in enumerate(micro):
+                whole = objective.collate(examples).to(t.device)
+                parts = objective.parts(whole)
                 for j, batch in enumerate(parts):
-                    logps = pair_logps(t.policy, t.reference, batch, t.backend, settings.dtype,
-                                       settings.paths, settings.ref_paths)
-                    out = plugin_call(t.loss, f"step {state.step + 1}", t.loss, logps)
-                    # Sum over the part divided by the step's pairs: the accumulated gradient
-                    # is the gradient of the mean loss over the whole step, whatever the split.
-                    # Several ranks hold equal shares of the step, and DDP/FSDP average
-                    # gradients over ranks: the mean over the global step. Only the last part
-                    # of the last micro-batch syncs.
+                    losses, part_sums = objective.forward(t.policy, batch, f"step {state.step + 1}")
+                    # Only the last part of the last micro-batch syncs gradients.
                     last = i == len(micro) - 1 and j == len(parts) - 1
                     with strat.no_sync(t.policy, sync=last):
-                        (out.losses.sum() / step_pairs).backward()
-                    _add(sums, metric_sums(out, logps))
+                        (losses / share).backward()
+                    _add(sums, part_sums)
                     real_tokens += batch.real_tokens
-                    padded_tokens += tokens_run(batch, settings.paths)
+                    padded_tokens += tokens_run(batch, objective.paths)
                     if t.flops is not None:
-                        step_flops += t.flops.train_step(
-                            batch.row_lengths, batch.completion_tokens,
-                            reference_forward=batch.ref_logps is None and t.reference is not None)
+                        step_flops += objective.flops(t.flops, batch)
                 t.backend.materialize()  # one graph per micro-batch shape, however they mix
 
             t.backend.reduce_gradients(t.optimizer)
             max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
             # The norm is of the global gradient (the same on every rank): weighting it by the
-            # rank's pairs makes the cross-rank average below give it back unchanged.
-            sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_pairs
-            watch.add_to(sums, step_pairs)  # the previous update's flag, read in this sync
+            # rank's weight makes the cross-rank average below give it back unchanged.
+            sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_weight
+            watch.add_to(sums, step_weight)  # the previous update's flag, read in this sync
             if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
                 sums["stop_requested"] = torch.tensor(float(stop_request.requested),
                                                       device=sums["loss"].device)
-            metrics = _averages(sums, step_pairs, t.dist, t.backend)  # the step's one host sync
+            metrics = _averages(sums, step_weight, t.dist, t.backend)  # the step's one host sync
             stop_now = metrics.pop("stop_requested", 0.0) > 0
             watch.judge_metrics(metrics)
             lr = t.scheduler.get_last_lr()[0]
@@ -536,14 +452,14 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             t.backend.synchronize()
             elapsed = time.perf_counter() - started
             memory = t.backend.memory_stats()
-            epoch_len = max(len(epoch_batches(state.epoch)), 1)
+            epoch_len = max(len(epoch_steps(state.epoch)), 1)
             metrics.update({
                 "lr": lr,
                 "epoch": round(state.epoch + state.micro_in_epoch / epoch_len, 6),
                 "step_time": elapsed,
                 "tokens_per_second": real_tokens * t.dist.world_size / elapsed,
                 "padded_tokens_per_second": padded_tokens * t.dist.world_size / elapsed,
-                "samples_per_second": step_pairs * t.dist.world_size / elapsed,
+                "samples_per_second": step_examples * t.dist.world_size / elapsed,
             })
             if memory.peak_bytes is not None:
                 metrics["peak_memory_gb"] = memory.peak_bytes / 2**30

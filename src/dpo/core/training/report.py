@@ -23,6 +23,7 @@ from dpo.core.training.layout import METRICS_FILE
 # The columns of the closing summary, in this order, when present.
 SUMMARY_KEYS = (
     "loss",
+    "perplexity",
     "rewards/accuracies",
     "rewards/margins",
     "rewards/chosen",
@@ -245,16 +246,14 @@ class Reporter:
         self._file.flush()
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
+        # Loss, then what the objective shows besides it (a preference's accuracy and margin).
+        shown = [("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")]
+        parts = [f"{label} {_fmt(metrics[key])}" for label, key in shown if key in metrics]
         if self._plain_train is not None:
-            detail = (f"loss {_fmt(metrics.get('loss'))}  "
-                      f"acc {_fmt(metrics.get('rewards/accuracies'))}  "
-                      f"tokens/s {metrics.get('tokens_per_second', math.nan):,.0f}")
-            self._plain_train.update(step, detail)
+            speed = f"tokens/s {metrics.get('tokens_per_second', math.nan):,.0f}"
+            self._plain_train.update(step, "  ".join([*parts[:2], speed]))
         if self._progress is not None:
-            status = (f"loss {_fmt(metrics.get('loss'))}  "
-                      f"acc {_fmt(metrics.get('rewards/accuracies'))}  "
-                      f"margin {_fmt(metrics.get('rewards/margins'))}")
-            self._progress.update(self._task, completed=step, status=status)
+            self._progress.update(self._task, completed=step, status="  ".join(parts))
 
     def summary(self, title: str, train: dict[str, Any] | None, evaluation: dict[str, Any] | None,
                 before: dict[str, Any] | None = None, eval_label: str = "eval") -> None:

@@ -1,4 +1,17 @@
-"""From a RunConfig and the plugin catalog to a finished run.
+"""From a RunConfig and the plugin catalog to a finished run: ``dpo run`` (DPO and its
+relatives) and ``dpo sft`` (supervised fine-tuning), one setup and one loop.
+
+The setup is a ``Recipe`` of named stages that run top to bottom (``Recipe.train``):
+
+1. ``resolve``: names and options (backend, dtype, loss, stopping policies), cheap checks first;
+2. ``claim_output``: the output directory, and the checkpoint to resume from;
+3. ``load``: the model, the data, the reference (DPO), the speed paths;
+4. ``take_output``: the first write (``run.json``), once every rank has checked its input;
+5. ``place_models``: models on the device, their speed paths checked on real data;
+6. ``build_optimizer``: activation checkpointing, compilation, wrapping, AdamW, the schedule
+   (and, for DPO, the reference log-probs computed before training);
+7. ``restore``: a resumed run's optimizer, schedule, policies, RNG and data position;
+8. ``describe``: the run's record, then the loop (``dpo.core.training.loop``), then ``finish``.
 
 Everything that can be wrong with the input (names, options, data, output directory) is checked
 before anything is written, so bad input leaves nothing half-written on disk.
@@ -9,18 +22,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import math
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from dpo import __version__
+from dpo.core.data.batching import collate
+from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
+from dpo.core.interfaces.loss import Loss
+from dpo.core.interfaces.plugins import Catalog
+from dpo.core.interfaces.stopping import StoppingPolicy
 from dpo.core.model.activations import checkpoint_layers
-from dpo.core.interfaces.backend import Backend
+from dpo.core.model.dropout import disable_dropout
+from dpo.core.model.flops import FlopCounter
+from dpo.core.model.loading import causal_lm, load_model, resolve_source, transformers_bars_off
+from dpo.core.model.paths import Paths
+from dpo.core.training import rundir
+from dpo.core.training import strategy as strat
 from dpo.core.training.checkpoint import (
     has_manifest,
     latest_checkpoint,
@@ -31,130 +50,38 @@ from dpo.core.training.checkpoint import (
     resumable_checkpoint,
     write_json_atomic,
 )
-from dpo.core.training import refcache
 from dpo.core.training.config import RunConfig
-from dpo.core.training.refcache import RefLogps
-from dpo.core.data.batching import BatchSampler
-from dpo.core.data.reading import load_pairs, split_eval
-from dpo.core.data.stats import DataStats
-from dpo.core.data.tokenization import TokenizedPair, tokenize_pairs
 from dpo.core.training.distributed import DistInfo
-from dpo.core.model.dropout import disable_dropout
-from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
-from dpo.core.model.flops import FlopCounter
-from dpo.core.training.loop import (
-    Outcome,
-    Settings,
-    Trainee,
-    TrainState,
-    eval_batches,
-    plugin_call,
-    train,
-)
-from dpo.core.model import pathcheck
-from dpo.core.model import paths as speed
-from dpo.core.data.batching import collate
-from dpo.core.model.paths import Paths
-from dpo.core.model.loading import load_model, resolve_source, transformers_bars_off
-from dpo.core.interfaces.plugins import Catalog
-from dpo.core.training.report import METRICS_FILE, Reporter, truncate_metrics
-from dpo.core.training import rundir
+from dpo.core.training.layout import METRICS_FILE, RUN_FILE
+from dpo.core.training.loop import Outcome, Settings, Trainee, TrainState, train
+from dpo.core.training.objectives import DpoObjective, Objective, SftObjective, pair_length
+from dpo.core.training.plugin_calls import plugin_call
+from dpo.core.training.report import Reporter, truncate_metrics
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
-from dpo.core.training import strategy as strat
+from dpo.core.training.setup import (
+    check_compile,
+    check_options,
+    check_paths,
+    check_ref_logps,
+    check_resume_world,
+    check_same_tokenizer,
+    check_world,
+    describe_reference,
+    first_batches,
+    first_check_pairs,
+    make_sampler,
+    precompute_reference,
+    resolve_backend,
+    resolve_dtype,
+    resolve_paths,
+    tokenized_data,
+    total_steps,
+    versions,
+)
 
-RUN_FILE = rundir.RUN_FILE
-DEMO_DATA = "demo"  # --data demo: the built-in demo dataset (dpo.core.training.demo)
-AUTO_BACKENDS = ("cuda", "rocm", "xpu", "cpu")
-
-
-def resolve_backend(name: str, catalog: Catalog) -> Backend:
-    """The backend named ``name`` (``auto``: the first available of cuda, rocm, xpu, cpu)."""
-    if name == "auto":
-        for candidate in AUTO_BACKENDS:
-            # dpo picks these, the user did not name them: a built-in wins a clash.
-            if (candidate in catalog.backends
-                    and catalog.backends.get(candidate, asked=False).is_available()):
-                return catalog.backends.get(candidate, asked=False)()
-        raise UsageError("--backend auto: no backend is available; see `dpo backends`")
-    cls = catalog.backends.get(name)
-    reason = cls.unavailable_reason()
-    if reason:
-        raise UsageError(f"backend {name!r} is not available here: {reason}")
-    return cls()
-
-
-def resolve_dtype(name: str, backend: Backend) -> torch.dtype:
-    dtype = backend.default_dtype() if name == "auto" else getattr(torch, name)
-    if dtype not in backend.supported_dtypes():
-        names = ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes())
-        raise UsageError(f"--dtype {name}: backend {backend.name!r} supports {names}")
-    return dtype
-
-
-def check_options(config: RunConfig, catalog: Catalog) -> None:
-    """Every ``options`` section must belong to the selected loss, a selected stopping policy,
-    or a data format (the forced one, or any installed one when the format is detected)."""
-    formats = [config.format] if config.format else catalog.formats.names()
-    selected = {config.loss, *config.stop, *formats}
-    for plugin in config.options:
-        if plugin not in selected:
-            raise UsageError(
-                f"options given for {plugin!r}, which this run does not use "
-                f"(loss {config.loss!r}, stopping {', '.join(config.stop) or 'none'}, "
-                f"format {config.format or 'detected'})"
-            )
-    for name in formats:  # validate format options now, before anything is written
-        if name in config.options:
-            cls = catalog.formats.get(name)
-            cls.parse_options(config.plugin_options(name))
-
-
-def _lengths(pairs: list[TokenizedPair]) -> list[int]:
-    return [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-
-
-def _tokenized(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Reporter):
-    if not config.data:
-        raise UsageError("--data is required: a JSONL file of prompt/chosen/rejected pairs")
-    data, eval_data = config.data, config.eval_data
-    if data == DEMO_DATA:
-        from dpo.core.training.demo import demo_files
-
-        data, demo_eval = (str(p) for p in demo_files())
-        if not eval_data and not config.eval_fraction:
-            eval_data = str(demo_eval)
-    load = dict(strict=config.strict, **format_options(config, catalog))
-    stats, eval_stats = DataStats(), DataStats()
-    pairs = load_pairs(data, catalog.formats, config.format, stats=stats, **load)
-    eval_sourced = []
-    if eval_data:
-        eval_sourced = load_pairs(eval_data, catalog.formats, config.format, stats=eval_stats, **load)
-    elif config.eval_fraction:
-        pairs, eval_sourced = split_eval(pairs, config.eval_fraction, config.seed)
-    lengths = (config.max_length, config.max_prompt_length)
-    train_pairs, stats = tokenize_pairs(tokenizer, pairs, *lengths, strict=config.strict, stats=stats)
-    eval_pairs, eval_stats = tokenize_pairs(tokenizer, eval_sourced, *lengths, strict=config.strict,
-                                            stats=eval_stats) if eval_sourced else ([], None)
-    if not train_pairs:
-        raise UsageError(f"{config.data}: no usable pairs ({stats.as_dict()}); --strict names "
-                         "the first unusable record with its line")
-    reporter.info(f"data: {len(train_pairs)} training pairs, {len(eval_pairs)} held out; "
-                  + ", ".join(f"{k} {v}" for k, v in stats.as_dict().items() if v))
-    return train_pairs, eval_pairs, stats, eval_stats
-
-
-def format_options(config: RunConfig, catalog: Catalog) -> dict[str, Any]:
-    """``load_pairs`` keywords: the forced format's options, or every format's for detection."""
-    if config.format:
-        return {"options": config.plugin_options(config.format)}
-    return {"options_by_format": {name: config.plugin_options(name)
-                                  for name in catalog.formats.names() if name in config.options}}
-
-
-def total_steps(config: RunConfig, batches_per_epoch: int) -> int:
-    if config.max_steps:
-        return config.max_steps
-    return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
+# Options that only mean something for preference training: a run of another objective that
+# sets them is refused rather than silently ignoring them.
+PREFERENCE_ONLY = ("ref_model", "ref_logps", "share_prompt")
 
 
 def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite: bool = False,
@@ -167,7 +94,8 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     reporter = reporter or Reporter(output, enabled=dist.is_main, progress=config.progress)
     taken = _Taken(output, dist.is_main)
     try:
-        outcome = _run(config, catalog, dist, output, reporter, resume, overwrite, on_save, taken)
+        recipe = Recipe(config, catalog, dist, output, reporter, resume, overwrite, taken)
+        outcome = recipe.train(on_save)
         # Every rank is past its last collective before any rank tears the group down: a rank
         # that destroys it while another still has gloo work in flight can abort at exit.
         strat.barrier(dist)
@@ -218,81 +146,110 @@ class _Taken:
         return "interrupted" + rundir.resume_hint(self.output, latest_checkpoint(self.output))
 
 
-def check_world(backend: Backend, dist: DistInfo) -> None:
-    """One process per accelerator device on each machine (CPU processes share the host)."""
-    if dist.world_size <= 1 or backend.name == "cpu":
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-    count = backend.device_count()
-    if local > count:
-        raise UsageError(f"{local} processes on this machine, but backend {backend.name!r} has "
-                         f"{count} device(s) here; use at most {count} per machine")
+class Recipe:
+    """One run's setup as named stages, top to bottom (see the module docstring). Each stage
+    sets the attributes the next ones read; nothing is written before ``take_output``."""
 
+    def __init__(self, config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path,
+                 reporter: Reporter, resume: bool, overwrite: bool, taken: _Taken):
+        self.config, self.catalog, self.dist, self.output = config, catalog, dist, output
+        self.reporter, self.resume, self.overwrite, self.taken = reporter, resume, overwrite, taken
+        self.sft = config.objective == "sft"
+        self.noun = "examples" if self.sft else "pairs"
+        self.length: Callable[[Any], int] = (lambda e: len(e.ids)) if self.sft else pair_length
+        self.loss: Loss | None = None
+        self.policies: dict[str, StoppingPolicy] = {}
+        self.checkpoint: Path | None = None
+        self.previous: dict[str, Any] = {}
+        self.reference: torch.nn.Module | None = None  # scores each batch (DPO, in memory)
+        self.ref_source: torch.nn.Module | None = None  # scores every pair once, then goes
+        self.ref_paths: Paths | None = None
+        self.ref_table: Any = None
+        self.ref_record: dict[str, Any] | None = None
+        self.ref_path: Path | None = None
+        self.ref_checked: Any = None
 
-def check_resume_world(checkpoint: Path, dist: DistInfo, strategy: str) -> None:
-    """A checkpoint resumes with the world size (and, past one process, the strategy) that wrote
-    it: data shards and optimizer state depend on both."""
-    saved, _ = load_checkpoint_state(checkpoint, tensors=False)
-    recorded = saved.get("distributed", {"world_size": 1, "strategy": "ddp"})
-    if recorded["world_size"] != dist.world_size:
-        raise UsageError(f"{checkpoint} was written by {recorded['world_size']} process(es); "
-                         f"resume it with {recorded['world_size']}, not {dist.world_size}")
-    if dist.world_size > 1 and recorded["strategy"] != strategy:
-        raise UsageError(f"{checkpoint} was written with --strategy {recorded['strategy']}; "
-                         f"resume it with that, not {strategy}")
+    def train(self, on_save: Callable[[Path], None] | None = None) -> Outcome:
+        self.resolve()
+        self.claim_output()
+        self.load()
+        self.take_output()
+        self.place_models()
+        self.build_optimizer()
+        self.restore()
+        self.describe()
+        outcome = train(self.trainee(), self.settings(), self.state, self.reporter,
+                        on_save=on_save)
+        return self.finish(outcome)
 
-
-def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, reporter: Reporter,
-         resume: bool, overwrite: bool, on_save: Callable[[Path], None] | None,
-         taken: _Taken) -> Outcome:
+    @property
+    def requires_reference(self) -> bool:
+        return self.loss is not None and self.loss.requires_reference
 
     # 1. Names and options: cheap checks first.
-    backend = resolve_backend(config.backend, catalog)
-    check_world(backend, dist)
-    memory_note = backend.save_memory() if config.gradient_checkpointing else None
-    device = backend.device(dist.local_rank)
-    # Joined first, so that no rank writes before every rank has checked the input (below).
-    strat.init_process_group(dist, backend.collective, device)
-    dtype = resolve_dtype(config.dtype, backend)
-    check_options(config, catalog)
-    # Named by a flag or config file now, or a default (a resumed run's recorded names count
-    # as defaults): where two plugins register a name, only a named one is an error.
-    named = set() if resume else config.model_fields_set
-    loss_cls = catalog.losses.get(config.loss, asked="loss" in named)
-    loss = plugin_call(loss_cls, "__init__", loss_cls,
-                       loss_cls.parse_options(config.plugin_options(config.loss)))
-    policies = {}
-    for name in config.stop:
-        cls = catalog.stopping.get(name, asked="stop" in named)
-        policies[name] = plugin_call(cls, "__init__", cls,
-                                     cls.parse_options(config.plugin_options(name)))
-    if config.format:
-        catalog.formats.get(config.format)
-    watched = [m for p in policies.values() for m in plugin_call(p, "watches()", p.watches)
-               if m.startswith("eval/")]
-    if watched and not (config.eval_data or config.eval_fraction):
-        raise UsageError(f"stopping on {watched[0]} needs held-out pairs: give --eval-data or "
-                         "--eval-fraction")
-    if config.ref_model and not loss.requires_reference:
-        raise UsageError(f"--ref-model given, but loss {loss.name!r} uses no reference model")
-    if config.compile:
-        check_compile(device)
-    sources = {"model": resolve_source(config.model).describe()}
-    if config.ref_model:
-        sources["ref_model"] = resolve_source(config.ref_model).describe()
-    if config.ref_logps and loss.requires_reference and config.precompute_ref:
-        check_ref_logps(config.ref_logps)
+    def resolve(self) -> None:
+        config, catalog, dist = self.config, self.catalog, self.dist
+        self.backend = backend = resolve_backend(config.backend, catalog)
+        check_world(backend, dist)
+        self.memory_note = backend.save_memory() if config.gradient_checkpointing else None
+        self.device = backend.device(dist.local_rank)
+        # Joined first, so that no rank writes before every rank has checked the input.
+        strat.init_process_group(dist, backend.collective, self.device)
+        self.dtype = resolve_dtype(config.dtype, backend)
+        check_options(config, catalog)
+        # Named by a flag or config file now, or a default (a resumed run's recorded names
+        # count as defaults): where two plugins register a name, only a named one is an error.
+        named = set() if self.resume else config.model_fields_set
+        if self.sft:
+            given = [key for key in PREFERENCE_ONLY if getattr(config, key)]
+            if given:
+                raise UsageError(f"--{given[0].replace('_', '-')}: dpo sft trains no preference "
+                                 "loss, so it takes no reference; drop it")
+        else:
+            cls = catalog.losses.get(config.loss, asked="loss" in named)
+            self.loss = plugin_call(cls, "__init__", cls,
+                                    cls.parse_options(config.plugin_options(config.loss)))
+        for name in config.stop:
+            cls = catalog.stopping.get(name, asked="stop" in named)
+            self.policies[name] = plugin_call(cls, "__init__", cls,
+                                              cls.parse_options(config.plugin_options(name)))
+        if config.format:
+            catalog.formats.get(config.format)
+        watched = [m for p in self.policies.values()
+                   for m in plugin_call(p, "watches()", p.watches) if m.startswith("eval/")]
+        if watched and not (config.eval_data or config.eval_fraction):
+            raise UsageError(f"stopping on {watched[0]} needs held-out {self.noun}: give "
+                             "--eval-data or --eval-fraction")
+        if config.ref_model and not self.requires_reference:
+            raise UsageError(f"--ref-model given, but loss {config.loss!r} uses no reference "
+                             "model")
+        if config.compile:
+            check_compile(self.device)
+        self.sources = {"model": resolve_source(config.model).describe()}
+        if config.ref_model:
+            self.sources["ref_model"] = resolve_source(config.ref_model).describe()
+        if config.ref_logps and self.requires_reference and config.precompute_ref:
+            check_ref_logps(config.ref_logps)
 
     # 2. The output directory and the checkpoint to resume from.
-    rundir.check_output(config.output, "--resume" if resume else "--output")
-    checkpoint = None
-    previous: dict[str, Any] = {}
-    if resume:
+    def claim_output(self) -> None:
+        config, output, reporter = self.config, self.output, self.reporter
+        rundir.check_output(config.output, "--resume" if self.resume else "--output")
+        if not self.resume:
+            if output.exists() and any(output.iterdir()):
+                if not self.overwrite:
+                    raise UsageError(f"{output}: already holds files; resume with --resume "
+                                     f"{output}, or pass --overwrite to start over there")
+                if not rundir.is_run_dir(output):
+                    raise UsageError(f"{output}: not a dpo run directory (no {RUN_FILE}), so "
+                                     "--overwrite leaves it alone; choose another --output")
+            return
         if not rundir.is_run_dir(output) and latest_checkpoint(output) is None:
             raise UsageError(f"{output}: not a dpo run directory (no {RUN_FILE}); start a run "
                              f"there with --output {output}")
         with contextlib.suppress(UsageError):  # a damaged run.json is rewritten below
-            previous = rundir.read_record(output)
+            self.previous = rundir.read_record(output)
+        previous = self.previous
         if rundir.nothing_to_resume(previous, output, config.model_dump()):
             raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
                              f"its model is {output / 'final'}")
@@ -309,392 +266,289 @@ def _run(config: RunConfig, catalog: Catalog, dist: DistInfo, output: Path, repo
                              f"from its model with --model {output / 'final'}")
         if checkpoint is None:
             reporter.info(f"{output}: no checkpoint yet; starting the run again from step 0")
-        else:
-            for path, reason in damaged:
-                reporter.warn(f"{path.name} is damaged ({reason}); resuming from "
-                              f"{checkpoint.name}")
-            if not has_manifest(checkpoint):
-                reporter.info(f"{checkpoint.name} has no manifest (written by an earlier "
-                              "version): its files load, but their contents cannot be verified")
-            check_resume_world(checkpoint, dist, config.strategy)
-    elif output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{output}: already holds files; resume with --resume {output}, "
-                             "or pass --overwrite to start over there")
-        if not rundir.is_run_dir(output):
-            raise UsageError(f"{output}: not a dpo run directory (no {RUN_FILE}), so "
-                             "--overwrite leaves it alone; choose another --output")
+            return
+        for path, reason in damaged:
+            reporter.warn(f"{path.name} is damaged ({reason}); resuming from {checkpoint.name}")
+        if not has_manifest(checkpoint):
+            reporter.info(f"{checkpoint.name} has no manifest (written by an earlier version): "
+                          "its files load, but their contents cannot be verified")
+        check_resume_world(checkpoint, self.dist, config.strategy)
+        self.checkpoint = checkpoint
 
-    # 3. Model and data (the reference is always re-loaded from --model, never from a checkpoint).
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, config.seed)
-    train_pairs, eval_pairs, stats, eval_stats = _tokenized(config, catalog, tokenizer, reporter)
-    reference = None
-    if loss.requires_reference and config.ref_model:
-        reference, ref_tokenizer = load_model(config.ref_model, config.seed)
-        check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
-        reference.requires_grad_(False).eval()
-    elif loss.requires_reference and not config.precompute_ref:
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-    # With precomputed reference log-probs, the reference scores every pair once below and is
-    # then dropped; without --ref-model it is the policy itself before any update (on resume,
-    # the weights loaded from --model here, before the checkpoint's replace them).
-    ref_source = None
-    if loss.requires_reference and config.precompute_ref:
-        ref_source, reference = (reference if reference is not None else model), None
-    if checkpoint is not None:
-        from dpo.core.model.loading import causal_lm
+    # 3. Model, data and reference (always re-loaded from --model, never from a checkpoint).
+    def load(self) -> None:
+        config, dist = self.config, self.dist
+        torch.manual_seed(config.seed)
+        model, self.tokenizer = load_model(config.model, config.seed)
+        self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
+            config, self.catalog, self.tokenizer, self.reporter)
+        if self.requires_reference and config.ref_model:
+            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed)
+            check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
+            self.reference.requires_grad_(False).eval()
+        elif self.requires_reference and not config.precompute_ref:
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        # With precomputed reference log-probs, the reference scores every pair once and is
+        # then dropped; without --ref-model it is the policy itself before any update (on
+        # resume, the weights loaded from --model here, before the checkpoint's replace them).
+        if self.requires_reference and config.precompute_ref:
+            self.ref_source = self.reference if self.reference is not None else model
+            self.reference = None
+        if self.checkpoint is not None:
+            with transformers_bars_off():
+                model = causal_lm(self.checkpoint)
+        if dist.world_size > 1 and config.strategy == "fsdp":
+            strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
+        self.model = model
+        self.paths = resolve_paths(config, self.backend, model, dist)
+        if self.sft and self.paths.shared_prompt:
+            self.paths = self.paths.without(["shared_prompt"], "one completion per prompt: "
+                                            "nothing to share")
+        if (config.gradient_checkpointing and not self.paths.layer_checkpointing
+                and not getattr(model, "supports_gradient_checkpointing", False)):
+            raise UsageError(f"--gradient-checkpointing: {type(model).__name__} supports no "
+                             "activation checkpointing (transformers' own or ours: "
+                             f"{self.paths.reasons().get('layer_checkpointing')}); run without it")
+        if self.reference is not None and config.ref_model:
+            self.ref_paths = resolve_paths(config, self.backend, self.reference, dist)
+        elif self.ref_source is not None and self.ref_source is not model:
+            self.ref_paths = resolve_paths(config, self.backend, self.ref_source, dist)
 
-        with transformers_bars_off():
-            model = causal_lm(checkpoint)
-    sharded = dist.world_size > 1 and config.strategy == "fsdp"
-    if sharded:
-        strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
+    # 4. The first write: once every rank has checked its input.
+    def take_output(self) -> None:
+        dist, output = self.dist, self.output
+        strat.barrier(dist)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if dist.is_main:
+            if self.checkpoint is None and output.is_dir() and rundir.is_run_dir(output):
+                removed = rundir.clear_run(output)  # --overwrite, or a resume from nothing
+                if removed:
+                    self.reporter.info(f"starting over in {output}: removed what the run there "
+                                       f"wrote ({', '.join(p.name for p in removed)})")
+            output.mkdir(parents=True, exist_ok=True)
+        strat.barrier(dist)
+        # The directory is this run's from here on: run.json marks it, whatever happens next.
+        self.started, self.resumes = now, []
+        if self.checkpoint is not None:
+            self.started = self.previous.get("started", now)
+            self.resumes = [*self.previous.get("resumes", []),
+                            {"at": now, "from": self.checkpoint.name}]
+        self.taken.write({"status": "running", "config": self.config.model_dump(),
+                          "started": self.started, "resumes": self.resumes,
+                          "resumed_from": str(self.checkpoint) if self.checkpoint else None})
 
-    paths = resolve_paths(config, backend, model, dist)
-    if (config.gradient_checkpointing and not paths.layer_checkpointing
-            and not getattr(model, "supports_gradient_checkpointing", False)):
-        raise UsageError(f"--gradient-checkpointing: {type(model).__name__} supports no "
-                         "activation checkpointing (transformers' own or ours: "
-                         f"{paths.reasons().get('layer_checkpointing')}); run without it")
-    ref_paths = None
-    if reference is not None and config.ref_model:
-        ref_paths = resolve_paths(config, backend, reference, dist)
-    elif ref_source is not None and ref_source is not model:
-        ref_paths = resolve_paths(config, backend, ref_source, dist)
+    # 5. Models on the device; their speed paths checked on the run's first examples.
+    def place_models(self) -> None:
+        config, dist, backend, device = self.config, self.dist, self.backend, self.device
+        for m in (self.model, self.reference, self.ref_source):
+            if m is not None:
+                disable_dropout(m)
+                m.to(device)
+                backend.configure_model(m)  # before the optimizer sees the parameters
+        self.sampler = make_sampler(self.train_examples, config, dist, self.length)
+        check = first_check_pairs(self.train_examples, config, dist, self.length)
+        pad, rows = self.tokenizer.pad_token_id, collate
+        if self.sft:
+            from dpo.core.data.batching import collate_examples  # MERGE: top level
+            rows = collate_examples
+        self.paths, self.checked = check_paths(self.model, self.paths, check, backend, device,
+                                               pad, dist, self.reporter, "policy", rows)
+        if self.ref_paths is not None:
+            scorer = self.reference if self.reference is not None else self.ref_source
+            self.ref_paths, self.ref_checked = check_paths(scorer, self.ref_paths, check, backend,
+                                                           device, pad, dist, self.reporter,
+                                                           "reference")
+        # A reference that is the policy itself, in one process, scores after the backend's
+        # last pass over the policy (e.g. ipex.optimize, in build_optimizer), so that step 1
+        # runs the very same kernels; a separate reference (or one about to be sharded)
+        # scores now and is dropped.
+        self.score_later = self.ref_source is self.model and dist.world_size == 1
+        if self.ref_source is not None and not self.score_later:
+            self.score_reference(self.ref_source)
+            self.ref_source = None  # its weights go now (a separate copy only on resume)
+            gc.collect()
 
-    # Nothing is written above this line.
-    strat.barrier(dist)  # every rank has checked its input
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if dist.is_main:
-        if checkpoint is None and output.is_dir() and rundir.is_run_dir(output):
-            removed = rundir.clear_run(output)  # --overwrite, or a resume from nothing
-            if removed:
-                reporter.info(f"starting over in {output}: removed what the run there wrote "
-                              f"({', '.join(p.name for p in removed)})")
-        output.mkdir(parents=True, exist_ok=True)
-    strat.barrier(dist)
-    # The directory is this run's from here on: run.json marks it, whatever happens next.
-    started, resumes = now, []
-    if checkpoint is not None:
-        started = previous.get("started", now)
-        resumes = [*previous.get("resumes", []), {"at": now, "from": checkpoint.name}]
-    taken.write({"status": "running", "config": config.model_dump(), "started": started,
-                 "resumes": resumes, "resumed_from": str(checkpoint) if checkpoint else None})
-
-    for m in (model, reference, ref_source):
-        if m is not None:
-            disable_dropout(m)
-            m.to(device)
-            backend.configure_model(m)  # before the optimizer sees the parameters
-    sampler = make_sampler(train_pairs, config, dist)
-    # Before anything is scored: the paths' log-probs against the plain path's, on real pairs.
-    check_pairs = first_check_pairs(train_pairs, config, dist)
-    paths, checked = check_paths(model, paths, check_pairs, backend, device,
-                                 tokenizer.pad_token_id, dist, reporter, "policy")
-    ref_checked = None
-    if ref_paths is not None:
-        scorer = reference if reference is not None else ref_source
-        ref_paths, ref_checked = check_paths(scorer, ref_paths, check_pairs, backend, device,
-                                             tokenizer.pad_token_id, dist, reporter, "reference")
-    ref_table = ref_path = None
-    ref_record = None
-
-    def score_reference(scorer: torch.nn.Module) -> None:
-        nonlocal ref_table, ref_path, ref_record
+    def score_reference(self, scorer: torch.nn.Module) -> None:
+        """DPO's reference log-probs of every pair, computed once (or read from their file)."""
         started = time.perf_counter()
-        ref_table, ref_path, computed = precompute_reference(
-            scorer, first_batches(train_pairs, eval_pairs, sampler, config, dist),
-            config, backend, device, dtype,
-            tokenizer.pad_token_id, dist, reporter,
-            describe=sources.get("ref_model", sources["model"]),
-            paths=paths if ref_paths is None else ref_paths)
-        ref_record = {"file": str(ref_path), "pairs_scored": computed,
-                      "seconds": round(time.perf_counter() - started, 3)}
+        batches = first_batches(self.train_examples, self.eval_examples, self.sampler,
+                                self.config, self.dist)
+        self.ref_table, self.ref_path, computed = precompute_reference(
+            scorer, batches, self.config, self.backend, self.device, self.dtype,
+            self.tokenizer.pad_token_id, self.dist, self.reporter,
+            describe=self.sources.get("ref_model", self.sources["model"]),
+            paths=self.paths if self.ref_paths is None else self.ref_paths)
+        self.ref_record = {"file": str(self.ref_path), "pairs_scored": computed,
+                           "seconds": round(time.perf_counter() - started, 3)}
 
-    # A reference that is the policy itself, in one process, scores after the backend's last
-    # pass over the policy (e.g. ipex.optimize), so that step 1 runs the very same kernels;
-    # a separate reference (or one about to be sharded) scores now and is dropped.
-    score_later = ref_source is model and dist.world_size == 1
-    if ref_source is not None and not score_later:
-        score_reference(ref_source)
-        ref_source = None  # the reference's weights go now (a separate copy only on resume)
-        gc.collect()
-    if config.gradient_checkpointing and paths.layer_checkpointing:
-        checkpoint_layers(model, on_replay=backend.release_memory)
-    elif config.gradient_checkpointing:
-        # Ours is not verified for this model: transformers' own (which turns the key/value
-        # cache off, so resolve_paths left the shared prompt off). Non-reentrant: works with
-        # inputs that need no grad and under DDP/FSDP. transformers renamed the method (5.24).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    # 6. Activation checkpointing, compilation, wrapping, the optimizer and its schedule.
+    def build_optimizer(self) -> None:
+        config, dist, backend, model = self.config, self.dist, self.backend, self.model
+        if config.gradient_checkpointing and self.paths.layer_checkpointing:
+            checkpoint_layers(model, on_replay=backend.release_memory)
+        elif config.gradient_checkpointing:
+            # Ours is not verified for this model: transformers' own (which turns the key/value
+            # cache off, so resolve_paths left the shared prompt off). Non-reentrant: works with
+            # inputs that need no grad and under DDP/FSDP. transformers renamed the method (5.24).
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if config.compile:
+            for layer in strat.decoder_layers(model):
+                layer.compile()
+        if dist.world_size > 1:
+            # Wrapped before the optimizer is built: FSDP2 replaces the parameters by shards.
+            self.reference = strat.wrap_reference(
+                self.reference, config.strategy, dist,
+                self.paths if self.ref_paths is None else self.ref_paths)
+            trained = strat.wrap_policy(model, config.strategy, dist, self.device, self.paths)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if config.compile:
-        for layer in strat.decoder_layers(model):
-            layer.compile()
-    if dist.world_size > 1:
-        # Wrapped before the optimizer is built: FSDP2 replaces the parameters by shards.
-        reference = strat.wrap_reference(reference, config.strategy, dist,
-                                         paths if ref_paths is None else ref_paths)
-        trained = strat.wrap_policy(model, config.strategy, dist, device, paths)
-    else:
-        trained = model
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
-                                  **backend.optimizer_options())
-    if dist.world_size > 1:
-        trained, optimizer = backend.prepare(trained, optimizer, dtype)
-    else:
-        model, optimizer = backend.prepare(model, optimizer, dtype)
-        trained = model
-    if ref_source is not None:  # score_later
-        ref_source = None
-        score_reference(model)
-    steps = total_steps(config, len(sampler))
-    warmup = config.warmup_steps or round(config.warmup_ratio * steps)
-    scheduler = build_scheduler(optimizer, config.scheduler, warmup, steps)
+            trained = model
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                                      **backend.optimizer_options())
+        if dist.world_size > 1:
+            trained, optimizer = backend.prepare(trained, optimizer, self.dtype)
+        else:
+            model, optimizer = backend.prepare(model, optimizer, self.dtype)
+            trained = self.model = model
+        self.trained, self.optimizer = trained, optimizer
+        if self.score_later and self.ref_source is not None:
+            self.ref_source = None
+            self.score_reference(model)
+        self.steps = total_steps(config, len(self.sampler))
+        self.warmup = config.warmup_steps or round(config.warmup_ratio * self.steps)
+        self.scheduler = build_scheduler(optimizer, config.scheduler, self.warmup, self.steps)
 
-    state = TrainState()
-    if checkpoint is not None:
-        saved, tensors = load_checkpoint_state(checkpoint)
-        state = TrainState(**saved["train"])
-        strat.load_optimizer_state(trained, optimizer, tensors["optimizer"])
-        scheduler.load_state_dict(tensors["scheduler"])
-        if set_peak_lr(scheduler, config.lr):
+    # 7. A resumed run: where it was, exactly.
+    def restore(self) -> None:
+        config, reporter, optimizer = self.config, self.reporter, self.optimizer
+        self.state = TrainState()
+        if self.checkpoint is None:
+            return
+        saved, tensors = load_checkpoint_state(self.checkpoint)
+        self.state = state = TrainState(**saved["train"])
+        strat.load_optimizer_state(self.trained, optimizer, tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        if set_peak_lr(self.scheduler, config.lr):
             reporter.info(f"peak learning rate now {config.lr:g} (--lr), from step {state.step}")
         decay = optimizer.param_groups[0]  # the matrices' group; biases and norms take none
         if decay["weight_decay"] != config.weight_decay:
             decay["weight_decay"] = config.weight_decay
             reporter.info(f"weight decay now {config.weight_decay:g} (--weight-decay), from "
                           f"step {state.step}")
-        for name, policy in policies.items():
+        for name, policy in self.policies.items():
             plugin_call(policy, "load_state_dict()", policy.load_state_dict,
                         saved["policies"].get(name, {}))
-        backend.set_rng_state(restore_rng_states(tensors["rng"]))
-        if dist.is_main:
-            truncate_metrics(output / METRICS_FILE, state.step)
-        reporter.info(f"resuming from {checkpoint} (step {state.step})")
+        self.backend.set_rng_state(restore_rng_states(tensors["rng"]))
+        if self.dist.is_main:
+            truncate_metrics(self.output / METRICS_FILE, state.step)
+        reporter.info(f"resuming from {self.checkpoint} (step {state.step})")
 
-    record = {
-        "status": "running",
-        "config": config.model_dump(),
-        "resolved": {"backend": backend.name, "device": backend.describe(), "dtype": str(dtype),
-                     "total_steps": steps, "warmup_steps": warmup, "world_size": dist.world_size,
-                     "strategy": config.strategy if dist.world_size > 1 else None,
-                     "options": {loss.name: loss.options.model_dump(mode="json"),
-                                 **{n: p.options.model_dump(mode="json") for n, p in policies.items()}},
-                     "models": sources,
-                     "reference": describe_reference(config, loss.requires_reference, ref_path),
-                     "reference_logps": ref_record, "share_prompt": paths.shared_prompt,
-                     "packed_rows": paths.packed_rows,
-                     "paths": {**paths.record(), "check": checked.record()},
-                     "reference_paths": (None if ref_paths is None else
-                                         {**ref_paths.record(), "check": ref_checked.record()}),
-                     "memory": memory_note},
-        "data": {"train": stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None},
-        "versions": versions(),
-        "started": started,
-        "resumes": resumes,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-    }
-    taken.write(record)
-    reporter.info(f"training {config.model} on {backend.describe()} ({dtype}), loss {loss.name}, "
-                  f"{steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters")
-    if memory_note:
-        reporter.info(f"memory: {memory_note}")
+    # 8. The run's record, the loop's inputs, and what a finished run leaves.
+    def describe(self) -> None:
+        config, dist, backend = self.config, self.dist, self.backend
+        options = {n: p.options.model_dump(mode="json") for n, p in self.policies.items()}
+        if self.loss is not None:
+            options = {self.loss.name: self.loss.options.model_dump(mode="json"), **options}
+        reference = ("none (supervised fine-tuning)" if self.sft else
+                     describe_reference(config, self.requires_reference, self.ref_path))
+        self.record = {
+            "status": "running",
+            "config": config.model_dump(),
+            "resolved": {"backend": backend.name, "device": backend.describe(),
+                         "dtype": str(self.dtype), "objective": config.objective,
+                         "total_steps": self.steps, "warmup_steps": self.warmup,
+                         "world_size": dist.world_size,
+                         "strategy": config.strategy if dist.world_size > 1 else None,
+                         "options": options, "models": self.sources, "reference": reference,
+                         "reference_logps": self.ref_record,
+                         "share_prompt": self.paths.shared_prompt,
+                         "packed_rows": self.paths.packed_rows,
+                         "paths": {**self.paths.record(), "check": self.checked.record()},
+                         "reference_paths": (None if self.ref_paths is None else
+                                             {**self.ref_paths.record(),
+                                              "check": self.ref_checked.record()}),
+                         "memory": self.memory_note},
+            "data": {"train": self.stats.as_dict(),
+                     "eval": self.eval_stats.as_dict() if self.eval_stats else None},
+            "versions": versions(),
+            "started": self.started,
+            "resumes": self.resumes,
+            "resumed_from": str(self.checkpoint) if self.checkpoint else None,
+        }
+        self.taken.write(self.record)
+        what = "sft" if self.sft else f"loss {self.loss.name}"
+        self.reporter.info(f"training {config.model} on {backend.describe()} ({self.dtype}), "
+                           f"{what}, {self.steps} steps, "
+                           f"{sum(p.numel() for p in self.model.parameters()):,} parameters")
+        if self.memory_note:
+            self.reporter.info(f"memory: {self.memory_note}")
 
-    trainee = Trainee(policy=trained, reference=reference, tokenizer=tokenizer, backend=backend,
-                      device=device, loss=loss, policies=policies, optimizer=optimizer,
-                      scheduler=scheduler, train_pairs=train_pairs, eval_pairs=eval_pairs,
-                      sampler=sampler, output=output, dist=dist, strategy=config.strategy,
-                      ref_table=ref_table, flops=FlopCounter.of(model))
-    settings = Settings(total_steps=steps, grad_accum=config.grad_accum,
+    def objective(self) -> Objective:
+        pad = self.tokenizer.pad_token_id
+        if self.sft:
+            return SftObjective(self.backend, self.dtype, pad, self.paths)
+        # Measured on the vs-TRL batches: group by group lowers the peak without checkpointing
+        # (4.23 -> 4.09 GiB) but raises it with it (2.98 -> 3.34 GiB: the checkpoints are
+        # small, and interleaving the groups' passes spreads the heap), so only without.
+        by_group = self.paths.shared_prompt and not self.config.gradient_checkpointing
+        return DpoObjective(self.backend, self.dtype, pad, self.loss, self.paths, self.reference,
+                            self.ref_paths, self.ref_table, backward_by_group=by_group)
+
+    def trainee(self) -> Trainee:
+        return Trainee(policy=self.trained, tokenizer=self.tokenizer, backend=self.backend,
+                       device=self.device, objective=self.objective(), policies=self.policies,
+                       optimizer=self.optimizer, scheduler=self.scheduler,
+                       train_examples=self.train_examples, eval_examples=self.eval_examples,
+                       sampler=self.sampler, output=self.output, dist=self.dist,
+                       strategy=self.config.strategy, flops=FlopCounter.of(self.model))
+
+    def settings(self) -> Settings:
+        config = self.config
+        return Settings(total_steps=self.steps, grad_accum=config.grad_accum,
                         max_grad_norm=config.max_grad_norm, eval_steps=config.eval_steps,
                         save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-                        dtype=dtype, batch_size=config.batch_size,
-                        eval_at_start=config.eval_at_start, paths=paths, ref_paths=ref_paths,
-                        config=config.model_dump(mode="json"),
-                        # Measured on the vs-TRL batches: group by group lowers the peak
-                        # without checkpointing (4.23 -> 4.09 GiB) but raises it with it
-                        # (2.98 -> 3.34 GiB: the checkpoints are small, and interleaving
-                        # the groups' passes spreads the heap), so only without.
-                        backward_by_group=(paths.shared_prompt
-                                           and not config.gradient_checkpointing))
-    outcome = train(trainee, settings, state, reporter, on_save=on_save)
-    status = f"stopped by {outcome.stopped_by}: {outcome.reason}" if outcome.stopped_by else "completed"
-    record.update({"status": status, "steps": outcome.step, "final": outcome.train_metrics,
-                   "final_eval": outcome.eval_metrics, "initial_eval": outcome.initial_eval or None,
-                   "restored_best_from_step": outcome.restored_step,
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    taken.write(record)
-    if outcome.saved and dist.is_main:
-        if config.keep_checkpoints:
-            kept = list_checkpoints(output)[-1:]
-            if kept:
-                size = sum(f.stat().st_size for f in kept[0].rglob("*") if f.is_file())
-                reporter.info(f"kept {kept[0].name} ({size / 2**30:.2f} GiB) to extend the run "
-                              f"with --resume {output} --max-steps N; --no-keep-checkpoints "
-                              "removes checkpoints once a run is complete")
-        else:
-            removed = remove_checkpoints(output, reporter.warn)
-            if removed:
-                reporter.info(f"removed {', '.join(p.name for p in removed)}: the run is "
-                              f"complete and its model is in {output / 'final'}")
-    if outcome.stopped_by:
-        reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: {outcome.reason}")
-    final_label = (f"eval (best, step {outcome.restored_step})" if outcome.restored_step is not None
-                   else f"eval (step {outcome.step})")
-    reporter.summary(f"{status} after {outcome.step} steps -> {output}", outcome.train_metrics,
-                     outcome.eval_metrics, before=outcome.initial_eval, eval_label=final_label)
-    return outcome
+                        dtype=self.dtype, batch_size=config.batch_size,
+                        eval_at_start=config.eval_at_start, config=config.model_dump(mode="json"))
 
-
-def check_ref_logps(path: str) -> None:
-    """``--ref-logps``: a file to read and update, or a new one; never a file of the user's that
-    is not a table of reference log-probs (it would be replaced)."""
-    target = rundir.check_file_target(path, "--ref-logps")
-    if target.is_file() and refcache.read(target) is None:
-        raise UsageError(f"--ref-logps {path}: not a reference log-prob file (one that `dpo "
-                         "precompute-ref` or a run wrote), so it is left alone; name a new file")
-
-
-def check_compile(device: torch.device) -> None:
-    """``--compile``: torch.compile must be able to build a kernel on this machine (inductor
-    needs a C++ compiler on CPU, and with some torch versions setuptools). Tried on a tiny
-    function before anything is written, so that a missing piece is one line now rather than
-    a compiler traceback in the first step."""
-    try:
-        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=device))
-    except Exception as e:  # noqa: BLE001 - whatever the compiler stack raises
-        inner = getattr(e, "inner_exception", None) or e  # dynamo wraps the backend's error
-        lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
-        detail = f"{type(inner).__name__}: {lines[0][:200]}" if lines else type(inner).__name__
-        raise UsageError(f"--compile: torch.compile cannot build kernels here ({detail}); "
-                         "install what it names, or run without --compile") from None
-
-
-def resolve_paths(config: RunConfig, backend: Backend, model: torch.nn.Module,
-                  dist: DistInfo | None = None) -> Paths:
-    """The speed paths ``model`` takes in this run (``dpo.core.model.paths``): those verified for
-    it, less what the run's options and the backend rule out. ``--share-prompt`` asked for
-    where it cannot run is refused, with the reason."""
-    dist = dist or DistInfo()
-    result = speed.resolve(model, static_shapes=backend.static_shapes,
-                           share_prompt=config.share_prompt,
-                           share_prompt_default=backend.share_prompt_default,
-                           gradient_checkpointing=config.gradient_checkpointing,
-                           sharded=dist.world_size > 1 and config.strategy == "fsdp",
-                           backend_name=backend.name)
-    if config.share_prompt and not result.shared_prompt:
-        reason = result.reasons().get("shared_prompt", "not available")
-        raise UsageError(f"--share-prompt: {reason}; use --no-share-prompt")
-    return result
-
-
-def first_check_pairs(train_pairs: list[TokenizedPair], config: RunConfig, dist: DistInfo
-                      ) -> list[TokenizedPair]:
-    """The pairs ``check_paths`` scores: the start of the first batch of the run (rank 0's,
-    so that every rank checks the same pairs and decides alike)."""
-    sampler = make_sampler(train_pairs, config, DistInfo(world_size=dist.world_size))
-    return [train_pairs[i] for i in sampler.batches(0)[0][:pathcheck.CHECK_PAIRS]]
-
-
-def check_paths(model: torch.nn.Module, paths: Paths, pairs: list[TokenizedPair],
-                backend: Backend, device: torch.device, pad_token_id: int, dist: DistInfo,
-                reporter: Reporter, label: str) -> tuple[Paths, pathcheck.CheckReport]:
-    """``dpo.core.model.pathcheck.check`` on ``pairs``, said in the log (``label``: "policy", whose
-    paths are checked as training runs it, or "reference"); under several processes a path
-    stays on only where every rank found it exact."""
-    batch = collate(pairs, pad_token_id, pad_length=backend.padded_length).to(device)
-    checked, report = pathcheck.check(model, batch, paths, training=label == "policy")
-    if dist.world_size > 1:
-        parts: list[Any] = [None] * dist.world_size
-        torch.distributed.all_gather_object(parts, checked.used())
-        agreed = set.intersection(*(set(p) for p in parts))
-        dropped = [name for name in checked.used() if name not in agreed]
-        if dropped:
-            checked = checked.without(dropped, "another process found it inexact")
-    for name, difference in report.turned_off.items():
-        reporter.warn(f"{label}: speed path {name} turned off: its log-probs differed from the "
-                      f"plain path's by {difference:.3g} nats on {report.pairs} pairs")
-    reporter.info(f"{label} {checked.describe()}"
-                  + (f"; checked against the plain path on {report.pairs} pairs in "
-                     f"{report.seconds:.2f} s" if paths.used() else ""))
-    return checked, report
-
-
-def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None) -> str:
-    """run.json's one line on where the reference log-probs come from."""
-    if not requires:
-        return "none (reference-free loss)"
-    model = f"--ref-model {config.ref_model}" if config.ref_model else "the initial --model"
-    if ref_path is not None:
-        return f"log-probs of {model}, computed before training: {ref_path}"
-    return (f"{model}, frozen, in memory" if config.ref_model
-            else "a frozen copy of --model in memory, re-loaded from it on resume")
-
-
-def make_sampler(train_pairs: list[TokenizedPair], config: RunConfig, dist: DistInfo
-                 ) -> BatchSampler:
-    return BatchSampler(_lengths(train_pairs), config.batch_size, seed=config.seed,
-                        shuffle=config.shuffle, group_by_length=config.group_by_length,
-                        rank=dist.rank, world_size=dist.world_size)
-
-
-def first_batches(train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair],
-                  sampler: BatchSampler, config: RunConfig, dist: DistInfo
-                  ) -> list[list[TokenizedPair]]:
-    """This rank's batches of the first epoch and of evaluation: every pair, in the company
-    the run will first score it in."""
-    train = [[train_pairs[i] for i in batch] for batch in sampler.batches(0)]
-    return train + (eval_batches(eval_pairs, config.batch_size, dist) if eval_pairs else [])
-
-
-def precompute_reference(model: torch.nn.Module, batches: list[list[TokenizedPair]],
-                         config: RunConfig,
-                         backend: Backend, device: torch.device, dtype: torch.dtype,
-                         pad_token_id: int, dist: DistInfo, reporter: Reporter,
-                         describe: str = "", paths: Paths = speed.PLAIN
-                         ) -> tuple[RefLogps, Path, int]:
-    """The reference log-probs of the pairs of ``batches`` (this rank's) from
-    ``config.ref_logps`` (or the cache), the missing ones computed by ``model``; the ranks'
-    values are then merged."""
-    share = None
-    if dist.world_size > 1:
-
-        def share(values: dict) -> dict:
-            parts: list[Any] = [None] * dist.world_size
-            torch.distributed.all_gather_object(parts, values)
-            return {k: v for part in parts for k, v in part.items()}
-
-    path = Path(config.ref_logps) if config.ref_logps else None
-    with reporter.task("reference", sum(len(b) for b in batches)) as advance:
-        table, path, computed = refcache.ensure(
-            path, model, batches, backend=backend, device=device, dtype=dtype,
-            pad_token_id=pad_token_id, describe=describe, paths=paths,
-            trusted=frozenset(speed.trusted(model, paths)), share=share, is_main=dist.is_main,
-            info=reporter.info, progress=advance)
-    strat.barrier(dist)  # the file is complete before any rank goes on
-    return table, path, computed
-
-
-def check_same_tokenizer(policy: Any, reference: Any, model: str, ref: str,
-                         flag: str = "--ref-model") -> None:
-    """Policy and reference score the same token ids, so they must share a vocabulary."""
-    if policy.get_vocab() != reference.get_vocab():
-        raise UsageError(f"{flag} {ref}: its tokenizer differs from that of --model {model}; "
-                         "the reference must use the same vocabulary")
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"dpo-trainer": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    def finish(self, outcome: Outcome) -> Outcome:
+        output, reporter, record = self.output, self.reporter, self.record
+        status = (f"stopped by {outcome.stopped_by}: {outcome.reason}" if outcome.stopped_by
+                  else "completed")
+        record.update({"status": status, "steps": outcome.step, "final": outcome.train_metrics,
+                       "final_eval": outcome.eval_metrics,
+                       "initial_eval": outcome.initial_eval or None,
+                       "restored_best_from_step": outcome.restored_step,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.taken.write(record)
+        if outcome.saved and self.dist.is_main:
+            if self.config.keep_checkpoints:
+                kept = list_checkpoints(output)[-1:]
+                if kept:
+                    size = sum(f.stat().st_size for f in kept[0].rglob("*") if f.is_file())
+                    reporter.info(f"kept {kept[0].name} ({size / 2**30:.2f} GiB) to extend the "
+                                  f"run with --resume {output} --max-steps N; "
+                                  "--no-keep-checkpoints removes checkpoints once a run is "
+                                  "complete")
+            else:
+                removed = remove_checkpoints(output, reporter.warn)
+                if removed:
+                    reporter.info(f"removed {', '.join(p.name for p in removed)}: the run is "
+                                  f"complete and its model is in {output / 'final'}")
+        if outcome.stopped_by:
+            reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: "
+                          f"{outcome.reason}")
+        final_label = (f"eval (best, step {outcome.restored_step})"
+                       if outcome.restored_step is not None else f"eval (step {outcome.step})")
+        reporter.summary(f"{status} after {outcome.step} steps -> {output}",
+                         outcome.train_metrics, outcome.eval_metrics,
+                         before=outcome.initial_eval, eval_label=final_label)
+        return outcome
 
 
 def recorded_config(output: Path) -> dict[str, Any]:
@@ -733,7 +587,7 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     spec = config.ref_model or config.model
     describe = resolve_source(spec).describe()
     model, tokenizer = load_model(config.model, config.seed)
-    train_pairs, eval_pairs, _, _ = _tokenized(config, catalog, tokenizer, reporter)
+    train_pairs, eval_pairs, _, _ = tokenized_data(config, catalog, tokenizer, reporter)
     if config.ref_model:
         model, ref_tokenizer = load_model(config.ref_model, config.seed)
         check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
