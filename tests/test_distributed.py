@@ -164,6 +164,37 @@ def test_fsdp_resume_equals_uninterrupted_and_checks_world_size(runs):
     assert train == [r for r in steps(runs / "fsdp") if "grad_norm" in r]
 
 
+def write_demonstrations(path: Path, n: int = 24) -> Path:
+    """Completions of 1 to 6 words: the ranks' shares of a step hold different token counts."""
+    with path.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"Say {i} ", "completion": " ".join(["yes"] * (i % 6 + 1))})
+                     + "\n")
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sft_on_two_ranks_matches_one_process(tmp_path, strategy):
+    """SFT's loss is a mean over the step's tokens. The two ranks' shares of a step hold
+    different numbers of tokens, so each rank divides its sum by the step's tokens over both
+    ranks (known on every rank from the data order): the same step as one process, where a
+    mean of the ranks' own token means would not be."""
+    write_demonstrations(tmp_path / "demos.jsonl")
+    args = [*COMMON, "--data", "demos.jsonl"]
+    single = subprocess.run([sys.executable, "-m", "dpo", "sft", *args, "--batch-size", "4",
+                             "--output", "single"], cwd=tmp_path, env=env(), capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "dpo", "sft", *args, "--batch-size", "2", "--strategy", strategy,
+               "--output", "two"]
+    two = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_metrics_close(tmp_path / "single", tmp_path / "two")
+    assert_weights_close(tmp_path / "single/final", tmp_path / "two/final")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "0"], "--nproc 0: give at least 1"),
     pytest.param(["--nproc", "2", "--backend", "cuda"], "backend 'cuda' is not available here",
