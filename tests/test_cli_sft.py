@@ -19,6 +19,7 @@ from dpo.cli import make_app
 from dpo.cli.training_options import TRAINING_OPTIONS, options_of, shown_value
 from dpo.core.interfaces.plugins import get_plugin_manager
 from dpo.core.training.config import RunConfig, resolve_config, with_preset
+from test_cli import assert_one_line_error
 
 PREFERENCE_ONLY = {"ref_model", "precompute_ref", "ref_logps", "loss", "share_prompt"}
 SFT_OPTIONS = [
@@ -61,16 +62,6 @@ def click_command(app: typer.Typer, name: str) -> Any:
 
 def option_names(app: typer.Typer, name: str) -> list[str]:
     return [p.name for p in click_command(app, name).params if p.param_type_name == "option"]
-
-
-def one_line_error(result: Any, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def pairs(path: Path) -> Path:
@@ -158,7 +149,7 @@ def test_sft_help_defaults_are_what_an_sft_run_takes(app):
 def test_preference_only_flags_are_unknown_to_sft(app, tmp_path, runs, args):
     out = tmp_path / "out"
     result = invoke(app, "sft", "--output", str(out), *args)
-    one_line_error(result, 2, f"No such option: {args[0]}", "see 'dpo sft --help'")
+    assert_one_line_error(result, 2, f"No such option: {args[0]}", "see 'dpo sft --help'")
     assert not out.exists() and runs == []
 
 
@@ -182,7 +173,8 @@ def test_sft_on_the_demo_takes_the_sft_preset_under_the_config_file_and_flags(ap
                                                                               monkeypatch, runs):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "sft.toml"
-    config.write_text("max_steps = 12\nbatch_size = 2\n[options.nan-guard]\ncheck_grad_norm = false\n")
+    config.write_text("max_steps = 12\nbatch_size = 2\n"
+                      "[options.nan-guard]\ncheck_grad_norm = false\n")
     result = invoke(app, "sft", "--config", str(config), "--batch-size", "3", "--overwrite")
     assert result.exit_code == 0, result.output
     [call] = runs
@@ -226,21 +218,21 @@ def test_sft_refuses_a_config_file_with_a_preference_key(app, tmp_path, runs, li
     config.write_text(f'model = "tiny"\n{line}\nmax_steps = 2\n')
     out = tmp_path / "out"
     key = line.split(" =")[0].replace("-", "_")
-    message = one_line_error(invoke(app, "sft", "--config", str(config), "--output", str(out)),
-                             2, f"{config}:2: ", key, "`dpo sft` does not take it")
-    if key == "objective":
-        assert "use `dpo run --config" in message
+    hint = ["use `dpo run --config"] if key == "objective" else []
+    assert_one_line_error(invoke(app, "sft", "--config", str(config), "--output", str(out)), 2,
+                          f"{config}:2: ", key, "`dpo sft` does not take it", *hint)
     assert not out.exists() and runs == []
 
 
 def test_sft_refuses_plain_option_keys_from_the_flags_or_the_file(app, tmp_path, runs):
     out = tmp_path / "out"
-    one_line_error(invoke(app, "sft", "--output", str(out), "-o", "beta=0.1"), 2,
-                   "-o beta=0.1", "`dpo sft` has no loss", "plugin.key=value")
+    assert_one_line_error(invoke(app, "sft", "--output", str(out), "-o", "beta=0.1"), 2,
+                          "-o beta=0.1", "`dpo sft` has no loss", "plugin.key=value")
     config = tmp_path / "sft.toml"
     config.write_text('model = "tiny"\n\n[options]\nbeta = 0.1\n')
-    one_line_error(invoke(app, "sft", "--config", str(config), "--output", str(out)), 2,
-                   f"{config}:3: [options] beta", "`dpo sft` has no loss", "plugin.key = value")
+    assert_one_line_error(invoke(app, "sft", "--config", str(config), "--output", str(out)), 2,
+                          f"{config}:3: [options] beta", "`dpo sft` has no loss",
+                          "plugin.key = value")
     assert not out.exists() and runs == []
 
 
@@ -248,9 +240,9 @@ def test_run_refuses_a_config_file_of_objective_sft(app, tmp_path, runs):
     config = tmp_path / "run.toml"
     config.write_text('objective = "sft"\n')
     out = tmp_path / "out"
-    one_line_error(invoke(app, "run", "--config", str(config), "--output", str(out)), 2,
-                   f"{config}:1: ", "`dpo run` does not take it",
-                   f"use `dpo sft --config {config}`")
+    assert_one_line_error(invoke(app, "run", "--config", str(config), "--output", str(out)), 2,
+                          f"{config}:1: ", "`dpo run` does not take it",
+                          f"use `dpo sft --config {config}`")
     assert not out.exists() and runs == []
 
 
@@ -263,8 +255,8 @@ def test_resume_refuses_a_run_of_the_other_objective(app, tmp_path, runs, comman
                                                      fragment):
     out = run_directory(tmp_path / "out", {"model": "tiny", "data": "pairs.jsonl", **recorded})
     before = snapshot(out)
-    one_line_error(invoke(app, command, "--resume", str(out)), 2,
-                   f"{out} " + fragment.format(out=out))
+    assert_one_line_error(invoke(app, command, "--resume", str(out)), 2,
+                          f"{out} " + fragment.format(out=out))
     assert snapshot(out) == before and runs == []
 
 

@@ -66,12 +66,10 @@ def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, 
     flags: dict[str, Any] = {option.name: values[option.name] for option in options_of(command)
                              if option.is_field}
     flags["options"] = parse_assignments(values["option"] or [])
-    if objective == "sft":
-        for key, value in flags["options"].items():
-            if "." not in key:
-                raise UsageError(f"-o {key}={value}: `dpo sft` has no loss to take a plain key; "
-                                 "plugin options are qualified: -o plugin.key=value (e.g. -o "
-                                 "nan-guard.check_grad_norm=false)")
+    if objective == "sft" and (plain := _loss_keys(flags["options"])):
+        raise UsageError(f"-o {plain[0]}={flags['options'][plain[0]]}: `dpo sft` has no loss to "
+                         "take a plain key; plugin options are qualified: -o plugin.key=value "
+                         "(e.g. -o nan-guard.check_grad_norm=false)")
     resume, config = values["resume"], values["config"]
     layers = []
     if resume is not None:
@@ -101,7 +99,7 @@ def check_resumed_objective(command: str, output: Path, recorded: Any) -> None:
     """``--resume`` of a run that trained another objective than ``command`` does: say which
     command resumes it (a record without one is a DPO run, from before SFT)."""
     objective = recorded.get("objective", "dpo") if isinstance(recorded, dict) else "dpo"
-    if isinstance(objective, str) and objective in COMMAND_OF and objective != OBJECTIVE_OF[command]:
+    if _another_objective(command, objective):
         raise UsageError(f"{output} is {_RUN_KIND[objective]}; resume it with "
                          f"`dpo {COMMAND_OF[objective]} --resume {output}`")
 
@@ -110,9 +108,8 @@ def check_config_file(command: str, table: ConfigFile) -> ConfigFile:
     """``table`` (a --config file) if ``command`` takes all it sets, else a one-line error at
     the key's line: another objective, preference-only options for ``dpo sft``, or plain
     [options] keys (a loss's) for ``dpo sft``."""
-    objective = OBJECTIVE_OF[command]
     given = table.get("objective")
-    if isinstance(given, str) and given in COMMAND_OF and given != objective:
+    if _another_objective(command, given):
         raise UsageError(f"{table.where('objective')}: objective = {json.dumps(given)}: "
                          f"`dpo {command}` does not take it ({given} is {_TRAINS[given]}); use "
                          f"`dpo {COMMAND_OF[given]} --config {table.path}`, or remove the key")
@@ -120,13 +117,24 @@ def check_config_file(command: str, table: ConfigFile) -> ConfigFile:
         if key in table:
             raise UsageError(f"{table.where(key)}: {key}: `dpo {command}` does not take it (an "
                              "option of preference training, `dpo run`); remove it from the file")
-    if objective == "sft":
-        for key, value in table.get("options", {}).items():
-            if not isinstance(value, dict) and "." not in key:
-                raise UsageError(f"{table.where('options')}: [options] {key}: `dpo sft` has no "
-                                 "loss to take a plain key; qualify plugin options "
-                                 "([options.<plugin>] tables, or plugin.key = value)")
+    if OBJECTIVE_OF[command] == "sft" and (plain := _loss_keys(table.get("options", {}))):
+        raise UsageError(f"{table.where('options')}: [options] {plain[0]}: `dpo sft` has no "
+                         "loss to take a plain key; qualify plugin options ([options.<plugin>] "
+                         "tables, or plugin.key = value)")
     return table
+
+
+def _loss_keys(options: dict[str, Any]) -> list[str]:
+    """The plain keys of plugin options (``beta``, not ``nan-guard.x`` nor a plugin's table):
+    those that ``split_options`` gives to the loss."""
+    return [key for key, value in options.items() if "." not in key and not isinstance(value, dict)]
+
+
+def _another_objective(command: str, objective: Any) -> bool:
+    """Whether ``objective`` (as a record or a file gives it) is one that another command than
+    ``command`` trains; a value that is no objective is left to RunConfig's validation."""
+    return (isinstance(objective, str) and objective in COMMAND_OF
+            and objective != OBJECTIVE_OF[command])
 
 
 def _already_complete(output: Path, config: Any) -> bool:
