@@ -59,9 +59,9 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
 
 def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, Any]) -> None:
     """The body of ``dpo run`` and ``dpo sft``: ``values`` are the command's options (the
-    names of ``options_of(command)``). Resolves the configuration (defaults, the objective's
-    defaults and the demo preset, then a resumed run's record, --config and flags), then runs
-    it here or, with --nproc, in torchrun's workers."""
+    names of ``options_of(command)``). Resolves the configuration (a resumed run's record, or
+    else RunConfig's defaults, the objective's and the demo preset; then --config, then flags)
+    and runs it here or, with --nproc, in torchrun's workers."""
     objective = OBJECTIVE_OF[command]
     flags: dict[str, Any] = {option.name: values[option.name] for option in options_of(command)
                              if option.is_field}
