@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dpo.core.training.config import read_config_file, resolve_config, split_options
+from dpo.core.training.config import (OBJECTIVE_DEFAULTS, read_config_file, resolve_config,
+                                      split_options, with_preset)
+from dpo.core.training.demo import DEMO_PRESET, SFT_DEMO_PRESET
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.training.schedule import lr_factor
 
@@ -27,6 +29,27 @@ def test_invalid_values_are_usage_errors():
         resolve_config({"batch_size": 0})
     with pytest.raises(UsageError, match="either eval_data or eval_fraction"):
         resolve_config({"eval_data": "x.jsonl", "eval_fraction": 0.1})
+
+
+@pytest.mark.parametrize("objective, preset", [("dpo", DEMO_PRESET), ("sft", SFT_DEMO_PRESET)])
+def test_with_preset_puts_the_objectives_defaults_then_its_demo_preset_under_the_layers(
+        objective, preset):
+    layer = {"max_steps": 3}
+    assert with_preset([layer], objective) == [OBJECTIVE_DEFAULTS[objective], preset, layer]
+    on_file = {"data": "pairs.jsonl"}
+    assert with_preset([on_file, layer], objective) == [OBJECTIVE_DEFAULTS[objective], on_file,
+                                                        layer]
+
+
+def test_an_sft_configuration_takes_sfts_defaults_and_the_demo_preset_over_them():
+    on_file = resolve_config(*with_preset([{"data": "pairs.jsonl"}], "sft"))
+    assert (on_file.objective, on_file.lr, on_file.output) == ("sft", 2e-5, "out-sft")
+    on_demo = resolve_config(*with_preset([{"lr": None}], "sft"))
+    assert (on_demo.objective, on_demo.lr, on_demo.max_steps) == ("sft", 5e-5, 40)
+    flags = resolve_config(*with_preset([{"data": "x.jsonl", "lr": 1e-4, "output": "o"}], "sft"))
+    assert (flags.objective, flags.lr, flags.output) == ("sft", 1e-4, "o")
+    dpo = resolve_config(*with_preset([{"data": "pairs.jsonl"}]))
+    assert (dpo.objective, dpo.lr, dpo.output) == ("dpo", 1e-6, "out")
 
 
 def test_schedule_by_hand():

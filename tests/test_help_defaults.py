@@ -100,7 +100,7 @@ def test_eval_shows_its_defaults(app):
     check_defaults(command(app, "eval"), config=False)
 
 
-@pytest.mark.parametrize("name", ["run", "precompute-ref", "eval"])
+@pytest.mark.parametrize("name", ["run", "sft", "precompute-ref", "eval"])
 def test_the_rendered_help_keeps_the_defaults(app, name):
     """Rendered by rich, each shown default is still there: as many "[default:" as options
     showing one (unescaped brackets would be taken for markup and vanish)."""

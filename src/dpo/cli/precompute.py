@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dpo.cli.common import one_line_errors
-from dpo.cli.run import with_default
+from dpo.cli.training_options import with_default
 from dpo.core.training.config import read_config_file, resolve_config, with_preset
 from dpo.core.interfaces.options import parse_assignments
 from dpo.core.interfaces.plugins import Catalog

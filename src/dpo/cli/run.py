@@ -1,165 +1,140 @@
-"""``dpo run``: train a policy on preference pairs."""
+"""``dpo run`` (DPO on preference pairs) and ``dpo sft`` (supervised fine-tuning): the training
+commands, both built from one table of options (``dpo.cli.training_options``) and both handing
+their resolved configuration to ``dpo.core.training.run.run``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
 import typer
-from rich.markup import escape
 
 from dpo.cli.common import one_line_errors
+from dpo.cli.training_options import (COMMAND_OF, OBJECTIVE_OF, RUN, SFT, callback_for,
+                                      fields_not_taken_by, options_of)
 from dpo.core.training import strategy as strat
 from dpo.core.interfaces.errors import DpoError, UsageError
-from dpo.core.training.config import RunConfig, read_config_file, resolve_config, with_preset
-from dpo.core.training.demo import DEMO_PRESET
+from dpo.core.training.config import ConfigFile, read_config_file, resolve_config, with_preset
 from dpo.core.interfaces.options import parse_assignments
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training.rundir import check_output, nothing_to_resume, read_record
 from dpo.core.training.run import recorded_config, run
 
-DATA = "Data"
-OPTIM = "Optimisation"
-OUT = "Output"
-SCALE = "Many processes"
-SPEED = "Speed and memory"
 # Set by the --nproc launcher for its workers: each writes its exit code to DIR/rank-N.
 EXIT_DIR_ENV = "DPO_EXIT_DIR"
 # torchrun's own report once a worker has failed (its log lines, then a traceback).
 _TORCHRUN_TAIL = re.compile(r"torch/distributed/(elastic|run\.py)")
 
+_LAYERS = """Options come from defaults, then --config, then flags. The run directory gets
+run.json, metrics.jsonl, checkpoint-N/ and final/ (a Hugging Face model directory)."""
 
-def shown_value(value: Any) -> str:
-    """A configuration value as ``--help`` writes it (switches as on/off, as the flags say)."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
-
-
-def config_default(name: str, unset: str | None = None) -> str:
-    """The default of option ``name`` as ``--help`` shows it, read from RunConfig so that help
-    and behaviour cannot drift: its value, or ``unset`` (what happens instead) where RunConfig
-    leaves it None; then the demo preset's value where that differs (the demo is the default
-    data)."""
-    value = RunConfig.model_fields[name].get_default(call_default_factory=True)
-    if value is None:
-        if unset is None:
-            raise ValueError(f"{name}: RunConfig leaves it unset; say what happens instead")
-        shown = unset
-    else:
-        shown = shown_value(value)
-    if name in DEMO_PRESET and DEMO_PRESET[name] != value:
-        shown += f"; {shown_value(DEMO_PRESET[name])} with --data demo"
-    return shown
-
-
-def with_default(text: str, name: str, unset: str | None = None) -> str:
-    """``text`` and the default of option ``name`` (``config_default``), as a help text: the
-    brackets escaped, or rich's help would take them for markup and drop them."""
-    return f"{text} {escape(f'[default: {config_default(name, unset)}]')}"
+# Each training command's help: its first paragraph (one line: the summary in `dpo --help`),
+# then what both share.
+HELP: dict[str, str] = {
+    RUN: f"Train a policy on preference pairs with DPO or a relative.\n\n{_LAYERS}",
+    SFT: "Supervised fine-tuning: train on the completions (prompts masked) of "
+         "prompt/completion records, chat `messages`, or preference pairs (their chosen "
+         f"side).\n\n{_LAYERS}",
+}
+# What an objective's runs are called, and what they do, in messages.
+_RUN_KIND = {"dpo": "a DPO run", "sft": "an SFT run"}
+_TRAINS = {"dpo": "preference training", "sft": "supervised fine-tuning"}
 
 
 def register(app: typer.Typer, catalog: Catalog) -> None:
-    @app.command("run")
-    @one_line_errors
-    def run_command(
-        ctx: typer.Context,
-        model: Annotated[Optional[str], typer.Option(help=with_default("The model to train: SmolLM2-135M-Instruct, a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'.", "model"))] = None,
-        ref_model: Annotated[Optional[str], typer.Option(help=with_default("Reference model (same kinds as --model).", "ref_model", "a frozen copy of --model"))] = None,
-        precompute_ref: Annotated[Optional[bool], typer.Option("--precompute-ref/--no-precompute-ref", help=with_default("Score every pair with the reference once before training and keep the log-probs on disk (then the reference is not in memory while training); off: a frozen reference model scores each batch.", "precompute_ref"))] = None,
-        ref_logps: Annotated[Optional[str], typer.Option(help=with_default("File of precomputed reference log-probs (see `dpo precompute-ref`).", "ref_logps", "the cache directory, one file per reference model"))] = None,
-        data: Annotated[Optional[str], typer.Option(help=with_default("Training pairs: JSONL or JSONL.gz, a datasets name, or 'demo' (the built-in demo task, with its own held-out split and preset hyperparameters).", "data"), rich_help_panel=DATA)] = None,
-        format: Annotated[Optional[str], typer.Option("--format", help=with_default("Data format (see `dpo plugins`).", "format", "auto-detected"), rich_help_panel=DATA)] = None,
-        eval_data: Annotated[Optional[str], typer.Option(help=with_default("Held-out pairs for evaluation.", "eval_data", "none"), rich_help_panel=DATA)] = None,
-        eval_fraction: Annotated[Optional[float], typer.Option(help=with_default("Hold out this share of --data instead.", "eval_fraction"), rich_help_panel=DATA)] = None,
-        max_length: Annotated[Optional[int], typer.Option(help=with_default("Prompt + completion tokens, at most.", "max_length"), rich_help_panel=DATA)] = None,
-        max_prompt_length: Annotated[Optional[int], typer.Option(help=with_default("Prompt tokens kept (the last ones).", "max_prompt_length"), rich_help_panel=DATA)] = None,
-        strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help=with_default("Refuse unusable records (empty or identical completions, over-long prompts, ...) with file:line instead of dropping and counting them.", "strict"), rich_help_panel=DATA)] = None,
-        backend: Annotated[Optional[str], typer.Option(help=with_default("cpu, cuda, rocm, xpu, xla or auto (see `dpo backends`).", "backend"))] = None,
-        nproc: Annotated[Optional[int], typer.Option(help="Launch N processes with torchrun (one per accelerator device; CPU processes share the host). " + escape("[default: this process alone]"), rich_help_panel=SCALE)] = None,
-        strategy: Annotated[Optional[str], typer.Option(help=with_default("With several processes: ddp (a replica per process) or fsdp (FSDP2: policy and reference sharded).", "strategy"), rich_help_panel=SCALE)] = None,
-        dtype: Annotated[Optional[str], typer.Option(help=with_default("auto, float32, bfloat16 or float16.", "dtype"))] = None,
-        loss: Annotated[Optional[str], typer.Option(help=with_default("Preference loss (see `dpo plugins`).", "loss"))] = None,
-        option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Plugin option key=value; plain keys go to the loss, plugin.key=value to another plugin (e.g. -o beta=0.1).")] = None,
-        stop: Annotated[Optional[list[str]], typer.Option(help=with_default("Stopping policy, repeatable.", "stop"))] = None,
-        max_steps: Annotated[Optional[int], typer.Option(help=with_default("Optimizer steps (0: --epochs decide).", "max_steps"), rich_help_panel=OPTIM)] = None,
-        epochs: Annotated[Optional[float], typer.Option(help=with_default("Passes over the data.", "epochs"), rich_help_panel=OPTIM)] = None,
-        batch_size: Annotated[Optional[int], typer.Option(help=with_default("Pairs per micro-batch.", "batch_size"), rich_help_panel=OPTIM)] = None,
-        grad_accum: Annotated[Optional[int], typer.Option(help=with_default("Micro-batches per optimizer step.", "grad_accum"), rich_help_panel=OPTIM)] = None,
-        lr: Annotated[Optional[float], typer.Option(help=with_default("Peak learning rate (AdamW).", "lr"), rich_help_panel=OPTIM)] = None,
-        weight_decay: Annotated[Optional[float], typer.Option(help=with_default("AdamW weight decay.", "weight_decay"), rich_help_panel=OPTIM)] = None,
-        warmup_steps: Annotated[Optional[int], typer.Option(help=with_default("Linear warmup steps (0: --warmup-ratio).", "warmup_steps"), rich_help_panel=OPTIM)] = None,
-        warmup_ratio: Annotated[Optional[float], typer.Option(help=with_default("Warmup share of all steps.", "warmup_ratio"), rich_help_panel=OPTIM)] = None,
-        scheduler: Annotated[Optional[str], typer.Option(help=with_default("linear, cosine or constant decay.", "scheduler"), rich_help_panel=OPTIM)] = None,
-        max_grad_norm: Annotated[Optional[float], typer.Option(help=with_default("Gradient clipping norm (0: off).", "max_grad_norm"), rich_help_panel=OPTIM)] = None,
-        seed: Annotated[Optional[int], typer.Option(help=with_default("Random seed.", "seed"), rich_help_panel=OPTIM)] = None,
-        shuffle: Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help=with_default("A new order of the pairs every epoch (off: file order).", "shuffle"), rich_help_panel=OPTIM)] = None,
-        group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help=with_default("Batches of pairs of similar length: less padding.", "group_by_length"), rich_help_panel=OPTIM)] = None,
-        gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=with_default("Recompute each decoder layer's activations in backward: less memory, about a third more compute.", "gradient_checkpointing"), rich_help_panel=SPEED)] = None,
-        share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help=with_default("Run each pair's prompt once for both completions, with no padding (a forward per pair instead of one per batch).", "share_prompt", "on where the backend gains from it (CPU)"), rich_help_panel=SPEED)] = None,
-        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=with_default("torch.compile the decoder layers (the first steps of each new shape compile).", "compile"), rich_help_panel=SPEED)] = None,
-        output: Annotated[Optional[str], typer.Option(help=with_default("Run directory.", "output"), rich_help_panel=OUT)] = None,
-        eval_steps: Annotated[Optional[int], typer.Option(help=with_default("Evaluate every N steps (0: at the end).", "eval_steps"), rich_help_panel=OUT)] = None,
-        eval_at_start: Annotated[Optional[bool], typer.Option("--eval-at-start/--no-eval-at-start", help=with_default("Evaluate once before training: the baseline.", "eval_at_start"), rich_help_panel=OUT)] = None,
-        save_steps: Annotated[Optional[int], typer.Option(help=with_default("Checkpoint every N steps (0: at the end).", "save_steps"), rich_help_panel=OUT)] = None,
-        save_total_limit: Annotated[Optional[int], typer.Option(help=with_default("Checkpoints kept.", "save_total_limit"), rich_help_panel=OUT)] = None,
-        keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints/--no-keep-checkpoints", help=with_default("Keep the checkpoints once the run is complete, so that --resume with more --max-steps can extend it (off: only final/ remains).", "keep_checkpoints"), rich_help_panel=OUT)] = None,
-        progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help=with_default("Progress of the reference pass and of training: a live bar on a terminal; elsewhere (a log) a plain line at most every 30 s (DPO_PROGRESS_INTERVAL sets the seconds).", "progress"), rich_help_panel=OUT)] = None,
-        config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options; flags win.")] = None,
-        resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its newest checkpoint.", rich_help_panel=OUT)] = None,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.", rich_help_panel=OUT)] = False,
-    ) -> None:
-        """Train a policy on preference pairs with DPO or a relative.
+    """``dpo run`` and ``dpo sft``: the same body, for each command's options."""
+    for command in (RUN, SFT):
+        def body(ctx: typer.Context, values: dict[str, Any], command: str = command) -> None:
+            train(command, catalog, ctx, values)
 
-        Options come from defaults, then --config, then flags. The run directory gets
-        run.json, metrics.jsonl, checkpoint-N/ and final/ (a Hugging Face model directory).
-        """
-        flags = {
-            "model": model, "ref_model": ref_model, "precompute_ref": precompute_ref,
-            "ref_logps": ref_logps, "shuffle": shuffle, "group_by_length": group_by_length,
-            "gradient_checkpointing": gradient_checkpointing, "compile": compile,
-            "share_prompt": share_prompt, "data": data, "format": format, "eval_data": eval_data,
-            "eval_fraction": eval_fraction, "max_length": max_length,
-            "max_prompt_length": max_prompt_length, "strict": strict, "backend": backend,
-            "strategy": strategy, "dtype": dtype,
-            "loss": loss, "stop": stop, "max_steps": max_steps, "epochs": epochs,
-            "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-            "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-            "warmup_ratio": warmup_ratio, "scheduler": scheduler, "max_grad_norm": max_grad_norm,
-            "seed": seed, "output": output, "eval_steps": eval_steps,
-            "eval_at_start": eval_at_start, "save_steps": save_steps,
-            "save_total_limit": save_total_limit, "keep_checkpoints": keep_checkpoints,
-            "progress": progress,
-            "options": parse_assignments(option or []),
-        }
-        layers = []
-        if resume is not None:
-            # A resumed run starts from its recorded configuration; flags given now still win.
-            check_output(resume, "--resume")
-            layers.append(recorded_config(resume))
-            flags["output"] = str(resume)
-        if config is not None:
-            layers.append(read_config_file(config))
-        layers = layers if resume is not None else with_preset([*layers, flags])[:-1]
-        resolved = resolve_config(*layers, flags)
-        if resume is not None and _already_complete(resume, resolved):
-            return
-        if nproc is not None:
-            raise typer.Exit(launch(nproc, resolved, catalog, ctx))
-        with _exit_code_recorded():
-            outcome = run(resolved, catalog, resume=resume is not None, overwrite=overwrite)
-            if not outcome.saved:
-                # Stopped by a policy that distrusts the weights (e.g. nan-guard): a failed run.
-                raise typer.Exit(1)
+        callback = one_line_errors(callback_for(command, body, HELP[command]))
+        app.command(command)(callback)
+
+
+def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, Any]) -> None:
+    """The body of ``dpo run`` and ``dpo sft``: ``values`` are the command's options (the
+    names of ``options_of(command)``). Resolves the configuration (a resumed run's record, or
+    else RunConfig's defaults, the objective's and the demo preset; then --config, then flags)
+    and runs it here or, with --nproc, in torchrun's workers."""
+    objective = OBJECTIVE_OF[command]
+    flags: dict[str, Any] = {option.name: values[option.name] for option in options_of(command)
+                             if option.is_field}
+    flags["options"] = parse_assignments(values["option"] or [])
+    if objective == "sft" and (plain := _loss_keys(flags["options"])):
+        raise UsageError(f"-o {plain[0]}={flags['options'][plain[0]]}: `dpo sft` has no loss to "
+                         "take a plain key; plugin options are qualified: -o plugin.key=value "
+                         "(e.g. -o nan-guard.check_grad_norm=false)")
+    resume, config = values["resume"], values["config"]
+    layers = []
+    if resume is not None:
+        # A resumed run starts from its recorded configuration; flags given now still win.
+        check_output(resume, "--resume")
+        recorded = recorded_config(resume)
+        check_resumed_objective(command, resume, recorded)
+        layers.append(recorded)
+        flags["output"] = str(resume)
+    if config is not None:
+        layers.append(check_config_file(command, read_config_file(config)))
+    layers = layers if resume is not None else with_preset([*layers, flags], objective)[:-1]
+    resolved = resolve_config(*layers, flags)
+    if resume is not None and _already_complete(resume, resolved):
+        return
+    if values["nproc"] is not None:
+        raise typer.Exit(launch(values["nproc"], resolved, catalog, ctx, command))
+    with _exit_code_recorded():
+        outcome = run(resolved, catalog, resume=resume is not None,
+                      overwrite=values["overwrite"])
+        if not outcome.saved:
+            # Stopped by a policy that distrusts the weights (e.g. nan-guard): a failed run.
+            raise typer.Exit(1)
+
+
+def check_resumed_objective(command: str, output: Path, recorded: Any) -> None:
+    """``--resume`` of a run that trained another objective than ``command`` does: say which
+    command resumes it (a record without one is a DPO run, from before SFT)."""
+    objective = recorded.get("objective", "dpo") if isinstance(recorded, dict) else "dpo"
+    if _another_objective(command, objective):
+        raise UsageError(f"{output} is {_RUN_KIND[objective]}; resume it with "
+                         f"`dpo {COMMAND_OF[objective]} --resume {output}`")
+
+
+def check_config_file(command: str, table: ConfigFile) -> ConfigFile:
+    """``table`` (a --config file) if ``command`` takes all it sets, else a one-line error at
+    the key's line: another objective, preference-only options for ``dpo sft``, or plain
+    [options] keys (a loss's) for ``dpo sft``."""
+    given = table.get("objective")
+    if _another_objective(command, given):
+        raise UsageError(f"{table.where('objective')}: objective = {json.dumps(given)}: "
+                         f"`dpo {command}` does not take it ({given} is {_TRAINS[given]}); use "
+                         f"`dpo {COMMAND_OF[given]} --config {table.path}`, or remove the key")
+    for key in fields_not_taken_by(command):
+        if key in table:
+            raise UsageError(f"{table.where(key)}: {key}: `dpo {command}` does not take it (an "
+                             "option of preference training, `dpo run`); remove it from the file")
+    if OBJECTIVE_OF[command] == "sft" and (plain := _loss_keys(table.get("options", {}))):
+        raise UsageError(f"{table.where('options')}: [options] {plain[0]}: `dpo sft` has no "
+                         "loss to take a plain key; qualify plugin options ([options.<plugin>] "
+                         "tables, or plugin.key = value)")
+    return table
+
+
+def _loss_keys(options: dict[str, Any]) -> list[str]:
+    """The plain keys of plugin options (``beta``, not ``nan-guard.x`` nor a plugin's table):
+    those that ``split_options`` gives to the loss."""
+    return [key for key, value in options.items() if "." not in key and not isinstance(value, dict)]
+
+
+def _another_objective(command: str, objective: Any) -> bool:
+    """Whether ``objective`` (as a record or a file gives it) is one that another command than
+    ``command`` trains; a value that is no objective is left to RunConfig's validation."""
+    return (isinstance(objective, str) and objective in COMMAND_OF
+            and objective != OBJECTIVE_OF[command])
 
 
 def _already_complete(output: Path, config: Any) -> bool:
@@ -200,25 +175,24 @@ class _exit_code_recorded:
         return False
 
 
-def launch(nproc: int, config: Any, catalog: Catalog, ctx: typer.Context) -> int:
-    """``dpo run --nproc N ARGS``: ``torchrun --nproc-per-node N -m dpo run ARGS``; the exit code
-    is the failing worker's (rank 0's first), else torchrun's."""
+def launch(nproc: int, config: Any, catalog: Catalog, ctx: typer.Context,
+           command: str = RUN) -> int:
+    """``dpo COMMAND --nproc N ARGS``: ``torchrun --nproc-per-node N -m dpo COMMAND ARGS``; the
+    exit code is the failing worker's (rank 0's first), else torchrun's."""
     from dpo.core.training.run import resolve_backend
 
     if strat.launched_by_torchrun():
         raise UsageError("--nproc: this process already runs under torchrun; drop --nproc")
     backend = resolve_backend(config.backend, catalog)
     strat.check_launch(nproc, backend.name, backend.device_count(), backend.name != "cpu")
-    args = _command_line_args(ctx, skip={"nproc"})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(nproc), "-m", "dpo", "run", *args]
+    workers = torchrun_command(command, nproc, _command_line_args(ctx, skip={"nproc"}))
     with tempfile.TemporaryDirectory(prefix="dpo-exit-") as exits:
         env = dict(os.environ, **{EXIT_DIR_ENV: exits})
         env.setdefault("OMP_NUM_THREADS", "1")
         if sys.stderr.isatty():  # the workers' output is piped through here: keep it rich
             env.setdefault("TTY_COMPATIBLE", "1")
             env.setdefault("TTY_INTERACTIVE", "1")
-        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(workers, env=env, stderr=subprocess.PIPE, text=True)
         quiet = False
         assert process.stderr is not None
         for line in process.stderr:
@@ -237,6 +211,12 @@ def launch(nproc: int, config: Any, catalog: Catalog, ctx: typer.Context) -> int
     if status and quiet:
         print(f"error: torchrun failed (exit {status})", file=sys.stderr)
     return status
+
+
+def torchrun_command(command: str, nproc: int, args: list[str]) -> list[str]:
+    """The command line that runs ``dpo COMMAND ARGS`` in ``nproc`` processes under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc), "-m", "dpo", command, *args]
 
 
 def _command_line_args(ctx: typer.Context, skip: set[str]) -> list[str]:

@@ -208,18 +208,26 @@ def split_options(flat: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def with_preset(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``layers`` behind the demo's preset when the run trains on the demo dataset: the preset
-    fills what no layer sets."""
+def demo_preset(objective: str = "dpo") -> dict[str, Any]:
+    """The demo's preset hyperparameters for a run of ``objective``: ``DEMO_PRESET`` for DPO,
+    ``SFT_DEMO_PRESET`` for supervised fine-tuning."""
+    from dpo.core.training.demo import DEMO_PRESET, SFT_DEMO_PRESET
+
+    return SFT_DEMO_PRESET if objective == "sft" else DEMO_PRESET
+
+
+def with_preset(layers: list[dict[str, Any]], objective: str = "dpo") -> list[dict[str, Any]]:
+    """``layers`` behind the defaults of ``objective`` (``OBJECTIVE_DEFAULTS``) and, when the run
+    trains on the demo dataset, the demo's preset for that objective: each fills what the
+    layers above it leave unset (the order: objective defaults < demo preset < ``layers``)."""
+    below = [OBJECTIVE_DEFAULTS[objective]]
     data = RunConfig.model_fields["data"].default
-    for layer in layers:
+    for layer in [*below, *layers]:
         if layer.get("data") is not None:
             data = layer["data"]
-    if data != "demo":
-        return layers
-    from dpo.core.training.demo import DEMO_PRESET
-
-    return [DEMO_PRESET, *layers]
+    if data == "demo":
+        below.append(demo_preset(objective))
+    return [*below, *layers]
 
 
 def resolve_config(*layers: dict[str, Any]) -> RunConfig:
