@@ -163,7 +163,7 @@ def test_a_file_of_conversations_end_to_end(tmp_path, formats):
     assert [tp.prompt_ids for tp in out] == [prompt, prompt]
     assert out[0].chosen_ids == (*tok("hello").input_ids, tok.eos_token_id)
     assert out[1].rejected_ids == (*tok("bye").input_ids, tok.eos_token_id)
-    assert stats.drops() == {"no_shared_prompt": 1} and stats.pairs_kept == 2
+    assert stats.drops() == {"no_shared_prompt": 1} and stats.kept == 2
     with pytest.raises(DataError) as info:
         load_pairs(path, formats, strict=True)
     assert str(info.value) == (f"{path}:2: chat format: chosen and rejected differ from their "

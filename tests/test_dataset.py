@@ -335,7 +335,7 @@ def test_unusable_records_are_dropped_and_counted_per_reason(tmp_path):
     pairs = load_pairs(path, registry(PickyFormat), stats=stats)
     assert [p.line for p in pairs] == [1, 5]
     assert stats.drops() == {"identical": 1, "no_good_answer": 2}
-    assert stats.as_dict()["dropped_no_good_answer"] == 2 and stats.pairs_read == 0
+    assert stats.as_dict()["dropped_no_good_answer"] == 2 and stats.read == 0
     assert load_pairs(path, registry(PickyFormat)) == pairs  # counting is optional
 
 
@@ -380,7 +380,7 @@ def test_text_pair_ids(tok):
     eos = tok.eos_token_id
     assert tp == TokenizedPair(tuple(ids("Q: 12")), (*ids(" YES"), eos), (*ids(" NO"), eos),
                                "data.jsonl:7")
-    assert stats == DataStats(pairs_read=1, pairs_kept=1)
+    assert stats == DataStats(read=1, kept=1)
 
 
 def test_the_boundary_is_exact_even_where_bpe_would_merge_across_it(tok):
@@ -423,7 +423,7 @@ def test_empty_and_identical_pairs_are_dropped_and_counted(tok):
              sourced("", "A", "B"), sourced("P", "A", "B", line=9)]
     out, stats = tokenize_pairs(tok, pairs, 64, 32)
     assert [p.source for p in out] == ["data.jsonl:9"]
-    assert (stats.pairs_read, stats.pairs_kept, stats.dropped_empty, stats.dropped_identical,
+    assert (stats.read, stats.kept, stats.dropped_empty, stats.dropped_identical,
             stats.dropped_empty_prompt) == (5, 1, 2, 1, 1)
 
 
