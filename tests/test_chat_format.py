@@ -61,7 +61,7 @@ def test_is_a_default_plugin_and_registers_under_its_name():
     ({"prompt": [U], "chosen": [A1]}, None),
     ({"prompt": "hi", "completion": "hello"}, "prompt-completion"),
     ({"prompt": [U], "completion": [A1]}, "prompt-completion"),
-    ({"prompt": "hi", "completion": "a", "chosen": "b"}, None),  # neither a pair nor a demonstration
+    ({"prompt": "hi", "completion": "a", "chosen": "b"}, None),  # neither pair nor demonstration
     ({"messages": [U, A1]}, "messages"),
     ({"messages": [U, A1], "completion": "x"}, "prompt-completion"),
     ({"messages": "hi"}, None),

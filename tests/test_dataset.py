@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import processors
 
 from dpo.core.interfaces.data_format import DataFormat, PreferencePair, UnusableRecord
 from dpo.core.data.batching import Batch, BatchSampler, collate
@@ -435,16 +434,7 @@ def test_prompt_limit_must_leave_room_for_the_completion(tok, max_length, max_pr
 
 # -- BOS handling ------------------------------------------------------------------------------
 
-@pytest.fixture
-def bos_tok():
-    """A tokenizer that puts a BOS (here <|endoftext|>) in front of every text by itself."""
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.bos_token = "<|endoftext|>"
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
-    assert tokenizer("ab").input_ids == [tokenizer.bos_token_id, 97, 98]
-    return tokenizer
-
+# ``bos_tok`` (conftest.py): the tiny tokenizer putting a BOS in front of every text itself.
 
 def test_one_bos_in_front_of_the_prompt_only(bos_tok):
     bos, eos = bos_tok.bos_token_id, bos_tok.eos_token_id

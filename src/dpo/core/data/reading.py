@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from dpo.core.interfaces.data_format import DataFormat, Demonstration, PreferencePair, Record, UnusableRecord
+from dpo.core.interfaces.data_format import (
+    DataFormat, Demonstration, PreferencePair, Record, UnusableRecord)
 from dpo.core.interfaces.errors import DataError, UsageError, first_line
 from dpo.core.interfaces.registry import Registry
 from dpo.core.data.stats import STRICT_HINT, DataStats

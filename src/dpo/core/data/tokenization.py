@@ -120,10 +120,8 @@ def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
             _unusable(stats, strict, sp, "empty",
                       "chosen or rejected is empty: there is no completion to learn")
             continue
-        prompt = _with_bos(prompt, bos)
-        if not prompt:
-            _unusable(stats, strict, sp, "empty_prompt",
-                      "the prompt is empty: nothing precedes the completions")
+        prompt = _prompt(prompt, bos, stats, strict, sp, "completions")
+        if prompt is None:
             continue
         chosen, rejected = _end_with_eos(chosen, eos, r.chat), _end_with_eos(rejected, eos, r.chat)
         if chosen == rejected:
@@ -193,18 +191,12 @@ def tokenize_demonstrations(tokenizer: Any, demonstrations: list[SourcedDemonstr
     stats.read += len(demonstrations)
     out: list[TokenizedExample] = []
     for sd, r, prompt, parts in zip(demonstrations, rendered, prompts, turns):
-        if not any(reply for _, reply in r.turns):
-            _unusable(stats, strict, sd, "no_assistant",
-                      "the completion has no assistant message: there is no reply to learn")
+        nothing = _nothing_to_learn(r, parts)
+        if nothing:
+            _unusable(stats, strict, sd, *nothing)
             continue
-        if r.empty or not any(ids for ids, (_, reply) in zip(parts, r.turns) if reply):
-            _unusable(stats, strict, sd, "empty",
-                      "the completion is empty: there is nothing to learn")
-            continue
-        prompt = _with_bos(prompt, bos)
-        if not prompt:
-            _unusable(stats, strict, sd, "empty_prompt",
-                      "the prompt is empty: nothing precedes the completion")
+        prompt = _prompt(prompt, bos, stats, strict, sd, "completion")
+        if prompt is None:
             continue
         completion, untrained = _completion(parts, [reply for _, reply in r.turns], eos, r.chat)
 
@@ -225,6 +217,17 @@ def tokenize_demonstrations(tokenizer: Any, demonstrations: list[SourcedDemonstr
                                     f"{sd.path}:{sd.line}"))
     stats.kept += len(out)
     return out, stats
+
+
+def _nothing_to_learn(r: _RenderedDemonstration,
+                      parts: list[list[int]]) -> tuple[str, str] | None:
+    """(reason, problem) where a demonstration's completion has no reply to learn, else None."""
+    if not any(reply for _, reply in r.turns):
+        return ("no_assistant",
+                "the completion has no assistant message: there is no reply to learn")
+    if r.empty or not any(ids for ids, (_, reply) in zip(parts, r.turns) if reply):
+        return "empty", "the completion is empty: there is nothing to learn"
+    return None
 
 
 def _completion(parts: list[list[int]], replies: list[bool], eos: int,
@@ -269,7 +272,8 @@ def _cut_completion(ids: list[int], untrained: list[tuple[int, int]],
     return ids, untrained
 
 
-def _special_ids(tokenizer: Any, max_length: int, max_prompt_length: int) -> tuple[int, int | None]:
+def _special_ids(tokenizer: Any, max_length: int,
+                 max_prompt_length: int) -> tuple[int, int | None]:
     """(EOS id, automatic BOS id or None), after checking the length limits."""
     if not 0 < max_prompt_length < max_length:
         raise UsageError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and smaller "
@@ -280,10 +284,17 @@ def _special_ids(tokenizer: Any, max_length: int, max_prompt_length: int) -> tup
     return eos, _automatic_bos(tokenizer)
 
 
-def _with_bos(prompt: list[int], bos: int | None) -> list[int]:
-    """The prompt's ids with the automatic BOS in front, unless it has it already."""
+def _prompt(prompt: list[int], bos: int | None, stats: DataStats, strict: bool,
+            source: Sourced, completions: str) -> list[int] | None:
+    """The prompt's ids with the automatic BOS in front (unless it has it already); None, the
+    record counted as dropped (``empty_prompt``) or refused under ``strict``, when that leaves
+    nothing to predict the ``completions``' first token from."""
     if bos is not None and prompt[:1] != [bos]:
-        return [bos, *prompt]
+        prompt = [bos, *prompt]
+    if not prompt:
+        _unusable(stats, strict, source, "empty_prompt",
+                  f"the prompt is empty: nothing precedes the {completions}")
+        return None
     return prompt
 
 
@@ -468,8 +479,8 @@ def _turns_unknown(k: int, generation_prompt: bool = False) -> str:
         return ("the rendered conversation does not start with the rendered prompt, so the "
                 "prompt/completion boundary is unknown; this template cannot be used for "
                 "supervised fine-tuning")
-    upto = (f"up to message {k} of the completion, with the generation prompt," if generation_prompt
-            else f"up to message {k + 1} of the completion")
+    upto = (f"up to message {k} of the completion, with the generation prompt,"
+            if generation_prompt else f"up to message {k + 1} of the completion")
     return (f"the rendered conversation {upto} does not start with its rendering up to message "
             f"{k}, so where that turn starts is unknown; this template cannot be used to train "
             "on a completion of several messages")

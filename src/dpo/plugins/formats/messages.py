@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo.core.interfaces.data_format import DataFormat, Demonstration, UnusableRecord
+from dpo.core.interfaces.data_format import DataFormat, Demonstration, UnusableRecord, json_type
 from dpo.core.interfaces.hookspecs import hookimpl
 from dpo.plugins.formats.chat import ASSISTANT, message_list
 
@@ -34,6 +34,9 @@ class MessagesFormat(DataFormat):
         if FIELD not in record:
             raise ValueError(f"missing field {FIELD!r} (a messages record needs a list of "
                              "messages)")
+        if not isinstance(record[FIELD], list):
+            raise ValueError(f"field {FIELD!r} must be a list of messages, got "
+                             f"{json_type(record[FIELD])}")
         conversation = message_list(record, FIELD)
         first = next((i for i, m in enumerate(conversation) if m["role"] == ASSISTANT), None)
         if first is None:
