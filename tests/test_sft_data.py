@@ -37,8 +37,9 @@ from dpo.plugins.formats.prompt_completion import PromptCompletionFormat
 EOS, PAD, START = 278, 276, 277
 NL = 10
 STRICT = "or run without --strict"
-HH_FILE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / \
-    "hh-rlhf-harmless-base-test-2000.jsonl.gz"
+# Beside the repository: ../shared/data from its root.
+HH_FILE = (Path(__file__).resolve().parents[2] / "shared" / "data"
+           / "hh-rlhf-harmless-base-test-2000.jsonl.gz")
 
 # "<|im_start|>user\n" and "<|im_start|>assistant\n" as ids: "user" is u s er, "assistant" is
 # a s s is t an t ("an" and "is" are merges).
