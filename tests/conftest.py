@@ -27,3 +27,19 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     else:
         os.environ["DPO_CACHE_DIR"] = previous
 
+
+
+@pytest.fixture
+def bos_tok():
+    """The tiny tokenizer made to put a BOS (here <|endoftext|>) in front of every text by
+    itself, as Llama's tokenizers do (the tiny one adds none)."""
+    from tokenizers import processors
+
+    from dpo.core.model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+    assert tokenizer("ab").input_ids == [tokenizer.bos_token_id, 97, 98]
+    return tokenizer

@@ -1,4 +1,5 @@
-"""The built-in ``chat`` data format, and detection among the built-in formats."""
+"""The built-in ``chat`` data format, and detection among the built-in formats (those of
+demonstrations, ``prompt-completion`` and ``messages``, included)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dpo.core.data.stats import DataStats
 from dpo.plugins.formats.chat import ChatFormat
 
 MODULE = "dpo.plugins.formats.chat"
-FORMAT_MODULES = (MODULE, "dpo.plugins.formats.hh", "dpo.plugins.formats.preference")
+FORMAT_MODULES = (MODULE, "dpo.plugins.formats.hh", "dpo.plugins.formats.preference",
+                  "dpo.plugins.formats.prompt_completion", "dpo.plugins.formats.messages")
 
 
 def msg(role: str, content: str) -> dict[str, str]:
@@ -57,7 +59,12 @@ def test_is_a_default_plugin_and_registers_under_its_name():
     ({"chosen": "a", "rejected": "b"}, None),  # text without HH turns: nobody's
     ({"prompt": None, "chosen": [A1], "rejected": [A2]}, None),
     ({"prompt": [U], "chosen": [A1]}, None),
-    ({"messages": [U, A1]}, None),
+    ({"prompt": "hi", "completion": "hello"}, "prompt-completion"),
+    ({"prompt": [U], "completion": [A1]}, "prompt-completion"),
+    ({"prompt": "hi", "completion": "a", "chosen": "b"}, None),  # neither pair nor demonstration
+    ({"messages": [U, A1]}, "messages"),
+    ({"messages": [U, A1], "completion": "x"}, "prompt-completion"),
+    ({"messages": "hi"}, None),
 ])
 def test_each_record_is_recognised_by_at_most_one_builtin_format(formats, record, expected):
     claimed = [name for name, cls in formats if cls.detect(record)]
@@ -156,7 +163,7 @@ def test_a_file_of_conversations_end_to_end(tmp_path, formats):
     assert [tp.prompt_ids for tp in out] == [prompt, prompt]
     assert out[0].chosen_ids == (*tok("hello").input_ids, tok.eos_token_id)
     assert out[1].rejected_ids == (*tok("bye").input_ids, tok.eos_token_id)
-    assert stats.drops() == {"no_shared_prompt": 1} and stats.pairs_kept == 2
+    assert stats.drops() == {"no_shared_prompt": 1} and stats.kept == 2
     with pytest.raises(DataError) as info:
         load_pairs(path, formats, strict=True)
     assert str(info.value) == (f"{path}:2: chat format: chosen and rejected differ from their "

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import processors
 
 from dpo.core.interfaces.data_format import DataFormat, PreferencePair, UnusableRecord
 from dpo.core.data.batching import Batch, BatchSampler, collate
@@ -335,7 +334,7 @@ def test_unusable_records_are_dropped_and_counted_per_reason(tmp_path):
     pairs = load_pairs(path, registry(PickyFormat), stats=stats)
     assert [p.line for p in pairs] == [1, 5]
     assert stats.drops() == {"identical": 1, "no_good_answer": 2}
-    assert stats.as_dict()["dropped_no_good_answer"] == 2 and stats.pairs_read == 0
+    assert stats.as_dict()["dropped_no_good_answer"] == 2 and stats.read == 0
     assert load_pairs(path, registry(PickyFormat)) == pairs  # counting is optional
 
 
@@ -380,7 +379,7 @@ def test_text_pair_ids(tok):
     eos = tok.eos_token_id
     assert tp == TokenizedPair(tuple(ids("Q: 12")), (*ids(" YES"), eos), (*ids(" NO"), eos),
                                "data.jsonl:7")
-    assert stats == DataStats(pairs_read=1, pairs_kept=1)
+    assert stats == DataStats(read=1, kept=1)
 
 
 def test_the_boundary_is_exact_even_where_bpe_would_merge_across_it(tok):
@@ -423,7 +422,7 @@ def test_empty_and_identical_pairs_are_dropped_and_counted(tok):
              sourced("", "A", "B"), sourced("P", "A", "B", line=9)]
     out, stats = tokenize_pairs(tok, pairs, 64, 32)
     assert [p.source for p in out] == ["data.jsonl:9"]
-    assert (stats.pairs_read, stats.pairs_kept, stats.dropped_empty, stats.dropped_identical,
+    assert (stats.read, stats.kept, stats.dropped_empty, stats.dropped_identical,
             stats.dropped_empty_prompt) == (5, 1, 2, 1, 1)
 
 
@@ -435,16 +434,7 @@ def test_prompt_limit_must_leave_room_for_the_completion(tok, max_length, max_pr
 
 # -- BOS handling ------------------------------------------------------------------------------
 
-@pytest.fixture
-def bos_tok():
-    """A tokenizer that puts a BOS (here <|endoftext|>) in front of every text by itself."""
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.bos_token = "<|endoftext|>"
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
-    assert tokenizer("ab").input_ids == [tokenizer.bos_token_id, 97, 98]
-    return tokenizer
-
+# ``bos_tok`` (conftest.py): the tiny tokenizer putting a BOS in front of every text itself.
 
 def test_one_bos_in_front_of_the_prompt_only(bos_tok):
     bos, eos = bos_tok.bos_token_id, bos_tok.eos_token_id

@@ -175,7 +175,7 @@ def test_files_load_and_tokenize_through_the_project_data_path(tmp_path):
             assert (sourced.pair.prompt, sourced.pair.chosen, sourced.pair.rejected) == (
                 record["prompt"], record["chosen"], record["rejected"])
         tokenized, stats = tokenize_pairs(tokenizer, pairs, 256, 192)
-        assert stats.pairs_kept == len(records) and stats.prompts_truncated == 0
+        assert stats.kept == len(records) and stats.prompts_truncated == 0
         for pair in tokenized:
             # Two digits and the EOS on each side.
             assert len(pair.chosen_ids) == len(pair.rejected_ids) == 3

@@ -47,7 +47,7 @@ def tok():
 # -- DataStats ---------------------------------------------------------------------------------
 
 def test_drop_reasons_share_the_fixed_counters_and_others_are_listed_after_them():
-    stats = DataStats(pairs_read=5)
+    stats = DataStats(read=5)
     stats.drop("empty")
     stats.drop("no_shared_prompt", 2)
     stats.drop("identical")
@@ -70,7 +70,7 @@ def test_given_stats_are_counted_on(tok):
                                    stats=stats)
     assert returned is stats and len(out) == 1
     assert stats.drops() == {"empty": 1, "no_shared_prompt": 2}
-    assert (stats.pairs_read, stats.pairs_kept) == (2, 1)
+    assert (stats.read, stats.kept) == (2, 1)
 
 
 # -- strict ------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_strict_refuses_what_would_be_dropped_or_truncated(tok, pair, problem):
     assert str(info.value) == f"data.jsonl:3: {problem}"
     assert (info.value.path, info.value.line) == ("data.jsonl", 3)
     out, stats = tokenize_pairs(tok, pairs, 8, 5)  # the same pairs without strict: dropped or cut
-    assert out[0].source == "data.jsonl:1" and stats.pairs_read == 2
+    assert out[0].source == "data.jsonl:1" and stats.read == 2
     assert sum(stats.drops().values()) + stats.prompts_truncated == 1
 
 

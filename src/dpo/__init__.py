@@ -16,7 +16,7 @@ The public API for plugin authors::
 __version__ = "0.1.0"
 
 from dpo.core.interfaces.backend import Backend, MemoryStats  # noqa: E402
-from dpo.core.interfaces.data_format import DataFormat, PreferencePair, UnusableRecord  # noqa: E402
+from dpo.core.interfaces.data_format import DataFormat, Demonstration, PreferencePair, UnusableRecord  # noqa: E402
 from dpo.core.interfaces.errors import DataError, DpoError, UsageError  # noqa: E402
 from dpo.core.interfaces.hookspecs import hookimpl  # noqa: E402
 from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps  # noqa: E402
@@ -29,6 +29,7 @@ __all__ = [
     "DataError",
     "DataFormat",
     "Decision",
+    "Demonstration",
     "DpoError",
     "Loss",
     "LossOutput",

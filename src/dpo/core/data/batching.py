@@ -7,7 +7,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from dpo.core.data.tokenization import TokenizedPair
+from dpo.core.data.tokenization import TokenizedExample, TokenizedPair
 
 
 class RefTable(Protocol):
@@ -19,26 +19,38 @@ class RefTable(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """B pairs as 2B right-padded rows: rows 0..B-1 are the chosen sequences, rows B..2B-1 the
-    rejected ones of the same pairs in the same order, so one forward serves both sides.
+    """Right-padded rows of token ids, scored in one forward. A batch of B pairs (``collate``,
+    ``paired``) has 2B rows: rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones
+    of the same pairs in the same order, so one forward serves both sides. A batch of N examples
+    for supervised fine-tuning (``collate_examples``) has one row per example.
 
-    ``completion_mask[i, t]`` is True where token t of row i is a completion token (EOS
-    included); its log-probability is read from the logits at t - 1. Prompt and padding are False.
+    ``completion_mask[i, t]`` is True where token t of row i is trained: a completion token (EOS
+    included), not in an example's untrained span; its log-probability is read from the logits
+    at t - 1. Prompt and padding are False.
     """
 
-    input_ids: torch.Tensor  # [2B, T] int64
-    attention_mask: torch.Tensor  # [2B, T] int64, 1 for real tokens
-    completion_mask: torch.Tensor  # [2B, T] bool
-    # [2B] float32 reference log-probs read from a precomputed table, in the same row order;
-    # None when the reference model scores the batch itself.
+    input_ids: torch.Tensor  # [R, T] int64
+    attention_mask: torch.Tensor  # [R, T] int64, 1 for real tokens
+    completion_mask: torch.Tensor  # [R, T] bool
+    # [R] float32 reference log-probs read from a precomputed table, in the same row order;
+    # None when the reference model scores the batch itself (or none is needed).
     ref_logps: torch.Tensor | None = None
     # Counted on the host when collated, so reading them later costs no device sync.
     row_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)  # real tokens
+    # Each row's prompt tokens, where every trained token is after them (one completion suffix
+    # per row, what the shared-prompt and packed paths assume); () where a row has holes.
     prompt_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
-    completion_tokens: int = field(default=0, repr=False, compare=False)
+    completion_tokens: int = field(default=0, repr=False, compare=False)  # trained tokens
+    paired: bool = True  # rows are pairs' chosen then rejected sides (else one per example)
+
+    @property
+    def rows(self) -> int:
+        """Sequences in the batch: 2B for B pairs, N for N examples."""
+        return self.input_ids.shape[0]
 
     @property
     def num_pairs(self) -> int:
+        """Pairs in a batch of pairs (half its rows)."""
         return self.input_ids.shape[0] // 2
 
     @property
@@ -51,17 +63,26 @@ class Batch:
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def select(self, pairs: list[int]) -> Batch:
-        """The sub-batch of these pairs (indices in order), cut to its own longest row."""
-        rows, width = pair_rows(pairs, self.row_lengths)
+    def select(self, units: list[int]) -> Batch:
+        """The sub-batch of these pairs (of these examples, in a batch of examples; indices in
+        order), cut to its own longest row."""
+        if self.paired:
+            rows, width = pair_rows(units, self.row_lengths)
+        else:
+            rows, width = list(units), max(self.row_lengths[r] for r in units)
         index = torch.tensor(rows, device=self.input_ids.device)
+        completion_mask = self.completion_mask[index, :width]
+        if self.prompt_lengths:
+            trained = sum(self.row_lengths[r] - self.prompt_lengths[r] for r in rows)
+        else:  # rows with holes: counted from the mask (a device read)
+            trained = int(completion_mask.sum())
         return Batch(self.input_ids[index, :width], self.attention_mask[index, :width],
-                     self.completion_mask[index, :width],
+                     completion_mask,
                      ref_logps=None if self.ref_logps is None else self.ref_logps[index],
                      row_lengths=tuple(self.row_lengths[r] for r in rows),
-                     prompt_lengths=tuple(self.prompt_lengths[r] for r in rows),
-                     completion_tokens=sum(self.row_lengths[r] - self.prompt_lengths[r]
-                                           for r in rows))
+                     prompt_lengths=tuple(self.prompt_lengths[r] for r in rows
+                                          if self.prompt_lengths),
+                     completion_tokens=trained, paired=self.paired)
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, input_ids=self.input_ids.to(device),
@@ -89,11 +110,50 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: i
     """
     if not pairs:
         raise ValueError("collate needs at least one pair")
-    if pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     rows = ([(*p.prompt_ids, *p.chosen_ids) for p in pairs]
             + [(*p.prompt_ids, *p.rejected_ids) for p in pairs])
     prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
+    input_ids, real, positions = _padded(rows, pad_token_id, pad_to_multiple_of, pad_length)
+    completion = real & (positions >= torch.tensor(prompt_lengths)[:, None])
+    return Batch(input_ids, real.long(), completion,
+                 ref_logps=None if ref is None else ref.lookup(pairs),
+                 row_lengths=tuple(map(len, rows)), prompt_lengths=tuple(prompt_lengths),
+                 completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
+
+
+def collate_examples(examples: list[TokenizedExample], pad_token_id: int,
+                     pad_to_multiple_of: int = 1,
+                     pad_length: Callable[[int], int] | None = None) -> Batch:
+    """Right-pad ``examples`` into one Batch of one row each, for supervised fine-tuning.
+
+    Padded as by ``collate``. ``completion_mask`` is True exactly on the trained tokens (after
+    the prompt, outside the untrained spans). ``prompt_lengths`` are the examples' prompt
+    lengths when every trained token of every row follows its prompt, else () (an example with
+    untrained spans), which keeps such a batch off the paths that score a row's whole suffix
+    (``dpo.core.model.logps.rows_logps``). No reference log-probs.
+    """
+    if not examples:
+        raise ValueError("collate_examples needs at least one example")
+    rows = [e.ids for e in examples]
+    input_ids, real, positions = _padded(rows, pad_token_id, pad_to_multiple_of, pad_length)
+    prompt_lengths = [e.prompt_length for e in examples]
+    trained = real & (positions >= torch.tensor(prompt_lengths)[:, None])
+    for row, example in enumerate(examples):
+        for start, end in example.untrained:
+            trained[row, start:end] = False
+    holes = any(e.untrained for e in examples)
+    return Batch(input_ids, real.long(), trained, row_lengths=tuple(map(len, rows)),
+                 prompt_lengths=() if holes else tuple(prompt_lengths),
+                 completion_tokens=sum(e.trained_tokens for e in examples), paired=False)
+
+
+def _padded(rows: list[tuple[int, ...]], pad_token_id: int, pad_to_multiple_of: int,
+            pad_length: Callable[[int], int] | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [R, T] right-padded with ``pad_token_id``, real-token mask [R, T] bool, positions
+    [T]): T is the longest row, or ``pad_length`` of it, rounded up to ``pad_to_multiple_of``."""
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     lengths = [len(r) for r in rows]
     longest = max(lengths)
     width = pad_length(longest) if pad_length is not None else longest
@@ -103,12 +163,7 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, pad_to_multiple_of: i
     input_ids = torch.tensor([[*r, *(pad_token_id,) * (width - len(r))] for r in rows],
                              dtype=torch.long)
     positions = torch.arange(width)
-    real = positions < torch.tensor(lengths)[:, None]
-    completion = real & (positions >= torch.tensor(prompt_lengths)[:, None])
-    return Batch(input_ids, real.long(), completion,
-                 ref_logps=None if ref is None else ref.lookup(pairs),
-                 row_lengths=tuple(lengths), prompt_lengths=tuple(prompt_lengths),
-                 completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
+    return input_ids, positions < torch.tensor(lengths)[:, None], positions
 
 
 def bucket_length(length: int, minimum: int = 64, per_doubling: int = 4) -> int:

@@ -15,11 +15,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from dpo.core.interfaces.data_format import DataFormat, PreferencePair, UnusableRecord
+from dpo.core.interfaces.data_format import (
+    DataFormat, Demonstration, PreferencePair, Record, UnusableRecord)
 from dpo.core.interfaces.errors import DataError, UsageError, first_line
 from dpo.core.interfaces.registry import Registry
 from dpo.core.data.stats import STRICT_HINT, DataStats
@@ -33,6 +34,15 @@ class SourcedPair:
     """A parsed pair and where it came from, so later errors and drops can name the line."""
 
     pair: PreferencePair
+    path: str
+    line: int
+
+
+@dataclass(frozen=True)
+class SourcedDemonstration:
+    """A demonstration (or a pair's chosen side) and where it came from, like ``SourcedPair``."""
+
+    demonstration: Demonstration
     path: str
     line: int
 
@@ -192,7 +202,7 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
                options: dict[str, Any] | None = None, *, strict: bool = False,
                stats: DataStats | None = None,
                options_by_format: Mapping[str, dict[str, Any]] | None = None) -> list[SourcedPair]:
-    """Every usable record of ``path`` parsed into a PreferencePair.
+    """Every usable record of ``path`` parsed into a PreferencePair, for preference training.
 
     The format is ``format_name`` when given, otherwise the format whose ``suffixes`` end the
     file's name, otherwise the first format (by name) whose ``detect`` accepts the file's first
@@ -201,25 +211,69 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
     are the format's ``-o`` values; ``options_by_format`` (format name -> values) serves instead
     when the format is detected, so each format takes its own.
 
-    A malformed record (a missing field, a wrong type) fails with its file and line. A record the
+    A malformed record (a missing field, a wrong type) fails with its file and line, and so does
+    a Demonstration (it has no rejected completion to prefer the chosen one to). A record the
     format finds unusable (``UnusableRecord``) is dropped and counted per reason in ``stats``
     (pass a DataStats to see the counts, then hand it to ``tokenize_pairs``); with ``strict`` it
     fails with its file and line instead.
     """
+    counts = None if stats is None else stats.counting("pairs")
+    return _load(path, formats, format_name, options, strict, counts, options_by_format, _as_pair)
+
+
+def load_demonstrations(path: str | Path, formats: Registry[DataFormat],
+                        format_name: str | None = None, options: dict[str, Any] | None = None, *,
+                        strict: bool = False, stats: DataStats | None = None,
+                        options_by_format: Mapping[str, dict[str, Any]] | None = None
+                        ) -> list[SourcedDemonstration]:
+    """Every usable record of ``path`` as a Demonstration, for supervised fine-tuning.
+
+    Read, detected, dropped and refused exactly as by ``load_pairs``. A record parsed into a
+    PreferencePair becomes ``Demonstration(prompt, chosen)``: training on the chosen side, the
+    usual way to build the starting model of preference training from the same data. ``stats``
+    counts examples (``DataStats.counting``); hand it to ``tokenize_demonstrations``.
+    """
+    counts = None if stats is None else stats.counting("examples")
+    return _load(path, formats, format_name, options, strict, counts, options_by_format,
+                 _as_demonstration)
+
+
+def _as_pair(record: Record, fmt: DataFormat, path: str, line: int) -> SourcedPair:
+    if isinstance(record, Demonstration):
+        raise DataError(f"{fmt.name} format: this record is a demonstration (a prompt and one "
+                        "completion), not a preference pair: it has no rejected completion, and "
+                        "preference training needs pairs; train on it with `dpo sft`", path, line)
+    return SourcedPair(record, path, line)
+
+
+def _as_demonstration(record: Record, fmt: DataFormat, path: str,
+                      line: int) -> SourcedDemonstration:
+    if isinstance(record, PreferencePair):
+        record = Demonstration(record.prompt, record.chosen)
+    return SourcedDemonstration(record, path, line)
+
+
+def _load(path: str | Path, formats: Registry[DataFormat], format_name: str | None,
+          options: dict[str, Any] | None, strict: bool, stats: DataStats | None,
+          options_by_format: Mapping[str, dict[str, Any]] | None,
+          keep: Callable[[Record, DataFormat, str, int], T]) -> list[T]:
+    """The reading loop of ``load_pairs`` and ``load_demonstrations``: each usable record
+    parsed, checked to be a PreferencePair or a Demonstration, and handed to ``keep`` (with
+    the format, the file and the line) for what the caller trains on."""
     shown = str(path)
     forced = formats.get(format_name) if format_name else None  # unknown names fail first
     # A format that reads files itself: the forced one if it does, else one claiming the suffix.
     reader = (forced if forced.reads_files() else None) if forced else _reader(formats, shown)
     fmt: DataFormat | None = None
     dropped = DataStats()
-    pairs: list[SourcedPair] = []
+    kept: list[T] = []
     for line, record in read_records(path, reader):
         if fmt is None:
             cls = forced or reader or _detect(formats, record, shown, line)
             values = options if options is not None else (options_by_format or {}).get(cls.name)
             fmt = cls(cls.parse_options(dict(values or {})))
         try:
-            pair = fmt.parse(record)
+            parsed = fmt.parse(record)
         except UnusableRecord as exc:
             if strict:
                 raise DataError(f"{fmt.name} format: {exc}; fix or remove the record, "
@@ -235,19 +289,23 @@ def load_pairs(path: str | Path, formats: Registry[DataFormat], format_name: str
             raise DataError(f"{fmt.name} format raised {type(exc).__name__} ({detail}); fix "
                             "the format plugin, or pick another with --format",
                             shown, line) from None
-        pairs.append(SourcedPair(pair, shown, line))
+        if not isinstance(parsed, (PreferencePair, Demonstration)):
+            raise DataError(f"{fmt.name} format: parse() returned {type(parsed).__name__}, not a "
+                            "PreferencePair or a Demonstration; a bug in the data format plugin",
+                            shown, line)
+        kept.append(keep(parsed, fmt, shown, line))
     drops = dropped.drops()
     if stats is not None:
         for reason, count in drops.items():
             stats.drop(reason, count)
-    if not pairs:
+    if not kept:
         if drops:
             counts = ", ".join(f"{reason} {n}" for reason, n in drops.items())
             raise DataError(f"no usable records: all {sum(drops.values())} were dropped "
                             f"({counts}); run with --strict to stop at the first one and see why",
                             shown)
         raise DataError("no records: the file is empty or holds only blank lines", shown)
-    return pairs
+    return kept
 
 
 def _reader(formats: Registry[DataFormat], path: str) -> type[DataFormat] | None:

@@ -1,21 +1,30 @@
-"""Preference pairs to token ids: one EOS, no duplicate BOS, explicit symmetric truncation.
+"""Pairs and demonstrations to token ids: one EOS, no duplicate BOS, explicit truncation.
 
 The prompt and each completion are tokenised separately, so the prompt/completion boundary is
 exact at the token level: the completion's first token is the first token the model is asked to
 predict, never one merged across the boundary. For chat messages the boundary is also checked:
 the whole rendered conversation must tokenise to exactly the prompt's tokens followed by the
-completion's, or the pair is refused (the template's boundary falls inside a token).
+completion's, or the record is refused (the template's boundary falls inside a token).
+
+Demonstrations (supervised fine-tuning, ``tokenize_demonstrations``) follow the rules of pairs
+(``tokenize_pairs``) and share their code; a chat completion of several turns is tokenised turn
+by turn, its assistant turns trained and the other roles' turns kept as untrained context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from dpo.core.interfaces.data_format import Text
-from dpo.core.data.reading import SourcedPair
+from dpo.core.data.reading import SourcedDemonstration, SourcedPair
 from dpo.core.data.stats import STRICT_HINT, DataStats
 from dpo.core.interfaces.errors import DataError, UsageError
+
+ASSISTANT = "assistant"
+
+Sourced = Union[SourcedPair, SourcedDemonstration]
+
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -28,6 +37,29 @@ class TokenizedPair:
 
 
 @dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of one demonstration: the prompt, then the completion.
+
+    The prompt (``ids[:prompt_length]``) is never trained. The completion is trained except for
+    the ``untrained`` spans: ``[start, end)`` positions in ``ids``, all at or after
+    ``prompt_length``, sorted and apart, holding what a conversation's completion says besides
+    the assistant's replies (other roles' turns, the template's text between turns). The last
+    token is always trained: it is the EOS ending the last reply, unless truncation cut it.
+    """
+
+    ids: tuple[int, ...]
+    prompt_length: int
+    untrained: tuple[tuple[int, int], ...] = ()
+    source: str = ""  # "path:line"
+
+    @property
+    def trained_tokens(self) -> int:
+        """How many tokens the completion trains (positions whose log-probability is learnt)."""
+        return len(self.ids) - self.prompt_length - sum(end - start
+                                                        for start, end in self.untrained)
+
+
+@dataclass(frozen=True)
 class _Rendered:
     """A pair as the strings to tokenise, before any ids exist."""
 
@@ -36,6 +68,17 @@ class _Rendered:
     rejected: str
     chat: bool
     empty: bool  # a completion with no content
+
+
+@dataclass(frozen=True)
+class _RenderedDemonstration:
+    """A demonstration as the strings to tokenise: the prompt, then the completion in turns,
+    each ``(text, reply)`` where ``reply`` marks an assistant turn (trained up to its EOS)."""
+
+    prompt: str
+    turns: tuple[tuple[str, bool], ...]
+    chat: bool
+    empty: bool  # no reply has any content
 
 
 def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
@@ -58,33 +101,27 @@ def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
     ``max_prompt_length`` (otherwise cut and counted). ``stats``, when given, is counted on (for
     example the one ``load_pairs`` counted the format's drops in) and returned.
     """
-    if not 0 < max_prompt_length < max_length:
-        raise UsageError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and smaller "
-                         f"than max_length ({max_length}), so every completion keeps a token")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UsageError("the tokenizer has no EOS token; completions must end with one")
-    bos = _automatic_bos(tokenizer)
-
+    eos, bos = _special_ids(tokenizer, max_length, max_prompt_length)
     rendered = [_render(tokenizer, sp) for sp in pairs]
     prompts = _encode(tokenizer, [r.prompt for r in rendered])
     chosens = _encode(tokenizer, [r.chosen for r in rendered])
     rejecteds = _encode(tokenizer, [r.rejected for r in rendered])
-    _check_chat_boundaries(tokenizer, pairs, rendered, prompts, chosens, rejecteds)
+    chat = [i for i, r in enumerate(rendered) if r.chat]
+    for name, completions in (("chosen", chosens), ("rejected", rejecteds)):
+        _check_boundaries(tokenizer, [pairs[i] for i in chat],
+                          [rendered[i].prompt + getattr(rendered[i], name) for i in chat],
+                          [[prompts[i], completions[i]] for i in chat], name)
 
-    stats = stats if stats is not None else DataStats()
-    stats.pairs_read += len(pairs)
+    stats = (stats if stats is not None else DataStats()).counting("pairs")
+    stats.read += len(pairs)
     out: list[TokenizedPair] = []
     for sp, r, prompt, chosen, rejected in zip(pairs, rendered, prompts, chosens, rejecteds):
         if r.empty or not chosen or not rejected:
             _unusable(stats, strict, sp, "empty",
                       "chosen or rejected is empty: there is no completion to learn")
             continue
-        if bos is not None and prompt[:1] != [bos]:
-            prompt = [bos, *prompt]
-        if not prompt:
-            _unusable(stats, strict, sp, "empty_prompt",
-                      "the prompt is empty: nothing precedes the completions")
+        prompt = _prompt(prompt, bos, stats, strict, sp, "completions")
+        if prompt is None:
             continue
         chosen, rejected = _end_with_eos(chosen, eos, r.chat), _end_with_eos(rejected, eos, r.chat)
         if chosen == rejected:
@@ -92,16 +129,7 @@ def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
                       "chosen and rejected are identical: no preference to learn")
             continue
 
-        if len(prompt) > max_prompt_length:
-            if strict:
-                raise DataError(f"the prompt has {len(prompt)} tokens, more than "
-                                f"max_prompt_length {max_prompt_length}; raise "
-                                f"--max-prompt-length, shorten or remove the record, "
-                                f"{STRICT_HINT}", sp.path, sp.line)
-            keep_bos = bos is not None and prompt[0] == bos
-            head = prompt[:1] if keep_bos else []
-            prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)):]
-            stats.prompts_truncated += 1
+        prompt = _cut_prompt(prompt, max_prompt_length, bos, strict, stats, sp)
         budget = max_length - len(prompt)
         cut = (len(chosen) > budget) + (len(rejected) > budget)
         if cut:
@@ -115,53 +143,226 @@ def tokenize_pairs(tokenizer: Any, pairs: list[SourcedPair], max_length: int,
                 continue
         out.append(TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected),
                                  f"{sp.path}:{sp.line}"))
-    stats.pairs_kept += len(out)
+    stats.kept += len(out)
     return out, stats
 
 
-def _unusable(stats: DataStats, strict: bool, sp: SourcedPair, reason: str, problem: str,
-              remedy: str = "fix or remove the record") -> None:
-    """Count the pair as dropped for ``reason``, or refuse it under ``strict``."""
+def tokenize_demonstrations(tokenizer: Any, demonstrations: list[SourcedDemonstration],
+                            max_length: int, max_prompt_length: int, *, strict: bool = False,
+                            stats: DataStats | None = None
+                            ) -> tuple[list[TokenizedExample], DataStats]:
+    """Tokenise, truncate and filter ``demonstrations`` by the rules of ``tokenize_pairs``;
+    the survivors keep their order.
+
+    Text: the prompt's ids (with the BOS only if the tokenizer adds one by itself), then the
+    completion's plus one EOS, all of it trained. Chat messages are rendered with the
+    tokenizer's chat template (see ``_render_demonstration``) and tokenised turn by turn, the
+    boundaries checked token by token as for pairs (see ``_check_boundaries``): each assistant
+    message of the completion is trained, from the template's text of that turn through its
+    EOS (the last reply gets one appended if the template writes none); the template's filler
+    after an EOS, the opening of later assistant turns (as the generation prompt opens the
+    first) and the other roles' turns are ``untrained`` spans. Whatever follows the last
+    reply's EOS is left out: under causal attention it changes nothing trained.
+
+    Truncation: the prompt keeps its last ``max_prompt_length`` tokens (a leading BOS is kept
+    in front of them); then the completion is cut to ``max_length - len(prompt)`` tokens from
+    its start, and any untrained tokens that end it after the cut are left out.
+
+    Dropped and counted, or with ``strict`` refused as a DataError naming the file and line:
+    an empty completion or prompt (``empty``, ``empty_prompt``), a chat completion without an
+    assistant message (``no_assistant``), and an example left with no trained token by the cut
+    (``untrained_after_truncation``); under ``strict`` a prompt longer than
+    ``max_prompt_length`` too. ``stats`` counts examples (``DataStats.counting``); when given
+    (for example the one ``load_demonstrations`` counted the format's drops in) it is counted
+    on and returned.
+    """
+    eos, bos = _special_ids(tokenizer, max_length, max_prompt_length)
+    rendered = [_render_demonstration(tokenizer, sd) for sd in demonstrations]
+    prompts = _encode(tokenizer, [r.prompt for r in rendered])
+    flat = iter(_encode(tokenizer, [text for r in rendered for text, _ in r.turns]))
+    turns = [[next(flat) for _ in r.turns] for r in rendered]
+    chat = [i for i, r in enumerate(rendered) if r.chat]
+    _check_boundaries(tokenizer, [demonstrations[i] for i in chat],
+                      [rendered[i].prompt + "".join(text for text, _ in rendered[i].turns)
+                       for i in chat],
+                      [[prompts[i], *turns[i]] for i in chat])
+
+    stats = (stats if stats is not None else DataStats()).counting("examples")
+    stats.read += len(demonstrations)
+    out: list[TokenizedExample] = []
+    for sd, r, prompt, parts in zip(demonstrations, rendered, prompts, turns):
+        nothing = _nothing_to_learn(r, parts)
+        if nothing:
+            _unusable(stats, strict, sd, *nothing)
+            continue
+        prompt = _prompt(prompt, bos, stats, strict, sd, "completion")
+        if prompt is None:
+            continue
+        completion, untrained = _completion(parts, [reply for _, reply in r.turns], eos, r.chat)
+
+        prompt = _cut_prompt(prompt, max_prompt_length, bos, strict, stats, sd)
+        budget = max_length - len(prompt)
+        if len(completion) > budget:
+            stats.completions_truncated += 1
+            completion, untrained = _cut_completion(completion, untrained, budget)
+            if not completion:
+                _unusable(stats, strict, sd, "untrained_after_truncation",
+                          f"no trained token is left once the completion is cut to the {budget} "
+                          f"tokens that max_length {max_length} leaves after the prompt",
+                          "raise --max-length, fix or remove the record")
+                continue
+        start = len(prompt)
+        out.append(TokenizedExample(tuple(prompt + completion), start,
+                                    tuple((start + a, start + b) for a, b in untrained),
+                                    f"{sd.path}:{sd.line}"))
+    stats.kept += len(out)
+    return out, stats
+
+
+def _nothing_to_learn(r: _RenderedDemonstration,
+                      parts: list[list[int]]) -> tuple[str, str] | None:
+    """(reason, problem) where a demonstration's completion has no reply to learn, else None."""
+    if not any(reply for _, reply in r.turns):
+        return ("no_assistant",
+                "the completion has no assistant message: there is no reply to learn")
+    if r.empty or not any(ids for ids, (_, reply) in zip(parts, r.turns) if reply):
+        return "empty", "the completion is empty: there is nothing to learn"
+    return None
+
+
+def _completion(parts: list[list[int]], replies: list[bool], eos: int,
+                chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """A demonstration's completion ids from its turns' ids, and its untrained spans
+    (``[start, end)`` within the completion, adjacent ones merged).
+
+    A reply is trained through its last EOS (``_end_with_eos``: the last reply always ends with
+    one; an earlier one without any is trained whole), the rest of it is untrained; other turns
+    are untrained; nothing after the last reply's EOS is kept.
+    """
+    last = max(i for i, reply in enumerate(replies) if reply)
+    ids: list[int] = []
+    untrained: list[tuple[int, int]] = []
+    for i, (part, reply) in enumerate(zip(parts[:last + 1], replies)):
+        if not reply:
+            trained = []
+        elif i == last or eos in part:
+            trained = _end_with_eos(part, eos, chat)
+        else:
+            trained = part
+        ids += trained
+        rest = part[len(trained):] if i < last else []
+        if rest:
+            if untrained and untrained[-1][1] == len(ids):
+                untrained[-1] = (untrained[-1][0], len(ids) + len(rest))
+            else:
+                untrained.append((len(ids), len(ids) + len(rest)))
+            ids += rest
+    return ids, untrained
+
+
+def _cut_completion(ids: list[int], untrained: list[tuple[int, int]],
+                    budget: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The completion's first ``budget`` tokens and its spans within them; an untrained span
+    the cut leaves at the end is left out too, so the completion still ends with a trained
+    token (or is empty: nothing trained is left)."""
+    ids = ids[:budget]
+    untrained = [(a, min(b, budget)) for a, b in untrained if a < budget]
+    if untrained and untrained[-1][1] == len(ids):
+        ids = ids[:untrained.pop()[0]]
+    return ids, untrained
+
+
+def _special_ids(tokenizer: Any, max_length: int,
+                 max_prompt_length: int) -> tuple[int, int | None]:
+    """(EOS id, automatic BOS id or None), after checking the length limits."""
+    if not 0 < max_prompt_length < max_length:
+        raise UsageError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and smaller "
+                         f"than max_length ({max_length}), so every completion keeps a token")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UsageError("the tokenizer has no EOS token; completions must end with one")
+    return eos, _automatic_bos(tokenizer)
+
+
+def _prompt(prompt: list[int], bos: int | None, stats: DataStats, strict: bool,
+            source: Sourced, completions: str) -> list[int] | None:
+    """The prompt's ids with the automatic BOS in front (unless it has it already); None, the
+    record counted as dropped (``empty_prompt``) or refused under ``strict``, when that leaves
+    nothing to predict the ``completions``' first token from."""
+    if bos is not None and prompt[:1] != [bos]:
+        prompt = [bos, *prompt]
+    if not prompt:
+        _unusable(stats, strict, source, "empty_prompt",
+                  f"the prompt is empty: nothing precedes the {completions}")
+        return None
+    return prompt
+
+
+def _cut_prompt(prompt: list[int], max_prompt_length: int, bos: int | None, strict: bool,
+                stats: DataStats, source: Sourced) -> list[int]:
+    """The prompt's last ``max_prompt_length`` tokens, a leading BOS kept in front of them
+    (counted as a truncated prompt); under ``strict`` a longer prompt is a DataError."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
     if strict:
-        raise DataError(f"{problem}; {remedy}, {STRICT_HINT}", sp.path, sp.line)
+        raise DataError(f"the prompt has {len(prompt)} tokens, more than max_prompt_length "
+                        f"{max_prompt_length}; raise --max-prompt-length, shorten or remove the "
+                        f"record, {STRICT_HINT}", source.path, source.line)
+    head = prompt[:1] if bos is not None and prompt[0] == bos else []
+    stats.prompts_truncated += 1
+    return head + prompt[len(prompt) - (max_prompt_length - len(head)):]
+
+
+def _unusable(stats: DataStats, strict: bool, source: Sourced, reason: str, problem: str,
+              remedy: str = "fix or remove the record") -> None:
+    """Count the record as dropped for ``reason``, or refuse it under ``strict``."""
+    if strict:
+        raise DataError(f"{problem}; {remedy}, {STRICT_HINT}", source.path, source.line)
     stats.drop(reason)
 
 
-def _check_chat_boundaries(tokenizer: Any, pairs: list[SourcedPair], rendered: list[_Rendered],
-                           prompts: list[list[int]], chosens: list[list[int]],
-                           rejecteds: list[list[int]]) -> None:
-    """Each chat pair's whole conversation must tokenise to prompt ids + completion ids.
+def _check_boundaries(tokenizer: Any, sources: list[Sourced], wholes: list[str],
+                      parts: list[list[list[int]]], name: str | None = None) -> None:
+    """Each chat record's whole conversation (``wholes``) must tokenise to its parts' ids one
+    after the other: the prompt's, then the completion's (a pair's ``name`` side), or a
+    demonstration's completion turn by turn.
 
     Checked on the raw ids, before BOS, EOS and truncation handling, which only ever add or cut
     whole tokens at the ends. A template whose generation prompt ends inside what the tokenizer
     treats as one token (``"assistant: "`` before ``"the"``, where ``" the"`` is one token) would
     otherwise train the completion from a boundary the model never sees at generation time.
     """
-    chat = [i for i, r in enumerate(rendered) if r.chat]
-    if not chat:
-        return
-    for name, completions in (("chosen", chosens), ("rejected", rejecteds)):
-        texts = [rendered[i].prompt + getattr(rendered[i], name) for i in chat]
-        for i, whole in zip(chat, _encode(tokenizer, texts)):
-            apart = prompts[i] + completions[i]
-            if whole != apart:
-                raise DataError(_boundary_problem(tokenizer, name, whole, apart, len(prompts[i])),
-                                pairs[i].path, pairs[i].line)
+    for source, whole, pieces in zip(sources, _encode(tokenizer, wholes), parts):
+        apart = [i for piece in pieces for i in piece]
+        if whole != apart:
+            raise DataError(_boundary_problem(tokenizer, name, whole, apart,
+                                              [len(piece) for piece in pieces]),
+                            source.path, source.line)
 
 
-def _boundary_problem(tokenizer: Any, name: str, whole: list[int], apart: list[int],
-                      prompt_tokens: int) -> str:
+def _boundary_problem(tokenizer: Any, name: str | None, whole: list[int], apart: list[int],
+                      lengths: list[int]) -> str:
+    """The message for ``whole`` != ``apart``, the concatenation of parts of ``lengths`` (the
+    prompt's first): at the prompt/completion boundary, or (a demonstration) between turns."""
     at = next((k for k, (a, b) in enumerate(zip(whole, apart)) if a != b),
               min(len(whole), len(apart)))
 
     def shown(ids: list[int]) -> str:
         return repr(tokenizer.convert_ids_to_tokens(ids[at])) if at < len(ids) else "the end"
 
-    return (f"chat template: the prompt/completion boundary of {name!r} falls inside a token: "
-            f"the whole conversation and the prompt ({prompt_tokens} tokens) + completion "
-            f"tokenised apart first differ at token {at} ({shown(whole)} vs {shown(apart)}), so "
-            "the completion would start at a shifted token; use a chat template whose generation "
-            "prompt ends at a token boundary (a newline or a special token)")
+    differ = f"first differ at token {at} ({shown(whole)} vs {shown(apart)})"
+    ends = [sum(lengths[:k + 1]) for k in range(len(lengths) - 1)]
+    if next((end for end in ends if end > at), ends[0]) != ends[0]:
+        return ("chat template: a boundary between the completion's turns falls inside a "
+                f"token: the whole conversation and its turns tokenised apart {differ}, so a "
+                "turn would start at a shifted token; use a chat template whose turns start and "
+                "end at token boundaries (a newline or a special token)")
+    of = "" if name is None else f" of {name!r}"
+    return (f"chat template: the prompt/completion boundary{of} falls inside a token: "
+            f"the whole conversation and the prompt ({lengths[0]} tokens) + completion "
+            f"tokenised apart {differ}, so the completion would start at a shifted token; use a "
+            "chat template whose generation prompt ends at a token boundary (a newline or a "
+            "special token)")
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -217,24 +418,89 @@ def _render_chat(tokenizer: Any, sp: SourcedPair) -> _Rendered:
     prompt rendering has no well-defined boundary and is refused.
     """
     path, line = sp.path, sp.line
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("this pair holds chat messages, but the tokenizer has no chat template; "
-                        "use a model with one or give the pair as plain text", path, line)
+    _need_chat_template(tokenizer, "pair", path, line)
     prompt = _messages(sp.pair.prompt, "user", "prompt", path, line)
-    chosen = _messages(sp.pair.chosen, "assistant", "chosen", path, line)
-    rejected = _messages(sp.pair.rejected, "assistant", "rejected", path, line)
+    chosen = _messages(sp.pair.chosen, ASSISTANT, "chosen", path, line)
+    rejected = _messages(sp.pair.rejected, ASSISTANT, "rejected", path, line)
     prompt_text = _apply(tokenizer, prompt, path, line, generation_prompt=True)
-    rests = []
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        full = _apply(tokenizer, prompt + completion, path, line, generation_prompt=False)
-        if not full.startswith(prompt_text):
-            raise DataError(f"chat template: the rendered conversation with {name!r} does not "
-                            "start with the rendered prompt, so the prompt/completion boundary "
-                            "is unknown; this template cannot be used for preference training",
-                            path, line)
-        rests.append(full[len(prompt_text):])
+    rests = [_continuation(tokenizer, prompt + completion, prompt_text, path, line,
+                           f"the rendered conversation with {name!r} does not start with the "
+                           "rendered prompt, so the prompt/completion boundary is unknown; this "
+                           "template cannot be used for preference training")
+             for name, completion in (("chosen", chosen), ("rejected", rejected))]
     empty = not any(m["content"] for m in chosen) or not any(m["content"] for m in rejected)
     return _Rendered(prompt_text, rests[0], rests[1], chat=True, empty=empty)
+
+
+def _render_demonstration(tokenizer: Any, sd: SourcedDemonstration) -> _RenderedDemonstration:
+    """A demonstration as text, or as chat messages through the tokenizer's chat template.
+
+    Chat: a string field counts as one message (user for the prompt, assistant for the
+    completion). The prompt is the rendered prompt messages, with the generation prompt when
+    the completion opens with an assistant message (as for pairs). Then each message of the
+    completion adds what the conversation rendered up to it adds to the conversation rendered
+    up to the message before: an assistant message's text is its reply, preceded by the
+    generation prompt's opening of the turn as a turn of its own (not a reply) where that
+    opening is not already rendered; another role's message is a turn that is not a reply. A
+    template whose renderings do not each start with the one before has no well-defined turn
+    boundaries and is refused.
+    """
+    d, path, line = sd.demonstration, sd.path, sd.line
+    if isinstance(d.prompt, str) and isinstance(d.completion, str):
+        return _RenderedDemonstration(d.prompt, ((d.completion, True),), chat=False,
+                                      empty=not d.completion)
+    _need_chat_template(tokenizer, "example", path, line)
+    prompt = _messages(d.prompt, "user", "prompt", path, line)
+    completion = _messages(d.completion, ASSISTANT, "completion", path, line)
+    opens_with_reply = completion[0]["role"] == ASSISTANT
+    prompt_text = _apply(tokenizer, prompt, path, line, generation_prompt=opens_with_reply)
+    done, turns = prompt_text, []
+    for k, message in enumerate(completion):
+        if k and message["role"] == ASSISTANT:
+            opening = _continuation(tokenizer, prompt + completion[:k], done, path, line,
+                                    _turns_unknown(k, generation_prompt=True),
+                                    generation_prompt=True)
+            if opening:
+                turns.append((opening, False))
+                done += opening
+        text = _continuation(tokenizer, prompt + completion[:k + 1], done, path, line,
+                             _turns_unknown(k))
+        if text:
+            turns.append((text, message["role"] == ASSISTANT))
+            done += text
+    empty = not any(m["content"] for m in completion if m["role"] == ASSISTANT)
+    return _RenderedDemonstration(prompt_text, tuple(turns), chat=True, empty=empty)
+
+
+def _turns_unknown(k: int, generation_prompt: bool = False) -> str:
+    """Why a demonstration's rendering up to (or, with the generation prompt, before) message
+    ``k`` of the completion (0-based) cannot be used."""
+    if k == 0:
+        return ("the rendered conversation does not start with the rendered prompt, so the "
+                "prompt/completion boundary is unknown; this template cannot be used for "
+                "supervised fine-tuning")
+    upto = (f"up to message {k} of the completion, with the generation prompt,"
+            if generation_prompt else f"up to message {k + 1} of the completion")
+    return (f"the rendered conversation {upto} does not start with its rendering up to message "
+            f"{k}, so where that turn starts is unknown; this template cannot be used to train "
+            "on a completion of several messages")
+
+
+def _need_chat_template(tokenizer: Any, what: str, path: str, line: int) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"this {what} holds chat messages, but the tokenizer has no chat "
+                        f"template; use a model with one or give the {what} as plain text",
+                        path, line)
+
+
+def _continuation(tokenizer: Any, messages: list[dict[str, str]], before: str, path: str,
+                  line: int, problem: str, generation_prompt: bool = False) -> str:
+    """What rendering ``messages`` adds after ``before`` (the rendering of fewer of them): a
+    DataError with ``problem`` where it does not start with ``before``."""
+    full = _apply(tokenizer, messages, path, line, generation_prompt)
+    if not full.startswith(before):
+        raise DataError(f"chat template: {problem}", path, line)
+    return full[len(before):]
 
 
 def _messages(value: Text, role: str, field: str, path: str, line: int) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""The DataFormat interface and the PreferencePair record it produces."""
+"""The DataFormat interface and the records it produces: PreferencePair (preference training)
+and Demonstration (supervised fine-tuning)."""
 
 from __future__ import annotations
 
@@ -26,15 +27,33 @@ class PreferencePair:
     rejected: Text
 
 
+@dataclass(frozen=True)
+class Demonstration:
+    """One demonstration for supervised fine-tuning: a prompt and the completion to learn.
+
+    Each field is plain text or a list of chat messages. A completion of several messages (a
+    conversation going on after the prompt) trains the assistant messages only; the other
+    roles' turns in it are context.
+    """
+
+    prompt: Text
+    completion: Text
+
+
+#: What ``DataFormat.parse`` returns.
+Record = Union[PreferencePair, Demonstration]
+
+
 class UnusableRecord(ValueError):
-    """A well-formed record that holds no preference to learn from.
+    """A well-formed record that holds nothing to learn from.
 
     ``parse`` raises it for a record of the right shape that cannot be trained on (an empty
-    completion, chosen identical to rejected, no prompt the two completions share...). The reader
-    drops such records and counts them per ``reason`` (``dropped_<reason>`` in the data counts),
-    or stops at the first one under ``--strict``. ``reason`` is short and machine-friendly,
-    lower-case words joined by underscores; the built-in reasons, shared with tokenisation, are
-    ``empty`` (a completion with nothing in it), ``empty_prompt`` and ``identical``.
+    completion, chosen identical to rejected, no prompt the two completions share, a
+    conversation without an assistant reply...). The reader drops such records and counts them
+    per ``reason`` (``dropped_<reason>`` in the data counts), or stops at the first one under
+    ``--strict``. ``reason`` is short and machine-friendly, lower-case words joined by
+    underscores; the built-in reasons shared with tokenisation are ``empty`` (a completion with
+    nothing in it), ``empty_prompt``, ``identical`` and ``no_assistant``.
     """
 
     def __init__(self, reason: str, message: str):
@@ -49,6 +68,11 @@ class UnusableRecord(ValueError):
 
 class DataFormat(Configurable, ABC):
     """A data format plugin: recognises and parses one kind of record, and may read files.
+
+    ``parse`` turns a record into a ``PreferencePair`` (two completions, one preferred: what
+    ``dpo run`` trains on) or a ``Demonstration`` (one completion to imitate: what ``dpo sft``
+    trains on). Supervised fine-tuning also takes pairs, training on their chosen side;
+    preference training refuses demonstrations, which have no rejected completion.
 
     Records are dicts. By default they come from JSONL files (one JSON object per line, ``.gz``
     too) or Hugging Face datasets, and the format is picked per file by ``detect`` on the first
@@ -85,8 +109,8 @@ class DataFormat(Configurable, ABC):
         """Whether ``record`` looks like this format."""
 
     @abstractmethod
-    def parse(self, record: dict[str, Any]) -> PreferencePair:
-        """Turn a record into a PreferencePair."""
+    def parse(self, record: dict[str, Any]) -> Record:
+        """Turn a record into a PreferencePair or a Demonstration."""
 
     @classmethod
     def registration_problem(cls) -> str | None:

@@ -50,7 +50,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.plugins.stopping.target",
     "dpo.plugins.formats.chat",
     "dpo.plugins.formats.hh",
+    "dpo.plugins.formats.messages",
     "dpo.plugins.formats.preference",
+    "dpo.plugins.formats.prompt_completion",
 )
 
 # hook name -> (registry kind, base class); the order is the order of ``dpo plugins`` columns.

@@ -274,11 +274,11 @@ def _shared_plan_if_cheaper(input_ids: torch.Tensor, prompt_lengths: tuple[int, 
 def tokens_run(batch: Batch, paths: Paths) -> int:
     """Tokens ``batch_logps`` runs for ``batch`` on ``paths``, padding included."""
     input_ids, prompt_lengths, row_lengths = batch.input_ids, batch.prompt_lengths, batch.row_lengths
-    if paths.shared_prompt and prompt_lengths:
+    if batch.paired and paths.shared_prompt and prompt_lengths:
         plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths, paths.window)
         if plan is not None:
             return plan[1]
-    if paths.packed_rows and row_lengths:
+    if paths.packed_rows and prompt_lengths and row_lengths:
         return sum(row_lengths)
     return input_ids.numel()
 
@@ -330,21 +330,24 @@ def packed_logps(model: torch.nn.Module, input_ids: torch.Tensor,
 
 def rows_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                completion_mask: torch.Tensor, prompt_lengths: tuple[int, ...] = (),
-               row_lengths: tuple[int, ...] = (), paths: Paths | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps [2B], counts [2B]) of a batch of pairs on ``paths`` (None: every path verified
-    for the model): with ``shared_prompt``, ``shared_prompt_logps`` over the groups of
-    ``shared_prompt_plan`` when they run fewer tokens than the padded rows; else with
-    ``packed_rows`` the rows packed without padding (``packed_logps``); else
-    ``completion_logps``. Every path computes the same function, and the choice depends on the
-    lengths and the paths alone, so a batch is always scored the same way."""
+               row_lengths: tuple[int, ...] = (), paths: Paths | None = None, *,
+               paired: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps [R], counts [R]) of a batch's rows on ``paths`` (None: every path verified for
+    the model): for a batch of pairs (``paired``: 2B rows, each pair's chosen and rejected
+    rows sharing its prompt) with ``shared_prompt``, ``shared_prompt_logps`` over the groups
+    of ``shared_prompt_plan`` when they run fewer tokens than the padded rows; else with
+    ``packed_rows`` and the rows' prompt and real lengths, the rows packed without padding
+    (``packed_logps``); else ``completion_logps``, which reads the completion mask (and so
+    serves rows whose trained tokens have holes, given without ``prompt_lengths``). Every path
+    computes the same function, and the choice depends on the lengths and the paths alone, so a
+    batch is always scored the same way."""
     paths = verified_paths(model) if paths is None else paths
-    if paths.shared_prompt and prompt_lengths:
+    if paired and paths.shared_prompt and prompt_lengths:
         plan = _shared_plan_if_cheaper(input_ids, prompt_lengths, row_lengths, paths.window)
         if plan is not None:
             return _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, plan[0],
                                          paths)
-    if paths.packed_rows and row_lengths:
+    if paths.packed_rows and prompt_lengths and row_lengths:
         return packed_logps(model, input_ids, prompt_lengths, row_lengths, paths)
     return completion_logps(model, input_ids, attention_mask, completion_mask, paths)
 
@@ -356,7 +359,7 @@ def backward_parts(batch: Batch, paths: Paths) -> list[Batch]:
     of its groups', so running each group's backward before the next group's forward leaves one
     group's activations alive at a time instead of all of them, for the same computation (each
     part is scored by the very calls ``rows_logps`` makes for its group). Otherwise [batch]."""
-    if paths.shared_prompt and batch.prompt_lengths:
+    if batch.paired and paths.shared_prompt and batch.prompt_lengths:
         plan = _shared_plan_if_cheaper(batch.input_ids, batch.prompt_lengths, batch.row_lengths,
                                        paths.window)
         if plan is not None and len(plan[0]) > 1:
@@ -386,9 +389,9 @@ def _grouped_shared_logps(model, input_ids, prompt_lengths, row_lengths, groups,
 
 def batch_logps(model: torch.nn.Module, batch: Batch, paths: Paths | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows_logps`` of a ``Batch``."""
+    """``rows_logps`` of a ``Batch`` (of pairs or of examples)."""
     return rows_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                      batch.prompt_lengths, batch.row_lengths, paths)
+                      batch.prompt_lengths, batch.row_lengths, paths, paired=batch.paired)
 
 
 class TiedGradient:

@@ -47,17 +47,16 @@ class ChatFormat(DataFormat):
                     raise ValueError(f"field {key!r} must be a list of messages (a whole "
                                      "conversation) when there is no 'prompt', got "
                                      f"{json_type(record[key])}")
-            return split_conversations(_messages(record, "chosen"), _messages(record, "rejected"))
-        prompt = _side(record, "prompt", "user")
-        chosen, rejected = _side(record, "chosen", ASSISTANT), _side(record, "rejected", ASSISTANT)
-        if not prompt or not any(m["content"] for m in prompt):
-            raise UnusableRecord("empty_prompt", "the prompt is empty")
-        for key, completion in (("chosen", chosen), ("rejected", rejected)):
-            if not any(m["content"] for m in completion):
-                raise UnusableRecord("empty", f"{key!r} is empty")
+            return split_conversations(message_list(record, "chosen"),
+                                       message_list(record, "rejected"))
+        needs = "a chat record with a prompt needs prompt, chosen and rejected"
+        prompt = side(record, "prompt", "user", needs)
+        chosen = side(record, "chosen", ASSISTANT, needs)
+        rejected = side(record, "rejected", ASSISTANT, needs)
+        check_not_empty(prompt, {"chosen": chosen, "rejected": rejected})
         if chosen == rejected:
             raise UnusableRecord("identical", "chosen and rejected are the same messages")
-        _check_turns(prompt, chosen, rejected, "")
+        check_turns(prompt, {"chosen": chosen, "rejected": rejected})
         return PreferencePair(prompt, chosen, rejected)
 
 
@@ -83,36 +82,54 @@ def split_conversations(chosen: Messages, rejected: Messages) -> PreferencePair:
             raise UnusableRecord("empty", f"{key!r} ends where the shared prompt ends "
                                  f"(message {shared}): it has no reply of its own")
     prompt = chosen[:shared]
-    _check_turns(prompt, chosen[shared:], rejected[shared:],
-                 f" (the conversations share {shared} message{'s' * (shared > 1)})",
-                 "no_shared_prompt")
+    check_turns(prompt, {"chosen": chosen[shared:], "rejected": rejected[shared:]},
+                f" (the conversations share {shared} message{'s' * (shared > 1)})",
+                "no_shared_prompt")
     return PreferencePair(prompt, chosen[shared:], rejected[shared:])
 
 
-def _check_turns(prompt: Messages, chosen: Messages, rejected: Messages, where: str,
-                 reason: str = "bad_roles") -> None:
-    """The prompt ends with a turn to answer; each completion starts with the answer."""
+# The helpers below are shared with the formats of demonstrations (``prompt-completion``,
+# ``messages``), which check the same things of one completion.
+
+def check_not_empty(prompt: Messages, completions: dict[str, Messages]) -> None:
+    """``UnusableRecord`` for a prompt (``empty_prompt``) or a completion (``empty``) in which
+    no message has any content."""
+    if not any(m["content"] for m in prompt):
+        raise UnusableRecord("empty_prompt", "the prompt is empty")
+    for key, completion in completions.items():
+        if not any(m["content"] for m in completion):
+            raise UnusableRecord("empty", f"{key!r} is empty")
+
+
+def check_turns(prompt: Messages, completions: dict[str, Messages], where: str = "",
+                reason: str = "bad_roles") -> None:
+    """The prompt ends with a turn to answer; each completion (name -> messages) starts with
+    the answer."""
     if prompt[-1]["role"] == ASSISTANT:
+        answer = "the completions answer" if len(completions) > 1 else "the completion answers"
         raise UnusableRecord(reason, f"the prompt ends with an assistant message{where}; it must "
-                             "end with the turn the completions answer")
-    for key, completion in (("chosen", chosen), ("rejected", rejected)):
+                             f"end with the turn {answer}")
+    for key, completion in completions.items():
         if completion[0]["role"] != ASSISTANT:
             raise UnusableRecord(reason, f"{key!r} starts with a {completion[0]['role']!r} "
                                  f"message{where}; a completion must start with an assistant reply")
 
 
-def _side(record: dict[str, Any], key: str, role: str) -> Messages:
-    """A prompt or completion field: a list of messages, or text as one message of ``role``."""
+def side(record: dict[str, Any], key: str, role: str, needs: str) -> Messages:
+    """A prompt or completion field: a list of messages, or text as one message of ``role``
+    (none for empty text). ``needs`` says which fields the record must have, for the message
+    about a missing one."""
     if key not in record:
-        raise ValueError(f"missing field {key!r} (a chat record with a prompt needs prompt, "
-                         "chosen and rejected)")
+        raise ValueError(f"missing field {key!r} ({needs})")
     value = record[key]
     if isinstance(value, str):
         return [{"role": role, "content": value}] if value else []
-    return _messages(record, key)
+    return message_list(record, key)
 
 
-def _messages(record: dict[str, Any], key: str) -> Messages:
+def message_list(record: dict[str, Any], key: str) -> Messages:
+    """The field ``key`` as a list of ``{"role": str, "content": str}`` messages (copies);
+    ``ValueError`` naming the field and the message for anything else."""
     value = record[key]
     if not isinstance(value, list):
         raise ValueError(f"field {key!r} must be text or a list of messages, "
