@@ -54,13 +54,14 @@ def invoke():
 
 
 def write_demonstrations(path: Path, n: int = 16) -> Path:
-    """Prompt/completion records whose completions differ in length (1 to 4 extra words), so
-    that a mean over tokens and a mean over examples or micro-batches differ."""
+    """Prompt/completion records whose completions differ in length (0 to 3 extra words, growing
+    along the file: examples 0-3 have 0 or 1, examples 4-7 have 2 or 3), so that a mean over
+    tokens and a mean over examples or micro-batches differ."""
     with path.open("w") as fh:
         for i in range(n):
             a, b = i % 7 + 1, i % 5 + 2
             fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ",
-                                 "completion": f"{a + b}" + " indeed" * (i % 4)}) + "\n")
+                                 "completion": f"{a + b}" + " indeed" * (i % 8 // 2)}) + "\n")
     return path
 
 
@@ -136,10 +137,10 @@ def hand_token_mean(data: Path, rows: list[list[int]]) -> tuple[float, list[floa
 
 
 def test_a_step_loss_is_the_token_mean_over_the_whole_step(tmp_path, invoke):
-    """Two micro-batches of 4 (no shuffle, no length grouping: examples 0-3 then 4-7). Their
-    completions hold 2 + 2*(i % 4) tokens or so (a number, "indeed"s, the EOS), so the step's
-    token mean, sum(NLL) / sum(tokens), differs from the mean of the two micro-batches' own
-    means; the run's step-1 loss is the former (the model before the update)."""
+    """Two micro-batches of 4 (no shuffle, no length grouping: examples 0-3 then 4-7). The
+    second's completions are longer (2 or 3 "indeed"s against 0 or 1), so the step's token
+    mean, sum(NLL) / sum(tokens), differs from the mean of the two micro-batches' own means;
+    the run's step-1 loss is the former (the model before the update)."""
     data = write_demonstrations(tmp_path / "demos.jsonl")
     result = invoke("sft", *common(data, tmp_path / "out", 1), "--grad-accum", "2",
                     "--no-eval-at-start")

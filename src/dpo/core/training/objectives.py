@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from dpo.core.data.batching import Batch, collate
-from dpo.core.data.tokenization import TokenizedPair
+from dpo.core.data.batching import Batch, collate, collate_examples
+from dpo.core.data.tokenization import TokenizedExample, TokenizedPair
 from dpo.core.interfaces.backend import Backend
 from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
 from dpo.core.model.flops import FlopCounter
@@ -94,7 +94,7 @@ def model_logps(model: torch.nn.Module, batch: Batch, paths: Paths
     plain Hugging Face model goes straight through ``batch_logps``."""
     if strat.is_logps_module(model):
         return model(batch.input_ids, batch.attention_mask, batch.completion_mask,
-                     batch.prompt_lengths, batch.row_lengths)
+                     batch.prompt_lengths, batch.row_lengths, batch.paired)
     return batch_logps(model, batch, paths)
 
 
@@ -192,9 +192,6 @@ class DpoObjective(Objective):
 
 # -- supervised fine-tuning ------------------------------------------------------------------
 
-TokenizedExample = Any  # MERGE: from dpo.core.data.tokenization
-
-
 class SftObjective(Objective):
     """Demonstrations: the negative log-likelihood of their trained tokens (the completion;
     in a conversation, the assistant's turns), as a mean over tokens."""
@@ -209,8 +206,6 @@ class SftObjective(Objective):
         return example.trained_tokens
 
     def collate(self, examples: list[TokenizedExample]) -> Batch:
-        from dpo.core.data.batching import collate_examples  # MERGE: top level
-
         return collate_examples(examples, self.pad_token_id,
                                 pad_length=self.backend.padded_length)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from dpo.core.data.batching import collate
+from dpo.core.data.batching import collate, collate_examples
 from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
 from dpo.core.interfaces.loss import Loss
 from dpo.core.interfaces.plugins import Catalog
@@ -347,10 +347,7 @@ class Recipe:
                 backend.configure_model(m)  # before the optimizer sees the parameters
         self.sampler = make_sampler(self.train_examples, config, dist, self.length)
         check = first_check_pairs(self.train_examples, config, dist, self.length)
-        pad, rows = self.tokenizer.pad_token_id, collate
-        if self.sft:
-            from dpo.core.data.batching import collate_examples  # MERGE: top level
-            rows = collate_examples
+        pad, rows = self.tokenizer.pad_token_id, collate_examples if self.sft else collate
         self.paths, self.checked = check_paths(self.model, self.paths, check, backend, device,
                                                pad, dist, self.reporter, "policy", rows)
         if self.ref_paths is not None:

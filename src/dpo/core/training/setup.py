@@ -16,9 +16,10 @@ import torch
 
 from dpo import __version__
 from dpo.core.data.batching import Batch, BatchSampler, collate
-from dpo.core.data.reading import load_pairs, split_eval
+from dpo.core.data.reading import load_demonstrations, load_pairs, split_eval
 from dpo.core.data.stats import DataStats
-from dpo.core.data.tokenization import TokenizedPair, tokenize_pairs
+from dpo.core.data.tokenization import (TokenizedPair, tokenize_demonstrations,
+                                         tokenize_pairs)
 from dpo.core.interfaces.backend import Backend
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.plugins import Catalog
@@ -87,9 +88,6 @@ def examples_of(objective: str) -> tuple[str, Callable[..., Any], Callable[..., 
     """What a run of ``objective`` trains on: its examples' name, the reader and the
     tokeniser (``dpo.core.data``)."""
     if objective == "sft":
-        from dpo.core.data.reading import load_demonstrations  # MERGE: top level
-        from dpo.core.data.tokenization import tokenize_demonstrations
-
         return "examples", load_demonstrations, tokenize_demonstrations
     return "pairs", load_pairs, tokenize_pairs
 

@@ -49,11 +49,12 @@ class LogpsModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor, prompt_lengths: tuple[int, ...] = (),
-                row_lengths: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                row_lengths: tuple[int, ...] = (), paired: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         from dpo.core.model.logps import rows_logps
 
         return rows_logps(self.lm, input_ids, attention_mask, completion_mask, prompt_lengths,
-                          row_lengths, self.paths)
+                          row_lengths, self.paths, paired=paired)
 
 
 def is_logps_module(module: torch.nn.Module) -> bool:
