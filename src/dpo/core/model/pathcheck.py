@@ -27,7 +27,8 @@ CHECK_PAIRS = 4
 
 @dataclass
 class CheckReport:
-    pairs: int = 0
+    pairs: int = 0  # the examples checked: pairs, or (``unit`` examples) single rows
+    unit: str = "pairs"
     max_difference: float = 0.0
     seconds: float = 0.0
     turned_off: dict[str, float] = field(default_factory=dict)  # path -> its difference
@@ -37,7 +38,7 @@ class CheckReport:
         def finite(value: float) -> float | None:
             return value if math.isfinite(value) else None
 
-        return {"pairs": self.pairs, "max_difference": finite(self.max_difference),
+        return {self.unit: self.pairs, "max_difference": finite(self.max_difference),
                 "seconds": round(self.seconds, 3),
                 "turned_off": {k: finite(v) for k, v in self.turned_off.items()}}
 
@@ -54,7 +55,8 @@ def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = T
     whose plain path itself differs in training mode (some randomness ``disable_dropout`` did
     not reach) is refused: DPO needs deterministic log-probs."""
     started = time.perf_counter()
-    report = CheckReport(pairs=batch.num_pairs)
+    report = CheckReport(pairs=batch.num_pairs if batch.paired else batch.rows,
+                         unit="pairs" if batch.paired else "examples")
     if paths.used():
         was_training = model.training
         try:
@@ -77,13 +79,13 @@ def check(model: torch.nn.Module, batch: Batch, paths: Paths, training: bool = T
                             raise UsageError(
                                 f"{type(model).__name__} computes different log-probs in "
                                 f"training mode than in eval mode even with every dropout "
-                                f"probability at 0 ({plain:.3g} nats apart on the first pairs): "
-                                "something in it is random while training, and DPO needs "
-                                "deterministic log-probs")
+                                f"probability at 0 ({plain:.3g} nats apart on the first "
+                                f"{report.unit}): something in it is random while training, "
+                                "and training needs deterministic log-probs")
                     names = [culprit] if culprit else paths.used()
                     report.turned_off = {name: report.max_difference for name in names}
                     reason = (f"its log-probs differed from the plain path's by "
-                              f"{report.max_difference:.3g} nats on {batch.num_pairs} pairs"
+                              f"{report.max_difference:.3g} nats on {report.pairs} {report.unit}"
                               if math.isfinite(report.max_difference) else
                               "it failed to run this model or gave non-finite log-probs")
                     paths = dataclasses.replace(paths.without(names, reason),

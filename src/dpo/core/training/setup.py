@@ -232,9 +232,9 @@ def check_paths(model: torch.nn.Module, paths: Paths, pairs: list[Any],
             checked = checked.without(dropped, "another process found it inexact")
     for name, difference in report.turned_off.items():
         reporter.warn(f"{label}: speed path {name} turned off: its log-probs differed from the "
-                      f"plain path's by {difference:.3g} nats on {report.pairs} pairs")
+                      f"plain path's by {difference:.3g} nats on {report.pairs} {report.unit}")
     reporter.info(f"{label} {checked.describe()}"
-                  + (f"; checked against the plain path on {report.pairs} pairs in "
+                  + (f"; checked against the plain path on {report.pairs} {report.unit} in "
                      f"{report.seconds:.2f} s" if paths.used() else ""))
     return checked, report
 
