@@ -216,6 +216,41 @@ def test_xla_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.backend("xla")
+def test_xla_sft_matches_the_cpu_and_resumes(tmp_path):
+    """`dpo sft --backend xla` on pairs of two lengths (their chosen side): the token-mean loss,
+    gradient norms and held-out perplexity of the CPU run, no new graph after the first epoch;
+    stopped at its checkpoint and resumed, the same losses again."""
+    train = write_pairs(tmp_path / "train.jsonl", long=4, short=4)
+    app = make_app(get_plugin_manager(load_entrypoints=False))
+    common = ["sft", "--no-progress", "--model", "tiny", "--data", str(train), "--eval-data",
+              str(train), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
+              "--scheduler", "constant", "--save-steps", "3", "--eval-steps", "3"]
+    runs = {}
+    for backend in ("xla", "cpu"):
+        out = tmp_path / backend
+        result = CliRunner().invoke(app, [*common, "--backend", backend, "--max-steps", "6",
+                                          "--output", str(out)])
+        assert result.exit_code == 0, result.output
+        runs[backend] = records(out)
+    for xla, cpu in zip(runs["xla"], runs["cpu"], strict=True):
+        for key in ("loss", "grad_norm", "eval/loss", "eval/perplexity"):
+            if key in cpu:
+                assert xla[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-4), (xla["step"], key)
+    compiles = [r["xla/compiles"] for r in runs["xla"] if "loss" in r]
+    assert compiles[2] == compiles[-1], compiles  # two steps per epoch: all shapes by step 3
+
+    part = tmp_path / "part"
+    first = CliRunner().invoke(app, [*common, "--backend", "xla", "--max-steps", "3",
+                                     "--output", str(part)])
+    assert first.exit_code == 0, first.output
+    resumed = CliRunner().invoke(app, ["sft", "--no-progress", "--resume", str(part),
+                                       "--max-steps", "6"])
+    assert resumed.exit_code == 0, resumed.output
+    losses = [r["loss"] for r in records(part) if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in runs["xla"] if "loss" in r], abs=1e-6)
+
+
+@pytest.mark.backend("xla")
 def test_xla_configure_model_reties_weights_and_uses_eager_attention(tiny_model):
     """Moving to an XLA device unties the embedding and the output head (new Parameter objects);
     configure_model ties them again and swaps sdpa (which reads masks on the host) for eager."""
