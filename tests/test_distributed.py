@@ -185,9 +185,11 @@ def test_sft_on_two_ranks_matches_one_process(tmp_path, strategy):
                              "--output", "single"], cwd=tmp_path, env=env(), capture_output=True,
                             text=True, timeout=TIMEOUT)
     assert single.returncode == 0, single.stderr[-3000:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", "-m", "dpo", "sft", *args, "--batch-size", "2", "--strategy", strategy,
-               "--output", "two"]
+    # DDP through the --nproc launcher, FSDP under torchrun directly: both ways of launching.
+    launcher = ([sys.executable, "-m", "dpo", "sft", "--nproc", "2"] if strategy == "ddp" else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", "2", "-m", "dpo", "sft"])
+    command = [*launcher, *args, "--batch-size", "2", "--strategy", strategy, "--output", "two"]
     two = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True,
                          timeout=TIMEOUT)
     assert two.returncode == 0, two.stderr[-3000:]
