@@ -14,7 +14,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import dpo
 from dpo.cli import make_app
 from dpo.core.training import checkpoint as ck
 from dpo.core.training import refcache
@@ -22,6 +21,7 @@ from dpo.core.interfaces.errors import DpoError
 from dpo.core.training.loop import TIMING_KEYS
 from dpo.core.model.loading import load_model
 from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
+from dpo.testing import CrashAt as DieAt
 from dpo.testing import plugin_of, write_arithmetic_pairs
 
 
@@ -290,19 +290,6 @@ def test_a_damaged_trainer_state_is_one_line(tmp_path, tiny):
 
 # -- resume, end to end --------------------------------------------------------------------------
 
-class DieAt(dpo.StoppingPolicy):
-    """Raises once at a chosen step, like a machine dying mid-run."""
-
-    name = "die-at"
-    armed_at: int | None = None
-
-    def on_step(self, step, metrics):
-        if step == DieAt.armed_at:
-            DieAt.armed_at = None
-            raise RuntimeError("simulated crash")
-        return dpo.CONTINUE
-
-
 def cli():
     pm = get_plugin_manager(load_entrypoints=False)
     register_plugin(pm, plugin_of(DieAt), "die-plugin")
@@ -314,7 +301,7 @@ def args(tmp: Path, out: Path) -> list[str]:
     data = write_arithmetic_pairs(tmp / "pairs.jsonl")
     return ["--model", "tiny", "--data", str(data), "--backend", "cpu", "--loss", "dpo",
             "--max-steps", "6", "--lr", "1e-3", "--batch-size", "4", "--save-steps", "2",
-            "--stop", "die-at", "--output", str(out)]
+            "--stop", "crash-at", "--output", str(out)]
 
 
 def records(out: Path) -> list[dict]:

@@ -15,25 +15,13 @@ from dpo.cli import make_app
 from dpo.core.training.loop import TIMING_KEYS
 from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 from dpo.plugins.losses.dpo import DPOLoss
+from dpo.testing import CrashAt as Crash
 from dpo.testing import write_arithmetic_pairs as write_pairs
 
 TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "grad_norm", "lr"}
 
 
-
-
-class Crash(dpo.StoppingPolicy):
-    """Raises once at a chosen step, like a machine dying mid-run."""
-
-    name = "crash-at"
-    armed_at: int | None = None
-
-    def on_step(self, step, metrics):
-        if step == Crash.armed_at:
-            Crash.armed_at = None
-            raise RuntimeError("simulated crash")
-        return dpo.CONTINUE
 
 
 class NanAt(DPOLoss):

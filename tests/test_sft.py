@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import dpo
 from dpo.cli import make_app
 from dpo.core.data.batching import collate_examples
 from dpo.core.data.reading import load_demonstrations
@@ -22,23 +21,10 @@ from dpo.core.model.loading import load_model
 from dpo.core.model.logps import batch_logps
 from dpo.core.model.paths import PLAIN
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.testing import plugin_of, write_arithmetic_pairs
+from dpo.testing import CrashAt, plugin_of, write_arithmetic_pairs
 
 HH = (Path(__file__).resolve().parents[2] / "shared" / "data"
       / "hh-rlhf-harmless-base-test-2000.jsonl.gz")
-
-
-class CrashAt(dpo.StoppingPolicy):
-    """Raises once at a chosen step, like a machine dying mid-run."""
-
-    name = "crash-at"
-    armed_at: int | None = None
-
-    def on_step(self, step, metrics):
-        if step == CrashAt.armed_at:
-            CrashAt.armed_at = None
-            raise RuntimeError("simulated crash")
-        return dpo.CONTINUE
 
 
 @pytest.fixture

@@ -14,7 +14,10 @@ or for one run with ``pytest -p dpo.testing``. It adds:
   ``tiny_model`` (see each one's docstring);
 * ``plugin_of(*classes)``: a plugin object that registers test classes (backends, losses,
   stopping policies, data formats), each through its kind's hook, instead of a class with one
-  ``@dpo.hookimpl`` method per kind.
+  ``@dpo.hookimpl`` method per kind;
+* ``CrashAt``: a stopping policy (``--stop crash-at``) that raises once at the step its
+  ``armed_at`` names, like a machine dying mid-run: for tests of resuming;
+* ``write_arithmetic_pairs(path)``: a small preference file a tiny-model run learns from.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import pytest
 
 from dpo.core.interfaces.errors import DpoError
+from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
 from dpo.core.interfaces.plugins import Catalog, DpoPluginManager, collect, get_plugin_manager, register_plugin
 
 if TYPE_CHECKING:
@@ -202,3 +206,17 @@ def write_arithmetic_pairs(path: Path, n: int = 24) -> Path:
             fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
                                  "rejected": f"{a + b + 1}."}) + "\n")
     return path
+
+
+class CrashAt(StoppingPolicy):
+    """Raises once at step ``CrashAt.armed_at`` (then disarms), like a machine dying mid-run:
+    register it (``plugin_of(CrashAt)``), run with ``--stop crash-at``, arm it, and resume."""
+
+    name = "crash-at"
+    armed_at: int | None = None
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> Decision:
+        if step == CrashAt.armed_at:
+            CrashAt.armed_at = None
+            raise RuntimeError("simulated crash")
+        return CONTINUE
