@@ -224,7 +224,8 @@ def test_xla_sft_matches_the_cpu_and_resumes(tmp_path):
     app = make_app(get_plugin_manager(load_entrypoints=False))
     common = ["sft", "--no-progress", "--model", "tiny", "--data", str(train), "--eval-data",
               str(train), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
-              "--scheduler", "constant", "--save-steps", "3", "--eval-steps", "3"]
+              "--scheduler", "constant", "--warmup-ratio", "0", "--save-steps", "3",
+              "--eval-steps", "3"]
     runs = {}
     for backend in ("xla", "cpu"):
         out = tmp_path / backend
@@ -237,7 +238,9 @@ def test_xla_sft_matches_the_cpu_and_resumes(tmp_path):
             if key in cpu:
                 assert xla[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-4), (xla["step"], key)
     compiles = [r["xla/compiles"] for r in runs["xla"] if "loss" in r]
-    assert compiles[2] == compiles[-1], compiles  # two steps per epoch: all shapes by step 3
+    # Two steps per epoch: every batch shape by step 2; the checkpoint after step 3 reads the
+    # update's finite flag on its own, one small graph, once. Nothing new after that.
+    assert compiles[3] == compiles[-1], compiles
 
     part = tmp_path / "part"
     first = CliRunner().invoke(app, [*common, "--backend", "xla", "--max-steps", "3",
