@@ -29,12 +29,15 @@ import torch
 from dpo.core.data.batching import collate
 from dpo.core.data.reading import SourcedPair
 from dpo.core.data.tokenization import TokenizedPair, tokenize_pairs
-from dpo.core.interfaces.errors import UsageError
+from dpo.core.interfaces.errors import DpoError, UsageError
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.model.loading import load_model, transformers_bars_off
 from dpo.core.model.logps import batch_logps
 from dpo.core.training import demo, rundir
+from dpo.core.training.config import RunConfig, resolve_config, with_preset
+from dpo.core.training.run import run
+from dpo.core.training.setup import resolve_backend
 
 COMPARISON_FILE = "comparison.json"
 KIND = "dpo demo comparison"  # marks comparison.json as the study's own (--overwrite replaces it)
@@ -59,6 +62,7 @@ class Comparison:
     questions: list[str]
     answers: list[int]  # the right answer of each question
     scores: list[ModelScore]
+    path: Path | None = field(default=None, repr=False)  # where it was written
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -195,3 +199,121 @@ def write_comparison(path: Path, comparison: Comparison) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(comparison.as_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+@dataclass
+class StudyRequest:
+    """What ``dpo demo`` was asked: the defaults are the demo's own (its presets, the default
+    model, all the held-out questions the demo's runs evaluate on)."""
+
+    output: str = "out"
+    model: str | None = None  # RunConfig's default model
+    backend: str | None = None  # RunConfig's default (auto)
+    steps: int | None = None  # both stages; each preset's own by default
+    held_out: int = demo.EVAL_SIZE
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Study:
+    """The study's plan: the two runs, and where the comparison goes."""
+
+    root: Path
+    sft: RunConfig
+    dpo: RunConfig
+    held_out: int
+    backend: str
+
+    @property
+    def comparison_path(self) -> Path:
+        return self.root / COMPARISON_FILE
+
+    def models(self) -> list[tuple[str, str]]:
+        """The compared models, in training order: the starting model, then each stage's."""
+        return [("base", self.sft.model), ("sft", str(Path(self.sft.output) / "final")),
+                ("dpo", str(Path(self.dpo.output) / "final"))]
+
+
+def plan(request: StudyRequest) -> Study:
+    """The two runs' configurations (the demo's presets, then what the request sets) and the
+    checks of the output, before any work: every complaint comes before minutes of training."""
+    if request.steps is not None and request.steps < 1:
+        raise UsageError(f"--steps {request.steps}: give at least 1 step per stage")
+    if not 1 <= request.held_out <= demo.EVAL_POOL:
+        raise UsageError(f"--held-out {request.held_out}: the demo holds out 1 to "
+                         f"{demo.EVAL_POOL} questions")
+    root = rundir.check_output(request.output)
+    if rundir.is_run_dir(root):
+        raise UsageError(f"{request.output}: a run directory of `dpo run` or `dpo sft`; the "
+                         "demo writes its two runs and the comparison into a directory of its "
+                         "own: choose another --output")
+    common = {"data": "demo", "model": request.model, "backend": request.backend,
+              "max_steps": request.steps, "progress": request.progress}
+    sft = resolve_config(*with_preset([{**common, "objective": "sft",
+                                        "output": str(root / "sft")}], "sft"))
+    # DPO starts from the SFT model, which is then also its reference (a frozen copy).
+    dpo = resolve_config(*with_preset([{**common, "model": str(root / "sft" / "final"),
+                                        "output": str(root / "dpo")}], "dpo"))
+    study = Study(root, sft, dpo, request.held_out, sft.backend)
+    for config in (sft, dpo):
+        check_stage_output(Path(config.output), request.overwrite)
+    check_comparison_target(study.comparison_path, request.overwrite)
+    return study
+
+
+def check_stage_output(output: Path, overwrite: bool) -> None:
+    """A stage's run directory, by the rules of ``dpo run --output``: new or empty, or with
+    ``overwrite`` a dpo run directory (whose run-written files alone are then replaced)."""
+    rundir.check_output(output)
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{output}: already holds files (an earlier `dpo demo`?); pass "
+                             "--overwrite to train it again, or choose another --output")
+        if not rundir.is_run_dir(output):
+            raise UsageError(f"{output}: not a dpo run directory (no {rundir.RUN_FILE}), so "
+                             "--overwrite leaves it alone; choose another --output")
+
+
+def check_comparison_target(path: Path, overwrite: bool) -> None:
+    """``comparison.json`` is replaced only with ``overwrite``, and only when it is the
+    study's own (a file of the user's under that name stays)."""
+    if path.is_symlink() or path.exists() and not path.is_file():
+        raise UsageError(f"{path}: exists and is not a file; choose another --output")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise UsageError(f"{path}: already exists (an earlier `dpo demo`?); pass --overwrite "
+                         "to run the study again, or choose another --output")
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise UsageError(f"{path}: not a comparison written by `dpo demo`, so --overwrite "
+                         "leaves it alone; choose another --output")
+
+
+class StageFailed(DpoError):
+    """A stage ended without a model to go on from (a stopping policy distrusted it)."""
+
+
+def run_study(request: StudyRequest, catalog: Catalog,
+              announce: Callable[[str], None] = print) -> Comparison:
+    """SFT, then DPO from the SFT model, then the comparison of the three models on the
+    held-out questions, written to ``OUTPUT/comparison.json``."""
+    study = plan(request)
+    backend = resolve_backend(study.backend, catalog)  # an unavailable one fails before training
+    for number, (name, config) in enumerate((("SFT", study.sft), ("DPO", study.dpo)), start=1):
+        announce(f"stage {number}/3: {name} from {config.model}, {config.max_steps} steps, "
+                 f"into {config.output}")
+        outcome = run(config, catalog, overwrite=request.overwrite)
+        if not outcome.saved:
+            raise StageFailed(f"the {name} stage stopped without a model ({outcome.reason}); "
+                              f"see {config.output}/metrics.jsonl")
+    announce(f"stage 3/3: the three models on {study.held_out} held-out questions")
+    comparison = compare(study.models(), study.held_out, catalog, backend.device(0),
+                         seed=study.sft.seed, announce=announce)
+    write_comparison(study.comparison_path, comparison)
+    comparison.path = study.comparison_path
+    return comparison
