@@ -32,7 +32,7 @@ from dpo.core.data.tokenization import TokenizedPair, tokenize_pairs
 from dpo.core.interfaces.errors import DpoError, UsageError
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.model.dropout import disable_dropout
-from dpo.core.model.loading import load_model, transformers_bars_off
+from dpo.core.model.loading import load_model, resolve_source, transformers_bars_off
 from dpo.core.model.logps import batch_logps
 from dpo.core.training import demo, rundir
 from dpo.core.training.config import RunConfig, resolve_config, with_preset
@@ -255,6 +255,7 @@ def plan(request: StudyRequest) -> Study:
     # DPO starts from the SFT model, which is then also its reference (a frozen copy).
     dpo = resolve_config(*with_preset([{**common, "model": str(root / "sft" / "final"),
                                         "output": str(root / "dpo")}], "dpo"))
+    resolve_source(sft.model)  # a model that is not there fails before any announcement
     study = Study(root, sft, dpo, request.held_out, sft.backend)
     for config in (sft, dpo):
         check_stage_output(Path(config.output), request.overwrite)
