@@ -50,11 +50,14 @@ def test_the_study_prints_one_table_and_writes_the_comparison(finished):
     assert [q["question"] for q in questions] == [q.text for q in demo.questions("eval", 6)]
     assert [q["answer"] for q in questions] == [q.answer for q in demo.questions("eval", 6)]
     for model in written["models"]:
-        assert 0 <= model["ranking_accuracy"] <= 1 and 0 <= model["answer_accuracy"] <= 1
+        for key in ("ranking_accuracy", "answer_accuracy", "answer_form"):
+            assert 0 <= model[key] <= 1
         replies = [q["replies"][model["name"]] for q in questions]
         # The answer accuracy is the checker's verdict on the replies written beside it.
-        assert model["answer_accuracy"] == study.answer_accuracy(
-            [q["question"] for q in questions], replies)
+        texts = [q["question"] for q in questions]
+        assert model["answer_accuracy"] == study.answer_accuracy(texts, replies)
+        assert model["answer_form"] == study.answer_form(texts, replies)
+        assert model["answer_accuracy"] <= model["answer_form"]
         assert f"{model['ranking_accuracy']:.3f}" in printed
 
 
@@ -84,6 +87,9 @@ def test_answer_accuracy_on_hand_made_replies():
     # A right number in a sentence, the wrong number, a number with a dot: not the answer.
     assert study.answer_accuracy(texts, ["The answer is 94", "84", "61.", "17"]) == 0.25
     assert study.answer_accuracy(texts, ["", "", "", ""]) == 0.0
+    # Form: one of the question's two numbers alone, right or wrong.
+    assert study.answer_form(texts, ["The answer is 94", "84", "61.", "17"]) == 0.5
+    assert study.answer_form(texts, ["93", "62", " 61 ", "43"]) == 0.75
     with pytest.raises(ValueError, match="4 questions but 3 replies"):
         study.answer_accuracy(texts, ["94", "82", "61"])
     with pytest.raises(ValueError, match="not a demo question"):

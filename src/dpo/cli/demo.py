@@ -52,9 +52,10 @@ def show(comparison: study.Comparison) -> None:
     table.add_column("model")
     table.add_column("ranking accuracy", justify="right")
     table.add_column("answer accuracy", justify="right")
+    table.add_column("answer form", justify="right")
     for score in comparison.scores:
         table.add_row(escape(f"{score.name} ({score.model})"), f"{score.ranking_accuracy:.3f}",
-                      f"{score.answer_accuracy:.3f}")
+                      f"{score.answer_accuracy:.3f}", f"{score.answer_form:.3f}")
     console.print(table)
     replies = Table(title="greedy replies")
     replies.add_column("question")

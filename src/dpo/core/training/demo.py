@@ -94,6 +94,15 @@ def is_right(question: str, answer: str) -> bool:
     return answer.strip() == str(right_answer(question))
 
 
+def in_form(question: str, answer: str) -> bool:
+    """Whether ``answer`` has the form of an answer to ``question``: one of its two numbers and
+    nothing else, right or wrong."""
+    match = _QUESTION.fullmatch(question.strip())
+    if match is None:
+        raise ValueError(f"not a demo question: {question!r}")
+    return answer.strip() in (match.group(2), match.group(3))
+
+
 def _shuffled_pairs() -> list[tuple[int, int]]:
     pairs = [(a, b) for a in range(LOW, HIGH + 1) for b in range(a + 1, HIGH + 1)]
     random.Random(SEED).shuffle(pairs)  # a private generator: global random state is untouched

@@ -12,7 +12,9 @@ held-out questions:
   model ranks too);
 * answer accuracy: the share of held-out questions whose greedy reply (the prompt rendered by
   the data format, exactly as in training) is the right number, judged by the demo's checker
-  (``demo.is_right``).
+  (``demo.is_right``);
+* answer form: the share whose greedy reply is one of the question's two numbers alone, right or
+  wrong (``demo.in_form``): what the answer accuracy needs before the model can be right.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class ModelScore:
     model: str  # what was loaded
     ranking_accuracy: float
     answer_accuracy: float
+    answer_form: float
     replies: list[str] = field(repr=False)  # greedy replies, in the questions' order
 
 
@@ -86,6 +89,15 @@ def answer_accuracy(questions: Sequence[str], replies: Sequence[str]) -> float:
     if not questions:
         raise ValueError("no questions to score")
     return sum(demo.is_right(q, r) for q, r in zip(questions, replies)) / len(questions)
+
+
+def answer_form(questions: Sequence[str], replies: Sequence[str]) -> float:
+    """The share of ``replies`` that are one of their question's two numbers alone."""
+    if len(questions) != len(replies):
+        raise ValueError(f"{len(questions)} questions but {len(replies)} replies")
+    if not questions:
+        raise ValueError("no questions to score")
+    return sum(demo.in_form(q, r) for q, r in zip(questions, replies)) / len(questions)
 
 
 def ranking_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -176,7 +188,7 @@ def score_model(name: str, spec: str, seed: int, questions: list[demo.Question],
             replies = greedy_replies(model, tokenizer, [p.prompt_ids for p in pairs], device)
         texts = [q.text for q in questions]
         return ModelScore(name, spec, ranking_accuracy(chosen, rejected),
-                          answer_accuracy(texts, replies), replies)
+                          answer_accuracy(texts, replies), answer_form(texts, replies), replies)
     finally:
         del model
         gc.collect()
