@@ -179,7 +179,10 @@ DEMO_PRESET: dict[str, Any] = {
 }
 
 # ``dpo sft --data demo``: supervised training on the training split's right answers (the
-# chosen side of each pair), so that the model learns the answer's form (a bare number).
+# chosen side of each pair), so that the model learns the answer's form (a bare number). Checked
+# on SmolLM2-135M-Instruct's greedy replies to the 64 held-out questions (``dpo demo``): none is
+# a bare number before, all 64 are one of the question's two numbers after these 40 steps (50
+# right); the held-out token-mean NLL falls from 5.14 to 0.29 by step 20 and 0.21 by step 40.
 SFT_DEMO_PRESET: dict[str, Any] = {
     "lr": 5e-5,
     "max_steps": 40,
