@@ -1,5 +1,5 @@
-"""The README's `dpo run` examples run in the order a reader meets them: none writes into a
-run directory an earlier one wrote, unless it says --resume or --overwrite."""
+"""The README's `dpo run` (and `dpo demo`) examples run in the order a reader meets them: none
+writes into a directory an earlier one wrote, unless it says --resume or --overwrite."""
 
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 def run_commands(text: str) -> list[list[str]]:
     """The arguments after `run` of each `dpo run` (`.venv/bin/dpo run`, `-m dpo run`) in the
-    code blocks of ``text``, in order; a line may chain commands with && or ;."""
+    code blocks of ``text``, in order; a line may chain commands with && or ;. `dpo demo`
+    counts too: it writes its --output (also `out` by default) like a run."""
     commands = []
     for block in FENCE.findall(text):
         for line in block.splitlines():
-            if not re.search(r"\bdpo run\b", line):
+            if not re.search(r"\bdpo (run|demo)\b", line):
                 continue
             for part in re.split(r"&&|;|\|", line):
                 words = shlex.split(part, comments=True)
                 for i in range(1, len(words)):
-                    if words[i] == "run" and Path(words[i - 1]).name == "dpo":
+                    if words[i] in ("run", "demo") and Path(words[i - 1]).name == "dpo":
                         commands.append(words[i + 1:])
                         break
     return commands
@@ -65,6 +66,14 @@ def test_the_checker_finds_a_reused_directory():
     assert [output_of(a) for a in run_commands(text)] == [
         ("out", False), ("out", False), ("out", True), ("out", True), ("out", False)]
     assert len(clashes(text)) == 2
+
+
+def test_the_checker_counts_the_demo_study():
+    text = ("```bash\nbash scripts/setup.sh && .venv/bin/dpo demo\n```\n"
+            "```text\ndpo run --max-steps 5\ndpo demo --overwrite\n```\n")
+    assert [output_of(a) for a in run_commands(text)] == [
+        ("out", False), ("out", False), ("out", True)]
+    assert len(clashes(text)) == 1
 
 
 def test_readme_run_examples_write_distinct_directories():

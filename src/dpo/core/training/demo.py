@@ -94,6 +94,15 @@ def is_right(question: str, answer: str) -> bool:
     return answer.strip() == str(right_answer(question))
 
 
+def in_form(question: str, answer: str) -> bool:
+    """Whether ``answer`` has the form of an answer to ``question``: one of its two numbers and
+    nothing else, right or wrong."""
+    match = _QUESTION.fullmatch(question.strip())
+    if match is None:
+        raise ValueError(f"not a demo question: {question!r}")
+    return answer.strip() in (match.group(2), match.group(3))
+
+
 def _shuffled_pairs() -> list[tuple[int, int]]:
     pairs = [(a, b) for a in range(LOW, HIGH + 1) for b in range(a + 1, HIGH + 1)]
     random.Random(SEED).shuffle(pairs)  # a private generator: global random state is untouched
@@ -155,9 +164,11 @@ def write_demo(directory: str | Path, train_size: int = TRAIN_SIZE,
 # The hyperparameters `dpo run` uses on the demo dataset (``--data demo``, the default) for any
 # option not set in a config file or on the command line. Chosen by measuring held-out reward
 # accuracy after a few minutes of CPU training of SmolLM2-135M-Instruct (with DPO's default
-# beta 0.1): lr 5e-5 reaches 0.97 held-out accuracy in 40 steps and keeps the model's replies
-# sound; lr 1e-4 reaches the same accuracy but pushes the right answer's own log-prob down and
-# greedy replies off the task.
+# beta 0.1): lr 5e-5 reaches 0.97 held-out accuracy in 40 steps; lr 1e-4 reaches the same
+# accuracy but pushes the right answer's own log-prob further down. Reward accuracy is not
+# answering: from the base model, 0.078 of the greedy replies to the held-out questions are then
+# the right number; from the SFT model, 0.44 against its own 0.78 (``dpo demo`` measures both
+# the ranking and the replies; lr 1e-5 from the SFT model gives 0.95 and 0.47).
 DEMO_PRESET: dict[str, Any] = {
     "lr": 5e-5,
     "max_steps": 40,
@@ -170,7 +181,10 @@ DEMO_PRESET: dict[str, Any] = {
 }
 
 # ``dpo sft --data demo``: supervised training on the training split's right answers (the
-# chosen side of each pair), so that the model learns the answer's form (a bare number).
+# chosen side of each pair), so that the model learns the answer's form (a bare number). Checked
+# on SmolLM2-135M-Instruct's greedy replies to the 64 held-out questions (``dpo demo``): none is
+# a bare number before, all 64 are one of the question's two numbers after these 40 steps (50
+# right); the held-out token-mean NLL falls from 5.14 to 0.29 by step 20 and 0.21 by step 40.
 SFT_DEMO_PRESET: dict[str, Any] = {
     "lr": 5e-5,
     "max_steps": 40,
