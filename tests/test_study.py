@@ -75,7 +75,7 @@ def test_sft_then_dpo_from_the_sft_model(finished):
         assert record["status"].startswith("completed") and record["config"]["max_steps"] == 2
     # The demo's presets fill what the study does not set.
     assert sft["config"]["lr"] == demo.SFT_DEMO_PRESET["lr"]
-    assert dpo["config"]["lr"] == demo.DEMO_PRESET["lr"]
+    assert dpo["config"]["lr"] == demo.DPO_AFTER_SFT_LR  # gentler from the SFT model
     assert dpo["config"]["batch_size"] == demo.DEMO_PRESET["batch_size"]
 
 

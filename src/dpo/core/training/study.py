@@ -266,6 +266,7 @@ def plan(request: StudyRequest) -> Study:
                                         "output": str(root / "sft")}], "sft"))
     # DPO starts from the SFT model, which is then also its reference (a frozen copy).
     dpo = resolve_config(*with_preset([{**common, "model": str(root / "sft" / "final"),
+                                        "lr": demo.DPO_AFTER_SFT_LR,
                                         "output": str(root / "dpo")}], "dpo"))
     resolve_source(sft.model)  # a model that is not there fails before any announcement
     study = Study(root, sft, dpo, request.held_out, sft.backend)
