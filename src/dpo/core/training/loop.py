@@ -318,22 +318,73 @@ def _poisoned(t: Trainee, step: int, lr: float, checkpointed: list[Path],
 def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
           on_save: Callable[[Path], None] | None = None) -> Outcome:
     """Run optimizer steps from ``state`` until the step budget or a stopping policy ends it."""
-    params = [p for p in t.policy.parameters() if p.requires_grad]
-    objective = t.objective
-    epoch_cache: dict[int, list[list[int]]] = {}
+    return Loop(t, settings, state, reporter, on_save).run()
 
-    def epoch_steps(epoch: int) -> list[list[int]]:
+
+@dataclass
+class _StepWork:
+    """What one optimizer step's micro-batches did, for its metrics."""
+
+    sums: dict[str, torch.Tensor]  # metric sums, in the objective's unit
+    weight: float  # this rank's share of the step's mean (pairs, or trained tokens)
+    examples: int
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    flops: float = 0.0
+
+
+class Loop:
+    """One run of the loop over ``Trainee``'s objects. ``run`` reads top to bottom: the baseline
+    evaluation, then steps, each followed by the stopping policies, evaluation and checkpoints,
+    then the final model."""
+
+    def __init__(self, t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
+                 on_save: Callable[[Path], None] | None = None):
+        self.t, self.settings, self.state, self.reporter = t, settings, state, reporter
+        self.on_save = on_save
+        self.params = [p for p in t.policy.parameters() if p.requires_grad]
+        self.epoch_cache: dict[int, list[list[int]]] = {}
+        self.checkpointed: list[Path] = []  # written by this process, newest last
+        self.watch = FiniteWatch(self.params, t.optimizer, t.dist,
+                                 lambda step, lr: _poisoned(t, step, lr, self.checkpointed))
+        self.stop_request = StopRequest(reporter)
+        self.train_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+        self.initial_eval: dict[str, float] = {}
+        self.stopped: tuple[str, Decision] | None = None
+
+    def run(self) -> Outcome:
+        self.t.policy.train()
+        self.reporter.start(self.settings.total_steps, self.state.step)
+        try:
+            self.stop_request.install()
+            self.baseline()
+            while self.state.step < self.settings.total_steps and not self.stopped:
+                self.stop_between_steps()
+                stop_now = self.step()
+                if self.after_step(stop_now):
+                    break
+        finally:
+            self.stop_request.restore()
+            self.reporter.close()
+        return self.finish()
+
+    # -- the data's order -----------------------------------------------------------------
+
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
         """The epoch's batches over every rank (``BatchSampler.steps``)."""
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = t.sampler.steps(epoch)
-        return epoch_cache[epoch]
+        if epoch not in self.epoch_cache:
+            self.epoch_cache.clear()
+            self.epoch_cache[epoch] = self.t.sampler.steps(epoch)
+        return self.epoch_cache[epoch]
 
-    def next_steps(n: int) -> list[list[int]]:
-        # A step may straddle an epoch boundary; the position stays exact for resume.
+    def next_steps(self, n: int) -> list[list[int]]:
+        """The next ``n`` micro-batches over every rank. A step may straddle an epoch
+        boundary; the position stays exact for resume."""
+        state = self.state
         taken: list[list[int]] = []
         while len(taken) < n:
-            steps = epoch_steps(state.epoch)
+            steps = self.epoch_steps(state.epoch)
             if state.micro_in_epoch >= len(steps):
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
                 continue
@@ -341,13 +392,169 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
             state.micro_in_epoch += 1
         return taken
 
-    checkpointed: list[Path] = []  # written by this process, newest last
+    # -- one step ---------------------------------------------------------------------------
 
-    watch = FiniteWatch(params, t.optimizer, t.dist,
-                        lambda step, lr: _poisoned(t, step, lr, checkpointed))
+    def step(self) -> bool:
+        """One optimizer step, its metrics recorded; whether the processes agreed (in the
+        step's one sync) to stop after it."""
+        t, state = self.t, self.state
+        started = time.perf_counter()
+        t.backend.reset_peak_memory()
+        work = self.accumulate(self.next_steps(self.settings.grad_accum))
+        metrics, stop_now = self.update(work)
+        t.backend.synchronize()
+        self.record_step(metrics, work, time.perf_counter() - started)
+        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
+        if keep_best:
+            self.watch.settle()
+            save_best(t, state.step, metrics)
+        return stop_now
 
-    def checkpoint() -> None:
-        watch.settle()
+    def accumulate(self, steps: list[list[int]]) -> _StepWork:
+        """Forward and backward of this rank's micro-batches of ``steps``: gradients of the
+        mean loss over the whole step."""
+        t, objective = self.t, self.t.objective
+        rank, world = t.dist.rank, t.dist.world_size
+        micro = [[t.train_examples[i] for i in s[rank::world]] for s in steps]
+        work = _StepWork({}, sum(objective.weight(e) for m in micro for e in m),
+                         sum(len(m) for m in micro))
+        # Every rank's weight, so that the mean is over the whole step: DDP/FSDP average
+        # gradients over ranks, so each rank divides by the global weight over the ranks.
+        # With equal shares (pairs) this is each rank's own weight, the same division.
+        share = sum(objective.weight(t.train_examples[i]) for s in steps for i in s) / world
+        what = f"step {self.state.step + 1}"
+        for i, examples in enumerate(micro):
+            parts = objective.parts(objective.collate(examples).to(t.device))
+            for j, batch in enumerate(parts):
+                losses, sums = objective.forward(t.policy, batch, what)
+                # Only the last part of the last micro-batch syncs gradients.
+                last = i == len(micro) - 1 and j == len(parts) - 1
+                with strat.no_sync(t.policy, sync=last):
+                    (losses / share).backward()
+                _add(work.sums, sums)
+                work.real_tokens += batch.real_tokens
+                work.padded_tokens += tokens_run(batch, objective.paths)
+                if t.flops is not None:
+                    work.flops += objective.flops(t.flops, batch)
+            t.backend.materialize()  # one graph per micro-batch shape, however they mix
+        return work
+
+    def update(self, work: _StepWork) -> tuple[dict[str, float], bool]:
+        """Clip, read the step's metrics (its one host sync), apply the update unless it is
+        non-finite, and advance the schedule; (metrics, whether the processes agreed to stop)."""
+        t, settings, state, sums = self.t, self.settings, self.state, work.sums
+        t.backend.reduce_gradients(t.optimizer)
+        max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
+        # The norm is of the global gradient (the same on every rank): weighting it by the
+        # rank's weight makes the cross-rank average below give it back unchanged.
+        sums["grad_norm"] = strat.clip_grad_norm(self.params, max_norm) * work.weight
+        self.watch.add_to(sums, work.weight)  # the previous update's flag, read in this sync
+        if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
+            sums["stop_requested"] = torch.tensor(float(self.stop_request.requested),
+                                                  device=sums["loss"].device)
+        metrics = _averages(sums, work.weight, t.dist, t.backend)
+        stop_now = metrics.pop("stop_requested", 0.0) > 0
+        self.watch.judge_metrics(metrics)
+        lr = t.scheduler.get_last_lr()[0]
+        # Decided on the host from the values just read, so skipping costs no extra sync.
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+            try:
+                t.optimizer.step()
+            except RuntimeError as exc:  # e.g. Intel's fused AdamW: lr * decay overflows
+                raise NonFiniteWeights(_poisoned(
+                    t, state.step + 1, lr, self.checkpointed,
+                    f"failed in the optimizer ({first_line(exc, limit=200)})")) from exc
+            self.watch.updated(state.step + 1, lr)
+        else:
+            self.reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update "
+                               "skipped")
+        t.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.backend.step_end()
+        state.step += 1
+        metrics["lr"] = lr
+        return metrics, stop_now
+
+    def record_step(self, metrics: dict[str, float], work: _StepWork, elapsed: float) -> None:
+        """The step's speed and memory beside its averages, into metrics.jsonl and progress."""
+        t, state, world = self.t, self.state, self.t.dist.world_size
+        epoch_len = max(len(self.epoch_steps(state.epoch)), 1)
+        metrics.update({
+            "epoch": round(state.epoch + state.micro_in_epoch / epoch_len, 6),
+            "step_time": elapsed,
+            "tokens_per_second": work.real_tokens * world / elapsed,
+            "padded_tokens_per_second": work.padded_tokens * world / elapsed,
+            "samples_per_second": work.examples * world / elapsed,
+        })
+        memory = t.backend.memory_stats()
+        if memory.peak_bytes is not None:
+            metrics["peak_memory_gb"] = memory.peak_bytes / 2**30
+        if work.flops:  # per process: each one's device does its own share
+            metrics["tflops"] = work.flops / elapsed / 1e12
+            peak = t.backend.peak_flops(self.settings.dtype)
+            if peak:
+                metrics["mfu"] = work.flops / elapsed / peak
+        metrics.update(t.backend.step_metrics())
+        self.train_metrics = metrics
+        self.reporter.record({"step": state.step, **metrics})
+        self.reporter.step(state.step, metrics)
+
+    # -- between steps ----------------------------------------------------------------------
+
+    def baseline(self) -> None:
+        """The evaluation before training (DPO: the policy is its reference here, unless
+        --ref-model names another)."""
+        t = self.t
+        if self.state.step or not (self.settings.eval_at_start and t.eval_examples):
+            return
+        self.initial_eval = self.eval_metrics = evaluate(t, self.settings)
+        self.reporter.record({"step": 0, **self.initial_eval})
+        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, self.initial_eval))
+        if keep_best:
+            save_best(t, 0, self.initial_eval)
+        if self.stopped and self.stopped[1].save:
+            self.checkpoint()
+
+    def stop_between_steps(self) -> None:
+        """A stop asked for between steps (e.g. during an evaluation), in one process: the
+        last step's checkpoint, then out."""
+        t, step = self.t, self.state.step
+        if self.stop_request.requested and t.dist.world_size == 1:
+            if step and not (t.output / f"{PREFIX}{step}").is_dir():
+                self.checkpoint()
+            raise Interrupted(_interrupted(t, step, self.checkpointed))
+
+    def after_step(self, stop_now: bool) -> bool:
+        """Evaluation, the stopping policies' say and checkpoints after a step; whether the
+        loop ends here."""
+        t, settings, step = self.t, self.settings, self.state.step
+        last = self.stopped is not None or step >= settings.total_steps
+        if not self.stopped and (last or (settings.eval_steps and step % settings.eval_steps == 0)):
+            self.eval_metrics = evaluate(t, settings)
+            if not all(math.isfinite(v) for v in self.eval_metrics.values()):
+                self.watch.settle()  # a poisoned update says so, rather than its evaluation
+            if self.eval_metrics:
+                self.reporter.record({"step": step, **self.eval_metrics})
+                self.stopped, keep_best = _decide(
+                    t.policies, lambda p: p.on_eval(step, self.eval_metrics))
+                if keep_best:
+                    self.watch.settle()
+                    save_best(t, step, self.eval_metrics)
+        if self.stopped and not self.stopped[1].save:
+            return True
+        # One process decides alone, as late as it can; several agreed in the step's sync.
+        stop_now = stop_now or (t.dist.world_size == 1 and self.stop_request.requested)
+        if self.stopped or last or stop_now or (
+                settings.save_steps and step % settings.save_steps == 0):
+            self.checkpoint()
+        if stop_now and not (self.stopped or last):
+            raise Interrupted(_interrupted(t, step, self.checkpointed))
+        return self.stopped is not None
+
+    def checkpoint(self) -> None:
+        """Everything an exact resume needs, once the last update is known finite."""
+        t, state = self.t, self.state
+        self.watch.settle()
         # Every rank gathers (FSDP's full state is collective); rank 0 alone writes.
         weights = strat.full_state_dict(t.policy, t.dist)
         optimizer_state = strat.optimizer_state(t.policy, t.optimizer, t.dist)
@@ -358,165 +565,35 @@ def train(t: Trainee, settings: Settings, state: TrainState, reporter: Reporter,
                                       for n, p in t.policies.items()},
                          "distributed": {"world_size": t.dist.world_size,
                                          "strategy": t.strategy},
-                         "config": settings.config}
+                         "config": self.settings.config}
         tensors = {"optimizer": optimizer_state, "scheduler": t.scheduler.state_dict(),
                    "rng": rng_states(t.backend.rng_state())}
         path = save_checkpoint(t.output, state.step, strat.unwrap(t.policy), t.tokenizer,
-                               trainer_state, tensors, settings.save_total_limit, weights)
-        checkpointed.append(path)
-        if on_save:
-            on_save(path)
+                               trainer_state, tensors, self.settings.save_total_limit, weights)
+        self.checkpointed.append(path)
+        if self.on_save:
+            self.on_save(path)
 
-    t.policy.train()
-    train_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    initial_eval: dict[str, float] = {}
-    stopped: tuple[str, Decision] | None = None
-    reporter.start(settings.total_steps, state.step)
-    stop_request = StopRequest(reporter)
-    try:
-        stop_request.install()
-        if state.step == 0 and settings.eval_at_start and t.eval_examples:
-            # The baseline (DPO: policy == reference here unless --ref-model names another).
-            initial_eval = eval_metrics = evaluate(t, settings)
-            reporter.record({"step": 0, **initial_eval})
-            stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, initial_eval))
-            if keep_best:
-                save_best(t, 0, initial_eval)
-            if stopped and stopped[1].save:
-                checkpoint()
-        while state.step < settings.total_steps and not stopped:
-            if stop_request.requested and t.dist.world_size == 1:  # e.g. during an evaluation
-                if state.step and not (t.output / f"{PREFIX}{state.step}").is_dir():
-                    checkpoint()
-                raise Interrupted(_interrupted(t, state.step, checkpointed))
-            started = time.perf_counter()
-            t.backend.reset_peak_memory()
-            steps = next_steps(settings.grad_accum)
-            rank, world = t.dist.rank, t.dist.world_size
-            micro = [[t.train_examples[i] for i in s[rank::world]] for s in steps]
-            step_examples = sum(len(m) for m in micro)
-            step_weight = sum(objective.weight(e) for m in micro for e in m)  # this rank's
-            # Every rank's weight, so that the mean is over the whole step: DDP/FSDP average
-            # gradients over ranks, so each rank divides by the global weight over the ranks.
-            # With equal shares (pairs) this is each rank's own weight, the same division.
-            share = sum(objective.weight(t.train_examples[i]) for s in steps for i in s) / world
-            sums: dict[str, torch.Tensor] = {}
-            real_tokens = padded_tokens = 0
-            step_flops = 0.0
-            for i, examples in enumerate(micro):
-                whole = objective.collate(examples).to(t.device)
-                parts = objective.parts(whole)
-                for j, batch in enumerate(parts):
-                    losses, part_sums = objective.forward(t.policy, batch, f"step {state.step + 1}")
-                    # Only the last part of the last micro-batch syncs gradients.
-                    last = i == len(micro) - 1 and j == len(parts) - 1
-                    with strat.no_sync(t.policy, sync=last):
-                        (losses / share).backward()
-                    _add(sums, part_sums)
-                    real_tokens += batch.real_tokens
-                    padded_tokens += tokens_run(batch, objective.paths)
-                    if t.flops is not None:
-                        step_flops += objective.flops(t.flops, batch)
-                t.backend.materialize()  # one graph per micro-batch shape, however they mix
+    # -- the end ----------------------------------------------------------------------------
 
-            t.backend.reduce_gradients(t.optimizer)
-            max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
-            # The norm is of the global gradient (the same on every rank): weighting it by the
-            # rank's weight makes the cross-rank average below give it back unchanged.
-            sums["grad_norm"] = strat.clip_grad_norm(params, max_norm) * step_weight
-            watch.add_to(sums, step_weight)  # the previous update's flag, read in this sync
-            if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
-                sums["stop_requested"] = torch.tensor(float(stop_request.requested),
-                                                      device=sums["loss"].device)
-            metrics = _averages(sums, step_weight, t.dist, t.backend)  # the step's one host sync
-            stop_now = metrics.pop("stop_requested", 0.0) > 0
-            watch.judge_metrics(metrics)
-            lr = t.scheduler.get_last_lr()[0]
-            # Decided on the host from the values just read, so skipping costs no extra sync.
-            if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-                try:
-                    t.optimizer.step()
-                except RuntimeError as exc:  # e.g. Intel's fused AdamW: lr * decay overflows
-                    raise NonFiniteWeights(_poisoned(
-                        t, state.step + 1, lr, checkpointed,
-                        f"failed in the optimizer ({first_line(exc, limit=200)})")) from exc
-                watch.updated(state.step + 1, lr)
-            else:
-                reporter.warn(f"step {state.step + 1}: non-finite loss or gradient; update skipped")
-            t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
-            t.backend.step_end()
-            state.step += 1
-
-            t.backend.synchronize()
-            elapsed = time.perf_counter() - started
-            memory = t.backend.memory_stats()
-            epoch_len = max(len(epoch_steps(state.epoch)), 1)
-            metrics.update({
-                "lr": lr,
-                "epoch": round(state.epoch + state.micro_in_epoch / epoch_len, 6),
-                "step_time": elapsed,
-                "tokens_per_second": real_tokens * t.dist.world_size / elapsed,
-                "padded_tokens_per_second": padded_tokens * t.dist.world_size / elapsed,
-                "samples_per_second": step_examples * t.dist.world_size / elapsed,
-            })
-            if memory.peak_bytes is not None:
-                metrics["peak_memory_gb"] = memory.peak_bytes / 2**30
-            if step_flops:  # per process: each one's device does its own share
-                metrics["tflops"] = step_flops / elapsed / 1e12
-                peak = t.backend.peak_flops(settings.dtype)
-                if peak:
-                    metrics["mfu"] = step_flops / elapsed / peak
-            metrics.update(t.backend.step_metrics())
-            train_metrics = metrics
-            reporter.record({"step": state.step, **metrics})
-            reporter.step(state.step, metrics)
-            stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
-            if keep_best:
-                watch.settle()
-                save_best(t, state.step, metrics)
-
-            last = stopped is not None or state.step >= settings.total_steps
-            if not stopped and (last or (settings.eval_steps and state.step % settings.eval_steps == 0)):
-                eval_metrics = evaluate(t, settings)
-                if not all(math.isfinite(v) for v in eval_metrics.values()):
-                    watch.settle()  # a poisoned update says so, rather than its evaluation
-                if eval_metrics:
-                    reporter.record({"step": state.step, **eval_metrics})
-                    stopped, keep_best = _decide(
-                        t.policies, lambda p: p.on_eval(state.step, eval_metrics))
-                    if keep_best:
-                        watch.settle()
-                        save_best(t, state.step, eval_metrics)
-            if stopped and not stopped[1].save:
-                break
-            # One process decides alone, as late as it can; several agreed in the step's sync.
-            stop_now = stop_now or (t.dist.world_size == 1 and stop_request.requested)
-            if stopped or last or stop_now or (
-                    settings.save_steps and state.step % settings.save_steps == 0):
-                checkpoint()
-            if stop_now and not (stopped or last):
-                raise Interrupted(_interrupted(t, state.step, checkpointed))
-            if stopped:
-                break
-    finally:
-        stop_request.restore()
-        reporter.close()
-
-    saved = not (stopped and not stopped[1].save)
-    restored_step = None
-    if saved and any(p.restores_best() for p in t.policies.values()):
-        best = restore_best(t)
-        if best is not None:
-            restored_step, eval_metrics = best
-            reporter.info(f"final weights: the best evaluation's, from step {restored_step}")
-    if saved:
-        watch.settle()
-        weights = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP
-        if t.dist.is_main:
-            save_model_dir(t.output / FINAL, strat.unwrap(t.policy), t.tokenizer,
-                           state_dict=weights)
-    name, decision = stopped if stopped else (None, Decision())
-    return Outcome(state.step, name, decision.reason, train_metrics, eval_metrics, saved,
-                   initial_eval, restored_step)
+    def finish(self) -> Outcome:
+        """The final model (the best evaluation's weights where a policy keeps them), unless a
+        policy distrusts the weights."""
+        t, stopped = self.t, self.stopped
+        saved = not (stopped and not stopped[1].save)
+        restored_step = None
+        if saved and any(p.restores_best() for p in t.policies.values()):
+            best = restore_best(t)
+            if best is not None:
+                restored_step, self.eval_metrics = best
+                self.reporter.info(f"final weights: the best evaluation's, from step "
+                                   f"{restored_step}")
+        if saved:
+            self.watch.settle()
+            weights = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP
+            if t.dist.is_main:
+                save_model_dir(t.output / FINAL, strat.unwrap(t.policy), t.tokenizer,
+                               state_dict=weights)
+        name, decision = stopped if stopped else (None, Decision())
+        return Outcome(self.state.step, name, decision.reason, self.train_metrics,
+                       self.eval_metrics, saved, self.initial_eval, restored_step)
