@@ -208,3 +208,20 @@ def test_sft_reads_hh_rlhf(tmp_path, invoke):
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["status"] == "completed" and run["config"]["objective"] == "sft"
+
+
+def test_stopping_on_a_metric_sft_does_not_report_is_refused_before_anything_is_written(
+        tmp_path, invoke):
+    """early-stopping's default metric is DPO's eval/rewards/accuracies: one line naming what
+    SFT reports instead, exit 2, no run directory; watching eval/loss (lower is better) runs."""
+    data = write_demonstrations(tmp_path / "demos.jsonl")
+    args = [*common(data, tmp_path / "out", 2), "--eval-fraction", "0.25", "--stop",
+            "early-stopping"]
+    refused = invoke("sft", *args)
+    assert refused.exit_code == 2
+    assert ("--stop early-stopping watches eval/rewards/accuracies, which dpo sft does not "
+            "report (its evaluations: eval/loss, eval/perplexity)") in refused.output
+    assert not (tmp_path / "out").exists()
+    runs = invoke("sft", *args, "-o", "early-stopping.metric=eval/loss",
+                  "-o", "early-stopping.mode=min")
+    assert runs.exit_code == 0, runs.output

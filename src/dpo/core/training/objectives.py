@@ -198,6 +198,7 @@ class SftObjective(Objective):
 
     name = "sft"
     unit = "tokens"
+    EVAL_METRICS = ("eval/loss", "eval/perplexity")  # what its evaluations report
 
     def length(self, example: TokenizedExample) -> int:
         return len(example.ids)

@@ -215,8 +215,16 @@ class Recipe:
                                               cls.parse_options(config.plugin_options(name)))
         if config.format:
             catalog.formats.get(config.format)
-        watched = [m for p in self.policies.values()
-                   for m in plugin_call(p, "watches()", p.watches) if m.startswith("eval/")]
+        watches = {name: plugin_call(p, "watches()", p.watches)
+                   for name, p in self.policies.items()}
+        watched = [m for metrics in watches.values() for m in metrics if m.startswith("eval/")]
+        for name, metrics in watches.items():
+            unknown = [m for m in metrics if m.startswith("eval/")
+                       and self.sft and m not in SftObjective.EVAL_METRICS]
+            if unknown:
+                raise UsageError(f"--stop {name} watches {unknown[0]}, which dpo sft does not "
+                                 f"report (its evaluations: {', '.join(SftObjective.EVAL_METRICS)}"
+                                 f"); set -o {name}.metric=eval/loss (with mode=min)")
         if watched and not (config.eval_data or config.eval_fraction):
             raise UsageError(f"stopping on {watched[0]} needs held-out {self.noun}: give "
                              "--eval-data or --eval-fraction")
