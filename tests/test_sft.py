@@ -34,7 +34,8 @@ def invoke():
     app = make_app(pm)
 
     def call(*args: str):
-        return CliRunner().invoke(app, [*args[:1], "--no-progress", *args[1:]])
+        quiet = ["--no-progress"] if args[0] in ("run", "sft") else []
+        return CliRunner().invoke(app, [*args[:1], *quiet, *args[1:]])
 
     return call
 
@@ -225,3 +226,25 @@ def test_stopping_on_a_metric_sft_does_not_report_is_refused_before_anything_is_
     runs = invoke("sft", *args, "-o", "early-stopping.metric=eval/loss",
                   "-o", "early-stopping.mode=min")
     assert runs.exit_code == 0, runs.output
+
+
+def test_dpo_eval_of_an_sft_run_gives_its_loss_and_perplexity(tmp_path, invoke):
+    """`dpo eval --model OUT` of a `dpo sft` run evaluates as SFT (the run's objective): on
+    the run's own held-out file, the loss and perplexity its final evaluation logged (the
+    same model, examples and token mean; batches of another size sum in another order).
+    A reference or a loss is refused for SFT in one line."""
+    data = write_demonstrations(tmp_path / "demos.jsonl")
+    run = invoke("sft", *common(data, tmp_path / "out", 3), "--eval-data", str(data))
+    assert run.exit_code == 0, run.output
+    final = [r for r in records(tmp_path / "out") if "eval/loss" in r][-1]
+    result = invoke("eval", "--model", str(tmp_path / "out"), "--data", str(data),
+                    "--backend", "cpu", "--batch-size", "3", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["objective"] == "sft" and report["examples"] == 16
+    assert report["metrics"]["loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+    assert report["metrics"]["perplexity"] == pytest.approx(final["eval/perplexity"], rel=1e-5)
+    refused = invoke("eval", "--model", str(tmp_path / "out"), "--data", str(data),
+                     "--ref", "tiny")
+    assert refused.exit_code == 2
+    assert "--ref: an SFT evaluation has no loss plugin and no reference" in refused.output

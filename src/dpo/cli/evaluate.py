@@ -34,24 +34,31 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         max_length: Annotated[Optional[int], typer.Option(help="Prompt + completion tokens. " + escape("[default: the run's, else 512]"))] = None,
         max_prompt_length: Annotated[Optional[int], typer.Option(help="Prompt tokens kept. " + escape("[default: the run's, else 256]"))] = None,
         strict: Annotated[bool, typer.Option(help="Refuse unusable records instead of dropping them.")] = False,
+        objective: Annotated[Optional[str], typer.Option(help="dpo (preference metrics on pairs) or sft (loss and perplexity on demonstrations, or pairs' chosen sides). " + escape("[default: the run's, else dpo]"))] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ) -> None:
         """Preference metrics (rewards/accuracies, margins, chosen and rejected rewards and
-        log-probs) of a policy against its reference on held-out pairs."""
+        log-probs) of a policy against its reference on held-out pairs; for an SFT model
+        (--objective sft, the default for a `dpo sft` run), its loss and perplexity on
+        held-out demonstrations."""
+        if objective not in (None, "dpo", "sft"):
+            raise UsageError(f"--objective {objective}: choose dpo or sft")
         if dtype not in DTYPES:
             raise UsageError(f"--dtype {dtype}: not a dtype; choose one of {', '.join(DTYPES)}")
         request = EvalRequest(model=model, data=data, ref=ref, loss=loss,
                               options=parse_assignments(option or []), format=format,
                               backend=backend, dtype=dtype, batch_size=batch_size,
                               max_length=max_length, max_prompt_length=max_prompt_length,
-                              strict=strict)
+                              strict=strict, objective=objective)
         result = evaluate_request(request, catalog)
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
         ref_text = f" against {result['ref']}" if result["ref"] else ""
         # Paths are text, not markup: "model[v2]" keeps its brackets.
-        table = Table(title=escape(f"{result['model']}{ref_text}, {result['pairs']} pairs"))
+        count = (f"{result['examples']} examples" if result["objective"] == "sft"
+                 else f"{result['pairs']} pairs")
+        table = Table(title=escape(f"{result['model']}{ref_text}, {count}"))
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key in SUMMARY_KEYS:

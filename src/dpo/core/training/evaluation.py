@@ -1,8 +1,11 @@
-"""``dpo eval``: preference metrics of a policy against its reference on held-out pairs.
+"""``dpo eval``: preference metrics of a policy against its reference on held-out pairs, or,
+for an SFT model, its loss on held-out demonstrations.
 
 The metrics are those a run logs under ``eval/`` (TRL's names): the loss, ``rewards/accuracies``
 (the share of pairs whose implicit reward prefers the chosen completion), ``rewards/margins``,
-the chosen and rejected rewards, and the policy's summed completion log-probs.
+the chosen and rejected rewards, and the policy's summed completion log-probs; for SFT
+(``--objective sft``, the default for a ``dpo sft`` run's model), the token-mean loss of the
+completions and its perplexity.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo.core.data.batching import collate
-from dpo.core.data.reading import load_pairs
+from dpo.core.data.batching import collate, collate_examples
+from dpo.core.data.reading import load_demonstrations, load_pairs
 from dpo.core.data.stats import DataStats
-from dpo.core.data.tokenization import tokenize_pairs
+from dpo.core.data.tokenization import tokenize_demonstrations, tokenize_pairs
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.training.loop import objective_metrics
-from dpo.core.training.objectives import DpoObjective
+from dpo.core.training.objectives import DpoObjective, SftObjective
 from dpo.core.training.setup import check_same_tokenizer, resolve_backend, resolve_dtype
 from dpo.core.model.loading import load_model, resolve_source
 from dpo.core.model.pathcheck import CHECK_PAIRS, check
@@ -42,6 +45,7 @@ class EvalRequest:
     max_prompt_length: int | None = None
     strict: bool = False
     seed: int = 42
+    objective: str | None = None  # dpo or sft; default: the run's, else dpo
 
 
 def find_run_config(model: str) -> dict[str, Any] | None:
@@ -67,6 +71,9 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     compute the metrics. Returns the metrics and what was compared."""
 
     run = find_run_config(request.model) or {}
+    objective = request.objective or run.get("objective", "dpo")
+    if objective == "sft":
+        return evaluate_demonstrations(request, run, catalog)
     loss_name = request.loss or run.get("loss", "dpo")
     loss_cls = catalog.losses.get(loss_name, asked=bool(request.loss))
     options = dict(run.get("options", {}).get(loss_name, {})) if not request.loss else {}
@@ -120,6 +127,7 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
                              reference, found.get("reference"))
     metrics = objective_metrics(objective, policy, pairs, request.batch_size, device)
     return {
+        "objective": "dpo",
         "model": policy_spec,
         "ref": ref if loss.requires_reference else None,
         "loss": loss.name,
@@ -131,5 +139,57 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "paths": {label: paths.used() for label, paths in found.items()},
         "paths_check": checks,
+        "metrics": {k.removeprefix("eval/"): v for k, v in metrics.items()},
+    }
+
+
+def evaluate_demonstrations(request: EvalRequest, run: dict[str, Any],
+                            catalog: Catalog) -> dict[str, Any]:
+    """An SFT model's token-mean loss and perplexity on held-out demonstrations (or pairs'
+    chosen sides), on the speed paths a run would take, checked as a run checks them."""
+    given = [flag for flag, value in (("--ref", request.ref), ("--loss", request.loss),
+                                      ("-o", request.options)) if value]
+    if given:
+        raise UsageError(f"{given[0]}: an SFT evaluation has no loss plugin and no reference; "
+                         "drop it, or pass --objective dpo for preference metrics")
+    max_length = request.max_length or run.get("max_length", 512)
+    max_prompt_length = request.max_prompt_length or run.get("max_prompt_length", 256)
+    backend = resolve_backend(request.backend, catalog)
+    dtype = resolve_dtype(request.dtype, backend)
+    policy_spec = model_dir(request.model)
+    resolve_source(policy_spec)
+    policy, tokenizer = load_model(policy_spec, run.get("seed", request.seed))
+    stats = DataStats()
+    sourced = load_demonstrations(
+        request.data, catalog.formats, request.format,
+        dict(run.get("options", {}).get(request.format, {})) if request.format else None,
+        strict=request.strict, stats=stats)
+    examples, stats = tokenize_demonstrations(tokenizer, sourced, max_length, max_prompt_length,
+                                              strict=request.strict, stats=stats)
+    if not examples:
+        raise UsageError(f"{request.data}: no usable examples ({stats.as_dict()}); --strict "
+                         "names the first unusable record with its line")
+    device = backend.device(0)
+    disable_dropout(policy)
+    policy.requires_grad_(False).eval().to(device)
+    paths = resolve(policy, static_shapes=backend.static_shapes, backend_name=backend.name)
+    if paths.shared_prompt:
+        paths = paths.without(["shared_prompt"], "one completion per prompt: nothing to share")
+    batch = collate_examples(examples[:CHECK_PAIRS], tokenizer.pad_token_id,
+                             pad_length=backend.padded_length).to(device)
+    paths, report = check(policy, batch, paths, training=False)
+    objective = SftObjective(backend, dtype, tokenizer.pad_token_id, paths)
+    metrics = objective_metrics(objective, policy, examples, request.batch_size, device)
+    return {
+        "objective": "sft",
+        "model": policy_spec,
+        "ref": None,
+        "data": request.data,
+        "examples": len(examples),
+        "data_stats": stats.as_dict(),
+        "backend": backend.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "paths": {"policy": paths.used()},
+        "paths_check": {"policy": report.record()},
         "metrics": {k.removeprefix("eval/"): v for k, v in metrics.items()},
     }
