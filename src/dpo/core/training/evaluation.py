@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from dpo.core.data.batching import collate, collate_examples
-from dpo.core.data.reading import load_demonstrations, load_pairs
 from dpo.core.data.stats import DataStats
-from dpo.core.data.tokenization import tokenize_demonstrations, tokenize_pairs
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.training.loop import objective_metrics
 from dpo.core.training.objectives import DpoObjective, SftObjective
-from dpo.core.training.setup import check_same_tokenizer, resolve_backend, resolve_dtype
+from dpo.core.training.setup import (check_same_tokenizer, examples_of, resolve_backend,
+                                     resolve_dtype)
 from dpo.core.model.loading import load_model, resolve_source
 from dpo.core.model.pathcheck import CHECK_PAIRS, check
 from dpo.core.model.paths import resolve
@@ -94,15 +93,8 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         resolve_source(ref)
 
     policy, tokenizer = load_model(policy_spec, seed)
-    stats = DataStats()
-    sourced = load_pairs(request.data, catalog.formats, request.format,
-                         dict(run.get("options", {}).get(request.format, {})) if request.format else None,
-                         strict=request.strict, stats=stats)
-    pairs, stats = tokenize_pairs(tokenizer, sourced, max_length, max_prompt_length,
-                                  strict=request.strict, stats=stats)
-    if not pairs:
-        raise UsageError(f"{request.data}: no usable pairs ({stats.as_dict()}); --strict "
-                         "names the first unusable record with its line")
+    pairs, stats = held_out(request, run, catalog, tokenizer, "dpo", max_length,
+                            max_prompt_length)
     reference = None
     if loss.requires_reference:
         reference, ref_tokenizer = load_model(ref, seed)
@@ -143,6 +135,23 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     }
 
 
+def held_out(request: EvalRequest, run: dict[str, Any], catalog: Catalog, tokenizer: Any,
+             objective: str, max_length: int, max_prompt_length: int
+             ) -> tuple[list[Any], DataStats]:
+    """The request's data, read and tokenised for ``objective`` (pairs, or demonstrations)."""
+    noun, read, tokenize = examples_of(objective)
+    stats = DataStats()
+    options = dict(run.get("options", {}).get(request.format, {})) if request.format else None
+    records = read(request.data, catalog.formats, request.format, options,
+                   strict=request.strict, stats=stats)
+    examples, stats = tokenize(tokenizer, records, max_length, max_prompt_length,
+                               strict=request.strict, stats=stats)
+    if not examples:
+        raise UsageError(f"{request.data}: no usable {noun} ({stats.as_dict()}); --strict "
+                         "names the first unusable record with its line")
+    return examples, stats
+
+
 def evaluate_demonstrations(request: EvalRequest, run: dict[str, Any],
                             catalog: Catalog) -> dict[str, Any]:
     """An SFT model's token-mean loss and perplexity on held-out demonstrations (or pairs'
@@ -159,16 +168,8 @@ def evaluate_demonstrations(request: EvalRequest, run: dict[str, Any],
     policy_spec = model_dir(request.model)
     resolve_source(policy_spec)
     policy, tokenizer = load_model(policy_spec, run.get("seed", request.seed))
-    stats = DataStats()
-    sourced = load_demonstrations(
-        request.data, catalog.formats, request.format,
-        dict(run.get("options", {}).get(request.format, {})) if request.format else None,
-        strict=request.strict, stats=stats)
-    examples, stats = tokenize_demonstrations(tokenizer, sourced, max_length, max_prompt_length,
-                                              strict=request.strict, stats=stats)
-    if not examples:
-        raise UsageError(f"{request.data}: no usable examples ({stats.as_dict()}); --strict "
-                         "names the first unusable record with its line")
+    examples, stats = held_out(request, run, catalog, tokenizer, "sft", max_length,
+                               max_prompt_length)
     device = backend.device(0)
     disable_dropout(policy)
     policy.requires_grad_(False).eval().to(device)
