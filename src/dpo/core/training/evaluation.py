@@ -19,7 +19,7 @@ from dpo.core.data.stats import DataStats
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.training.loop import objective_metrics
-from dpo.core.training.objectives import DpoObjective, SftObjective
+from dpo.core.training.objectives import DpoObjective, SftObjective, sft_paths
 from dpo.core.training.setup import (check_same_tokenizer, examples_of, resolve_backend,
                                      resolve_dtype)
 from dpo.core.model.loading import load_model, resolve_source
@@ -82,8 +82,6 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     if loss.requires_reference and not ref:
         raise UsageError(f"loss {loss.name!r} compares against a reference: give --ref (the "
                          "model training started from)")
-    max_length = request.max_length or run.get("max_length", 512)
-    max_prompt_length = request.max_prompt_length or run.get("max_prompt_length", 256)
     backend = resolve_backend(request.backend, catalog)
     dtype = resolve_dtype(request.dtype, backend)
     seed = run.get("seed", request.seed)  # `tiny` is built from the run's seed
@@ -93,8 +91,7 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         resolve_source(ref)
 
     policy, tokenizer = load_model(policy_spec, seed)
-    pairs, stats = held_out(request, run, catalog, tokenizer, "dpo", max_length,
-                            max_prompt_length)
+    pairs, stats = held_out(request, run, catalog, tokenizer, "dpo")
     reference = None
     if loss.requires_reference:
         reference, ref_tokenizer = load_model(ref, seed)
@@ -136,10 +133,12 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
 
 
 def held_out(request: EvalRequest, run: dict[str, Any], catalog: Catalog, tokenizer: Any,
-             objective: str, max_length: int, max_prompt_length: int
-             ) -> tuple[list[Any], DataStats]:
-    """The request's data, read and tokenised for ``objective`` (pairs, or demonstrations)."""
+             objective: str) -> tuple[list[Any], DataStats]:
+    """The request's data, read and tokenised for ``objective`` (pairs, or demonstrations),
+    with the run's length limits unless the request sets its own."""
     noun, read, tokenize = examples_of(objective)
+    max_length = request.max_length or run.get("max_length", 512)
+    max_prompt_length = request.max_prompt_length or run.get("max_prompt_length", 256)
     stats = DataStats()
     options = dict(run.get("options", {}).get(request.format, {})) if request.format else None
     records = read(request.data, catalog.formats, request.format, options,
@@ -161,21 +160,17 @@ def evaluate_demonstrations(request: EvalRequest, run: dict[str, Any],
     if given:
         raise UsageError(f"{given[0]}: an SFT evaluation has no loss plugin and no reference; "
                          "drop it, or pass --objective dpo for preference metrics")
-    max_length = request.max_length or run.get("max_length", 512)
-    max_prompt_length = request.max_prompt_length or run.get("max_prompt_length", 256)
     backend = resolve_backend(request.backend, catalog)
     dtype = resolve_dtype(request.dtype, backend)
     policy_spec = model_dir(request.model)
     resolve_source(policy_spec)
     policy, tokenizer = load_model(policy_spec, run.get("seed", request.seed))
-    examples, stats = held_out(request, run, catalog, tokenizer, "sft", max_length,
-                               max_prompt_length)
+    examples, stats = held_out(request, run, catalog, tokenizer, "sft")
     device = backend.device(0)
     disable_dropout(policy)
     policy.requires_grad_(False).eval().to(device)
-    paths = resolve(policy, static_shapes=backend.static_shapes, backend_name=backend.name)
-    if paths.shared_prompt:
-        paths = paths.without(["shared_prompt"], "one completion per prompt: nothing to share")
+    paths = sft_paths(resolve(policy, static_shapes=backend.static_shapes,
+                              backend_name=backend.name))
     batch = collate_examples(examples[:CHECK_PAIRS], tokenizer.pad_token_id,
                              pad_length=backend.padded_length).to(device)
     paths, report = check(policy, batch, paths, training=False)

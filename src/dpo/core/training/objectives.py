@@ -192,6 +192,17 @@ class DpoObjective(Objective):
 
 # -- supervised fine-tuning ------------------------------------------------------------------
 
+def example_length(example: TokenizedExample) -> int:
+    return len(example.ids)
+
+
+def sft_paths(paths: Paths) -> Paths:
+    """``paths`` for SFT: the shared prompt off (one completion per prompt)."""
+    if not paths.shared_prompt:
+        return paths
+    return paths.without(["shared_prompt"], "one completion per prompt: nothing to share")
+
+
 class SftObjective(Objective):
     """Demonstrations: the negative log-likelihood of their trained tokens (the completion;
     in a conversation, the assistant's turns), as a mean over tokens."""
@@ -201,7 +212,7 @@ class SftObjective(Objective):
     EVAL_METRICS = ("eval/loss", "eval/perplexity")  # what its evaluations report
 
     def length(self, example: TokenizedExample) -> int:
-        return len(example.ids)
+        return example_length(example)
 
     def weight(self, example: TokenizedExample) -> int:
         return example.trained_tokens

@@ -54,7 +54,8 @@ from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import METRICS_FILE, RUN_FILE
 from dpo.core.training.loop import Outcome, Settings, Trainee, TrainState, train
-from dpo.core.training.objectives import DpoObjective, Objective, SftObjective, pair_length
+from dpo.core.training.objectives import (DpoObjective, Objective, SftObjective,
+                                          example_length, pair_length, sft_paths)
 from dpo.core.training.plugin_calls import plugin_call
 from dpo.core.training.report import Reporter, truncate_metrics
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
@@ -156,7 +157,7 @@ class Recipe:
         self.reporter, self.resume, self.overwrite, self.taken = reporter, resume, overwrite, taken
         self.sft = config.objective == "sft"
         self.noun = "examples" if self.sft else "pairs"
-        self.length: Callable[[Any], int] = (lambda e: len(e.ids)) if self.sft else pair_length
+        self.length: Callable[[Any], int] = example_length if self.sft else pair_length
         self.loss: Loss | None = None
         self.policies: dict[str, StoppingPolicy] = {}
         self.checkpoint: Path | None = None
@@ -309,9 +310,8 @@ class Recipe:
             strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
         self.model = model
         self.paths = resolve_paths(config, self.backend, model, dist)
-        if self.sft and self.paths.shared_prompt:
-            self.paths = self.paths.without(["shared_prompt"], "one completion per prompt: "
-                                            "nothing to share")
+        if self.sft:
+            self.paths = sft_paths(self.paths)
         if (config.gradient_checkpointing and not self.paths.layer_checkpointing
                 and not getattr(model, "supports_gradient_checkpointing", False)):
             raise UsageError(f"--gradient-checkpointing: {type(model).__name__} supports no "
