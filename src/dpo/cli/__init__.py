@@ -16,7 +16,7 @@ PLUGIN_PANEL = "Plugins"
 
 def make_app(pm: DpoPluginManager) -> typer.Typer:
     """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
-    from dpo.cli import backends, demo, evaluate, paths, plugins, precompute, run
+    from dpo.cli import backends, demo, evaluate, merge, paths, plugins, precompute, run
 
     app = typer.Typer(
         name="dpo",
@@ -31,6 +31,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
     run.register(app, catalog)
     evaluate.register(app, catalog)
     precompute.register(app, catalog)
+    merge.register(app, catalog)
     demo.register(app, catalog)
     plugins.register(app, pm, catalog, commands_by_plugin)
     backends.register(app, catalog)

@@ -9,6 +9,8 @@ A model spec is one of:
   checkpoint in the cache (``$DPO_CACHE_DIR``, default ``~/.cache/dpo-trainer``), which later runs
   load in about a second;
 - a local Hugging Face model directory;
+- a LoRA adapter directory (``dpo run --lora`` writes them; PEFT's format): its base model with
+  the adapter merged in (``dpo.core.model.lora``, the ``lora`` extra);
 - a hub id (``org/name``), loaded the normal way when the hub is reachable.
 """
 
@@ -106,6 +108,10 @@ def resolve_source(spec: str) -> ModelSource:
             raise UsageError(f"--model {spec}: no such .gguf file")
         return ModelSource(spec, "gguf", str(path.resolve()))
     if path.exists():
+        from dpo.core.model.lora import is_adapter_dir
+
+        if is_adapter_dir(path):
+            return ModelSource(spec, "adapter", str(path.resolve()))
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {spec}: {path} is not a Hugging Face model directory "
                              "(no config.json)")
@@ -141,7 +147,51 @@ def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
         return _from_pretrained(str(directory), spec)
     if source.kind == "hub":
         return _from_hub(source)
+    if source.kind == "adapter":
+        return _merged_adapter(Path(source.location), seed)
     return _from_pretrained(source.location, spec)
+
+
+def base_record(spec: str, seed: int) -> dict[str, Any]:
+    """How an adapter trained on ``spec`` names its base (``dpo_adapter.json``): the spec as
+    this loader takes it (a path made absolute), what ``from_pretrained`` reads (``location``,
+    PEFT's ``base_model_name_or_path``) and the seed (the tiny model's weights depend on it)."""
+    source = resolve_source(spec)
+    model = spec if source.kind in ("tiny", "hub") or spec == DEFAULT_MODEL else source.location
+    location = source.location
+    if source.kind == "gguf":
+        location = str(converted_gguf(Path(source.location)))
+    return {"model": model, "location": location, "seed": seed}
+
+
+def _merged_adapter(directory: Path, seed: int) -> tuple[torch.nn.Module, Any]:
+    """An adapter directory as a model: its base with the adapter merged in."""
+    from dpo.core.model import lora
+
+    lora.require_peft()
+    record = lora.read_record(directory)
+    base_spec = record["model"]
+    if Path(base_spec).expanduser().resolve() == directory.resolve():
+        raise UsageError(f"--model {directory}: the adapter names itself as its base")
+    model, tokenizer = load_model(base_spec, int(record.get("seed", seed)))
+    lora.load_adapter(directory, model, base_record(base_spec, int(record.get("seed", seed))))
+    if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = _tokenizer(str(directory), str(directory))
+    return lora.merge(model), tokenizer
+
+
+def _tokenizer(location: str, spec: str, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with transformers_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {spec}: could not load its tokenizer "
+                         f"({first_line(exc, limit=None)})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _from_pretrained(location: str, spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any]:

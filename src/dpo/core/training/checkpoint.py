@@ -3,6 +3,8 @@
 Layout of ``OUTPUT/checkpoint-<step>/``::
 
     config.json, model.safetensors, tokenizer files   (a normal Hugging Face directory)
+        (with --lora: adapter_config.json, adapter_model.safetensors, dpo_adapter.json:
+        the adapter, in PEFT's format; ``dpo.core.model.lora``)
     trainer_state.json   step, data position, stopping-policy state (human-readable)
     trainer_state.pt     optimizer, scheduler and random generator states
 
@@ -34,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from dpo.core.model import lora
 from dpo.core.model.dropout import saved_config
 from dpo.core.model.loading import transformers_bars_off
 from dpo.core.interfaces.errors import DpoError, UsageError, first_line, warn_on_stderr
@@ -112,6 +115,11 @@ def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: Any,
 
 def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any,
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    if lora.is_adapted(model):  # the adapter alone, in PEFT's format
+        lora.write_adapter(tmp, model, state_dict)
+        with transformers_bars_off():
+            tokenizer.save_pretrained(tmp)
+        return
     with transformers_bars_off():
         host = state_dict if state_dict is not None else _host_state_dict(model)
         with saved_config(model):  # the user's dropout, not the zeros training runs with

@@ -69,6 +69,13 @@ class RunConfig(BaseModel):
     )
     stop: list[str] = Field(default_factory=lambda: ["nan-guard"])
 
+    # what trains
+    lora: bool = Field(False, description="train a LoRA adapter (-o lora.r=..., lora.alpha, "
+                       "lora.dropout, lora.targets) instead of every weight; the reference is "
+                       "the base model with the adapter disabled (needs dpo-trainer[lora])")
+    merge: bool = Field(False, description="with --lora, also write the adapter merged into "
+                        "the base model (OUTPUT/merged: a plain transformers model) at the end")
+
     # the optimisation
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0 means --epochs decide")
     epochs: float = Field(1.0, gt=0)
@@ -120,6 +127,9 @@ class RunConfig(BaseModel):
             )
         if self.eval_data and self.eval_fraction:
             raise ValueError("give either eval_data or eval_fraction, not both")
+        if self.merge and not self.lora:
+            raise ValueError("merge writes a LoRA adapter merged into its base model: it needs "
+                             "lora (--lora)")
         return self
 
     def plugin_options(self, name: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from dpo.core.data.batching import BatchSampler
 from dpo.core.interfaces.backend import Backend
 from dpo.core.interfaces.errors import DpoError, Interrupted, first_line
 from dpo.core.interfaces.stopping import Decision, StoppingPolicy
+from dpo.core.model import lora
 from dpo.core.model.flops import FlopCounter
 from dpo.core.model.logps import tokens_run
 from dpo.core.training import strategy as strat
@@ -246,8 +247,15 @@ def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
     from dpo.core.model.loading import causal_lm
 
     record = json.loads(record_path.read_text())
-    best = causal_lm(t.output / BEST)
-    strat.load_full_state_dict(t.policy, best.state_dict())
+    if lora.is_adapted(strat.unwrap(t.policy)):  # best/ holds the adapter alone
+        from safetensors.torch import load_file
+
+        saved = load_file(str(t.output / BEST / lora.ADAPTER_WEIGHTS))
+        strat.load_full_state_dict(t.policy, lora.model_state(strat.unwrap(t.policy), saved),
+                                   strict=False)
+    else:
+        best = causal_lm(t.output / BEST)
+        strat.load_full_state_dict(t.policy, best.state_dict())
     return int(record["step"]), record["metrics"]
 
 

@@ -33,6 +33,7 @@ from dpo.core.data.batching import Batch, collate, collate_examples
 from dpo.core.data.tokenization import TokenizedExample, TokenizedPair
 from dpo.core.interfaces.backend import Backend
 from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
+from dpo.core.model import lora
 from dpo.core.model.flops import FlopCounter
 from dpo.core.model.logps import backward_parts, batch_logps
 from dpo.core.model.paths import PLAIN, Paths
@@ -102,10 +103,11 @@ def model_logps(model: torch.nn.Module, batch: Batch, paths: Paths
 
 def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
                backend: Backend, dtype: torch.dtype, paths: Paths = PLAIN,
-               ref_paths: Paths | None = None) -> PairLogps:
+               ref_paths: Paths | None = None, base_reference: bool = False) -> PairLogps:
     """Policy (with graph) and reference (without) log-probs of a batch's pairs, on their
     speed paths (``ref_paths``: the policy's by default); the reference's come from the batch
-    when it carries precomputed ones."""
+    when it carries precomputed ones. ``base_reference``: the reference is the policy with its
+    LoRA adapter disabled (``dpo.core.model.lora``)."""
     b = batch.num_pairs
     with backend.autocast(dtype):
         logps, counts = model_logps(policy, batch, paths)
@@ -113,6 +115,9 @@ def pair_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch
         if ref is None and reference is not None:
             with torch.no_grad():
                 ref, _ = model_logps(reference, batch, paths if ref_paths is None else ref_paths)
+        elif ref is None and base_reference:
+            with torch.no_grad(), lora.adapter_disabled(strat.unwrap(policy)):
+                ref, _ = model_logps(policy, batch, paths)
     return PairLogps(
         policy_chosen=logps[:b], policy_rejected=logps[b:],
         chosen_tokens=counts[:b], rejected_tokens=counts[b:],
@@ -155,10 +160,11 @@ class DpoObjective(Objective):
     def __init__(self, backend: Backend, dtype: torch.dtype, pad_token_id: int, loss: Loss,
                  paths: Paths = PLAIN, reference: torch.nn.Module | None = None,
                  ref_paths: Paths | None = None, ref_table: Any = None,
-                 backward_by_group: bool = False):
+                 backward_by_group: bool = False, base_reference: bool = False):
         super().__init__(backend, dtype, pad_token_id, paths)
         self.loss, self.reference, self.ref_paths = loss, reference, ref_paths
         self.ref_table, self.backward_by_group = ref_table, backward_by_group
+        self.base_reference = base_reference
 
     def length(self, example: TokenizedPair) -> int:
         return pair_length(example)
@@ -177,7 +183,7 @@ class DpoObjective(Objective):
     def forward(self, model: torch.nn.Module, batch: Batch, what: str
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = pair_logps(model, self.reference, batch, self.backend, self.dtype, self.paths,
-                           self.ref_paths)
+                           self.ref_paths, self.base_reference)
         out = plugin_call(self.loss, what, self.loss, logps)
         return out.losses.sum(), metric_sums(out, logps)
 
@@ -187,7 +193,8 @@ class DpoObjective(Objective):
     def flops(self, counter: FlopCounter, batch: Batch) -> float:
         return counter.train_step(
             batch.row_lengths, batch.completion_tokens,
-            reference_forward=batch.ref_logps is None and self.reference is not None)
+            reference_forward=batch.ref_logps is None and (self.reference is not None
+                                                           or self.base_reference))
 
 
 # -- supervised fine-tuning ------------------------------------------------------------------

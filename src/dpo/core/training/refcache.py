@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from dpo.core.training.checkpoint import durable_replace, fsync_path
+from dpo.core.model import lora
 from dpo.core.model.loading import cache_dir
 
 if TYPE_CHECKING:
@@ -61,9 +62,10 @@ def pair_digest(pair: TokenizedPair) -> bytes:
 
 def model_digest(model: torch.nn.Module) -> str:
     """BLAKE2b over the model's parameters and buffers in name order: names, shapes, dtypes
-    and values (about 1 GB/s; weights on an accelerator are copied to the host in turn)."""
+    and values (about 1 GB/s; weights on an accelerator are copied to the host in turn). A
+    model carrying a LoRA adapter is digested as its base (the reference it scores as)."""
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(lora.base_state_dict(model).items()):
         t = tensor.detach()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())

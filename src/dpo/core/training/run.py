@@ -36,7 +36,9 @@ from dpo.core.interfaces.stopping import StoppingPolicy
 from dpo.core.model.activations import checkpoint_layers
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.model.flops import FlopCounter
-from dpo.core.model.loading import causal_lm, load_model, resolve_source, transformers_bars_off
+from dpo.core.model import lora
+from dpo.core.model.loading import (base_record, causal_lm, load_model, resolve_source,
+                                     transformers_bars_off)
 from dpo.core.model.paths import Paths
 from dpo.core.training import rundir
 from dpo.core.training import strategy as strat
@@ -52,7 +54,8 @@ from dpo.core.training.checkpoint import (
 )
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
-from dpo.core.training.layout import METRICS_FILE, RUN_FILE
+from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE
+from dpo.core.training.merging import merge_adapter
 from dpo.core.training.loop import Outcome, Settings, Trainee, TrainState, train
 from dpo.core.training.objectives import (DpoObjective, Objective, SftObjective,
                                           example_length, pair_length, sft_paths)
@@ -169,6 +172,8 @@ class Recipe:
         self.ref_record: dict[str, Any] | None = None
         self.ref_path: Path | None = None
         self.ref_checked: Any = None
+        self.lora: lora.LoraOptions | None = None
+        self.base_reference = False  # the reference is the policy with its adapter disabled
 
     def train(self, on_save: Callable[[Path], None] | None = None) -> Outcome:
         self.resolve()
@@ -234,6 +239,9 @@ class Recipe:
                              "model")
         if config.compile:
             check_compile(self.device)
+        if config.lora:
+            self.lora = lora.parse_options(config.plugin_options(lora.OPTIONS_KEY))
+            lora.require_peft()
         self.sources = {"model": resolve_source(config.model).describe()}
         if config.ref_model:
             self.sources["ref_model"] = resolve_source(config.ref_model).describe()
@@ -289,12 +297,16 @@ class Recipe:
         config, dist = self.config, self.dist
         torch.manual_seed(config.seed)
         model, self.tokenizer = load_model(config.model, config.seed)
+        if self.lora is not None:
+            lora.add_adapter(model, self.lora, base_record(config.model, config.seed))
         self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
             config, self.catalog, self.tokenizer, self.reporter)
         if self.requires_reference and config.ref_model:
             self.reference, ref_tokenizer = load_model(config.ref_model, config.seed)
             check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
             self.reference.requires_grad_(False).eval()
+        elif self.requires_reference and not config.precompute_ref and self.lora is not None:
+            self.base_reference = True  # no copy: the policy with its adapter disabled
         elif self.requires_reference and not config.precompute_ref:
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
         # With precomputed reference log-probs, the reference scores every pair once and is
@@ -304,8 +316,7 @@ class Recipe:
             self.ref_source = self.reference if self.reference is not None else model
             self.reference = None
         if self.checkpoint is not None:
-            with transformers_bars_off():
-                model = causal_lm(self.checkpoint)
+            model = self.resumed_weights(model)
         if dist.world_size > 1 and config.strategy == "fsdp":
             strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
         self.model = model
@@ -321,6 +332,22 @@ class Recipe:
             self.ref_paths = resolve_paths(config, self.backend, self.reference, dist)
         elif self.ref_source is not None and self.ref_source is not model:
             self.ref_paths = resolve_paths(config, self.backend, self.ref_source, dist)
+
+    def resumed_weights(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with the checkpoint's weights: its adapter (LoRA; the base stays the one
+        loaded from --model, which is also the reference), or the whole model."""
+        has_adapter = (self.checkpoint / lora.ADAPTER_WEIGHTS).is_file()
+        if has_adapter != (self.lora is not None):
+            held = "a LoRA adapter" if has_adapter else "a full model"
+            raise UsageError(f"{self.checkpoint} holds {held}: resume it "
+                             f"{'with' if has_adapter else 'without'} --lora")
+        if self.lora is None:
+            with transformers_bars_off():
+                return causal_lm(self.checkpoint)
+        from safetensors.torch import load_file
+
+        lora.load_weights(model, load_file(str(self.checkpoint / lora.ADAPTER_WEIGHTS)))
+        return model
 
     # 4. The first write: once every rank has checked its input.
     def take_output(self) -> None:
@@ -351,6 +378,7 @@ class Recipe:
         for m in (self.model, self.reference, self.ref_source):
             if m is not None:
                 disable_dropout(m)
+                lora.set_dropout(m)
                 m.to(device)
                 backend.configure_model(m)  # before the optimizer sees the parameters
         self.sampler = make_sampler(self.train_examples, config, dist, self.length)
@@ -378,11 +406,12 @@ class Recipe:
         started = time.perf_counter()
         batches = first_batches(self.train_examples, self.eval_examples, self.sampler,
                                 self.config, self.dist)
-        self.ref_table, self.ref_path, computed = precompute_reference(
-            scorer, batches, self.config, self.backend, self.device, self.dtype,
-            self.tokenizer.pad_token_id, self.dist, self.reporter,
-            describe=self.sources.get("ref_model", self.sources["model"]),
-            paths=self.paths if self.ref_paths is None else self.ref_paths)
+        with lora.adapter_disabled(scorer):  # a LoRA policy's reference: its base
+            self.ref_table, self.ref_path, computed = precompute_reference(
+                scorer, batches, self.config, self.backend, self.device, self.dtype,
+                self.tokenizer.pad_token_id, self.dist, self.reporter,
+                describe=self.sources.get("ref_model", self.sources["model"]),
+                paths=self.paths if self.ref_paths is None else self.ref_paths)
         self.ref_record = {"file": str(self.ref_path), "pairs_scored": computed,
                            "seconds": round(time.perf_counter() - started, 3)}
 
@@ -411,8 +440,9 @@ class Recipe:
             trained = strat.wrap_policy(model, config.strategy, dist, self.device, self.paths)
         else:
             trained = model
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        trained_params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter
+        decay = [p for p in trained_params if p.ndim >= 2]
+        no_decay = [p for p in trained_params if p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
                                       **backend.optimizer_options())
@@ -462,6 +492,7 @@ class Recipe:
             options = {self.loss.name: self.loss.options.model_dump(mode="json"), **options}
         reference = ("none (supervised fine-tuning)" if self.sft else
                      describe_reference(config, self.requires_reference, self.ref_path))
+        adapter = lora.describe(self.model) if self.lora is not None else None
         self.record = {
             "status": "running",
             "config": config.model_dump(),
@@ -478,7 +509,7 @@ class Recipe:
                          "reference_paths": (None if self.ref_paths is None else
                                              {**self.ref_paths.record(),
                                               "check": self.ref_checked.record()}),
-                         "memory": self.memory_note},
+                         "memory": self.memory_note, "lora": adapter},
             "data": {"train": self.stats.as_dict(),
                      "eval": self.eval_stats.as_dict() if self.eval_stats else None},
             "versions": versions(),
@@ -491,6 +522,13 @@ class Recipe:
         self.reporter.info(f"training {config.model} on {backend.describe()} ({self.dtype}), "
                            f"{what}, {self.steps} steps, "
                            f"{sum(p.numel() for p in self.model.parameters()):,} parameters")
+        if adapter is not None:
+            share = adapter["trainable_parameters"] / adapter["base_parameters"]
+            self.reporter.info(
+                f"LoRA r={adapter['r']} alpha={adapter['alpha']:g} on {adapter['modules']} "
+                f"layers ({', '.join(adapter['targets'])}): {adapter['trainable_parameters']:,} "
+                f"trainable parameters ({share:.2%} of the base); the reference is the base "
+                "model (the adapter disabled)")
         if self.memory_note:
             self.reporter.info(f"memory: {self.memory_note}")
 
@@ -503,7 +541,8 @@ class Recipe:
         # small, and interleaving the groups' passes spreads the heap), so only without.
         by_group = self.paths.shared_prompt and not self.config.gradient_checkpointing
         return DpoObjective(self.backend, self.dtype, pad, self.loss, self.paths, self.reference,
-                            self.ref_paths, self.ref_table, backward_by_group=by_group)
+                            self.ref_paths, self.ref_table, backward_by_group=by_group,
+                            base_reference=self.base_reference)
 
     def trainee(self) -> Trainee:
         return Trainee(policy=self.trained, tokenizer=self.tokenizer, backend=self.backend,
@@ -545,6 +584,8 @@ class Recipe:
                 if removed:
                     reporter.info(f"removed {', '.join(p.name for p in removed)}: the run is "
                                   f"complete and its model is in {output / 'final'}")
+        if self.config.merge and outcome.saved and self.dist.is_main:
+            self.write_merged(record)
         if outcome.stopped_by:
             reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: "
                           f"{outcome.reason}")
@@ -554,6 +595,18 @@ class Recipe:
                          outcome.train_metrics, outcome.eval_metrics,
                          before=outcome.initial_eval, eval_label=final_label)
         return outcome
+
+
+    def write_merged(self, record: dict[str, Any]) -> None:
+        """``--merge``: final/'s adapter merged into the base model, in ``merged/``. The
+        trained model goes first (the merge loads the base again)."""
+        self.model = self.trained = self.optimizer = self.scheduler = None
+        gc.collect()
+        merged = merge_adapter(self.output / FINAL, self.output / MERGED)
+        record["merged"] = str(merged)
+        self.taken.write(record)
+        self.reporter.info(f"merged the adapter into the base model: {merged} (a plain "
+                           "transformers model)")
 
 
 def recorded_config(output: Path) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from dpo.core.interfaces.errors import UsageError
 from dpo.core.training.layout import METRICS_FILE, RUN_FILE
 
 # Directories a run writes (each says so, or is empty: ``checkpoint.removable``).
-_DIRS = re.compile(r"^(checkpoint-\d+|best|final)$")
-_TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|run\.json|metrics\.jsonl)\.(tmp|old)$")
+_DIRS = re.compile(r"^(checkpoint-\d+|best|final|merged)$")
+_TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|merged|run\.json|metrics\.jsonl)\.(tmp|old)$")
 FINISHED = ("completed", "stopped by ")
 
 

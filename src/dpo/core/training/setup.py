@@ -23,7 +23,7 @@ from dpo.core.data.tokenization import (TokenizedPair, tokenize_demonstrations,
 from dpo.core.interfaces.backend import Backend
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.plugins import Catalog
-from dpo.core.model import pathcheck
+from dpo.core.model import lora, pathcheck
 from dpo.core.model import paths as speed
 from dpo.core.model.paths import Paths
 from dpo.core.training import refcache, rundir
@@ -71,6 +71,12 @@ def check_options(config: RunConfig, catalog: Catalog) -> None:
     losses = [config.loss] if config.objective == "dpo" else []  # SFT takes no loss plugin
     selected = {*losses, *config.stop, *formats}
     for plugin in config.options:
+        if plugin == lora.OPTIONS_KEY:
+            if not config.lora:
+                raise UsageError("options given for 'lora' (-o lora.KEY=...), but the run "
+                                 "trains no adapter; add --lora")
+            lora.parse_options(config.plugin_options(plugin))
+            continue
         if plugin not in selected:
             loss = f"loss {config.loss!r}" if losses else "no loss (sft)"
             raise UsageError(
@@ -244,8 +250,13 @@ def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None)
     if not requires:
         return "none (reference-free loss)"
     model = f"--ref-model {config.ref_model}" if config.ref_model else "the initial --model"
+    if config.lora and not config.ref_model:
+        model = "the base model (--model, the LoRA adapter disabled)"
     if ref_path is not None:
         return f"log-probs of {model}, computed before training: {ref_path}"
+    if config.lora and not config.ref_model:
+        return (f"{model}: the policy itself with its adapter switched off, no copy; the same "
+                "on resume")
     return (f"{model}, frozen, in memory" if config.ref_model
             else "a frozen copy of --model in memory, re-loaded from it on resume")
 

@@ -227,16 +227,19 @@ def full_state_dict(module: torch.nn.Module, info: DistInfo) -> dict[str, torch.
     return state
 
 
-def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full (Hugging Face) state dict into the model, sharding it under FSDP."""
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                         strict: bool = True) -> None:
+    """Load a full (Hugging Face) state dict into the model, sharding it under FSDP;
+    ``strict=False``: ``state`` holds some of the weights (e.g. a LoRA adapter's)."""
     lm = unwrap(module)
     if _is_fsdp(getattr(module, "module", module)):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(lm, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(lm, state, options=StateDictOptions(full_state_dict=True,
+                                                                 strict=strict))
         return
     with torch.no_grad():
-        lm.load_state_dict(state)
+        lm.load_state_dict(state, strict=strict)
 
 
 def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
