@@ -164,6 +164,28 @@ def test_fsdp_resume_equals_uninterrupted_and_checks_world_size(runs):
     assert train == [r for r in steps(runs / "fsdp") if "grad_norm" in r]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_matches_one_process(tmp_path, strategy):
+    """A LoRA adapter on two ranks, with the reference as the policy's adapter switched off
+    in every step (--no-precompute-ref: the wrapped model runs twice per batch, once without
+    the adapter), matches one process: every metric of every step and the adapter's weights."""
+    pytest.importorskip("peft", reason="the lora extra (peft) is not installed")
+    write_pairs(tmp_path / "pairs.jsonl")
+    lora = [*COMMON, "--data", "pairs.jsonl", "--lora", "-o", "lora.r=4", "--lr", "1e-2",
+            "--no-precompute-ref"]
+    done = dpo_run(*lora, "--batch-size", "4", "--output", "single", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = dpo_run(*lora, "--batch-size", "2", "--nproc", "2", "--strategy", strategy,
+                   "--output", strategy, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"lora {strategy} metrics max diff",
+          assert_metrics_close(tmp_path / "single", tmp_path / strategy))
+    wa, wb = (load_file(tmp_path / d / "final" / "adapter_model.safetensors")
+              for d in ("single", strategy))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= WEIGHT_TOL
+
+
 def write_demonstrations(path: Path, n: int = 24) -> Path:
     """Completions of 1 to 6 words: the ranks' shares of a step hold different token counts."""
     with path.open("w") as fh:

@@ -257,3 +257,38 @@ def test_dpo_merge_refuses_what_it_cannot_merge(tmp_path, invoke, pairs):
     refused = invoke("merge", str(tmp_path / "out"), "--output", str(tmp_path / "mine"))
     assert refused.exit_code == 2 and "not written by dpo-trainer" in refused.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_a_config_file_sets_lora_and_its_options(tmp_path, invoke, pairs):
+    """``lora = true`` and an ``[options.lora]`` table in the TOML file are the flags' twins;
+    a flag still wins over the file."""
+    config = tmp_path / "run.toml"
+    config.write_text("lora = true\nmax-steps = 1\n\n[options.lora]\nr = 8\nalpha = 4\n"
+                      "targets = \"q_proj,v_proj\"\n")
+    result = invoke("run", "--config", str(config), "--model", "tiny", "--data", str(pairs),
+                    "-o", "lora.alpha=24", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    adapter = json.loads((tmp_path / "out" / "run.json").read_text())["resolved"]["lora"]
+    assert (adapter["r"], adapter["alpha"], adapter["targets"]) == (8, 24, ["q_proj", "v_proj"])
+    assert adapter["modules"] == 4  # q_proj and v_proj in each of the tiny model's 2 layers
+
+
+def test_model_flops_count_no_weight_gradients_for_the_frozen_base():
+    """Backward is each layer's input gradient (as much as its forward) plus, for the weights
+    that train, their gradient (as much again). For body 1000 entries (10 training), head 100
+    (frozen), 2 layers of attention width 8, one row of 4 tokens with 2 completion tokens:
+    forward = 2*1000*4 + 2*2*8*4^2 + 2*100*2 = 8000 + 512 + 400 = 8912;
+    backward = 8912 (inputs) + 512 (attention's second product) + 2*10*4 (weights) = 9504;
+    a step = 8912 + 9504 = 18416 (and + 8912 with the reference's forward). With every weight
+    training it is 3 x forward = 26736, as before."""
+    from dpo.core.model.flops import FlopCounter
+
+    lora_counter = FlopCounter(1000, 100, 2, 8, trained_body=10, trained_head=0)
+    assert lora_counter.train_step((4,), 2, reference_forward=False) == 18416
+    assert lora_counter.train_step((4,), 2, reference_forward=True) == 18416 + 8912
+    assert FlopCounter(1000, 100, 2, 8).train_step((4,), 2, reference_forward=False) == 26736
+    model = build_tiny_model(build_tiny_tokenizer(), seed=0)
+    lora.add_adapter(model, lora.LoraOptions(r=2), {"model": "tiny", "seed": 0})
+    counter = FlopCounter.of(model)
+    assert counter.trained_body == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counter.trained_head == 0

@@ -10,7 +10,10 @@ FLOPs), as in the PaLM paper's MFU (Chowdhery et al. 2022, appendix B):
 - the output projection runs only at the positions that predict a completion token.
 
 Training counts the policy's forward and backward (3 x forward) and, when the reference scores
-the batch in the step, its forward.
+the batch in the step, its forward. Backward is the gradient of each layer's input (as much as
+its forward) plus, for a weight that trains, the weight's gradient (as much again): so frozen
+weights (a LoRA adapter's base) cost 2 P per token in backward, not 4 P, and a step with a LoRA
+adapter counts less than 3 x forward.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class FlopCounter:
     head_params: int  # entries of the output projection (vocabulary x hidden)
     layers: int
     attention_width: int  # query heads x head dim
+    trained_body: int | None = None  # of body_params, the entries that train (None: all)
+    trained_head: int | None = None  # of head_params, likewise
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> FlopCounter | None:
@@ -42,8 +47,11 @@ class FlopCounter:
         if head is None or not heads or not hidden:
             return None
         head_dim = getattr(config, "head_dim", None) or hidden // heads
-        body = sum(p.numel() for layer in layers for p in layer.parameters() if p.ndim >= 2)
-        return cls(body, head.weight.numel(), len(layers), heads * head_dim)
+        matrices = [p for layer in layers for p in layer.parameters() if p.ndim >= 2]
+        body = sum(p.numel() for p in matrices)
+        trained = sum(p.numel() for p in matrices if p.requires_grad)
+        head_trained = head.weight.numel() if head.weight.requires_grad else 0
+        return cls(body, head.weight.numel(), len(layers), heads * head_dim, trained, head_trained)
 
     def forward(self, row_lengths: tuple[int, ...] | list[int], completion_tokens: int) -> float:
         """FLOPs of one forward over rows of these real lengths."""
@@ -53,4 +61,11 @@ class FlopCounter:
     def train_step(self, row_lengths: tuple[int, ...] | list[int], completion_tokens: int,
                    reference_forward: bool) -> float:
         """Policy forward + backward, and the reference's forward when run in the step."""
-        return self.forward(row_lengths, completion_tokens) * (4 if reference_forward else 3)
+        forward = self.forward(row_lengths, completion_tokens)
+        tokens = sum(row_lengths)
+        attention = sum(2 * self.layers * self.attention_width * t * t for t in row_lengths)
+        body = self.body_params if self.trained_body is None else self.trained_body
+        head = self.head_params if self.trained_head is None else self.trained_head
+        weight_grads = 2 * body * tokens + 2 * head * completion_tokens
+        backward = forward + attention + weight_grads  # input gradients, then weight gradients
+        return forward * (2 if reference_forward else 1) + backward
