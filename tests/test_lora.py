@@ -292,3 +292,15 @@ def test_model_flops_count_no_weight_gradients_for_the_frozen_base():
     counter = FlopCounter.of(model)
     assert counter.trained_body == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert counter.trained_head == 0
+
+
+def test_gradient_checkpointing_with_an_adapter_changes_nothing(tmp_path, invoke, pairs):
+    """Recomputing each decoder layer in backward, where only the adapter takes gradients and
+    the layers' inputs need none, gives the same steps as keeping the activations."""
+    for name, extra in (("kept", []), ("recomputed", ["--gradient-checkpointing"])):
+        result = invoke("run", *common(pairs, tmp_path / name, 4), "--lr", "1e-2", *extra)
+        assert result.exit_code == 0, result.output
+    kept, recomputed = train_rows(tmp_path / "kept"), train_rows(tmp_path / "recomputed")
+    assert [r["loss"] for r in kept] == pytest.approx([r["loss"] for r in recomputed],
+                                                      abs=1e-6)
+    assert kept[-1]["loss"] != kept[0]["loss"]
