@@ -1,33 +1,229 @@
-"""The BTLM-style model written for the tests of models that ship their own code
-(``dpo.testing_models.btlm``, written out by ``dpo.testing.write_btlm_style_model``): the
-directory loads with transformers only when its code is trusted, and the modelling code itself:
-ALiBi's biases by hand, causality, padding, its own activation checkpointing."""
+"""Models that ship their own modelling code (``--trust-remote-code``), on a BTLM-style model
+written for these tests (``dpo.testing_models.btlm``, written out by
+``dpo.testing.write_btlm_style_model``): refused in one line without the flag; with it, DPO and
+SFT train it on the plain path, its checkpoints and ``final/`` load again with transformers, and
+a resumed run equals an uninterrupted one. Then the modelling code itself: ALiBi's biases by
+hand, causality, padding."""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
-from dpo.testing import write_btlm_style_model
+from dpo.cli import make_app
+from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
+from dpo.core.model.activations import decoder_layers_of
+from dpo.core.model.dropout import disable_dropout
+from dpo.core.model.flops import FlopCounter
+from dpo.core.model.loading import code_files, load_model, runs_shipped_code, shipped_code
+from dpo.core.model.paths import verified_paths
+from dpo.core.training.loop import TIMING_KEYS
+from dpo.testing import CrashAt, plugin_of, write_arithmetic_pairs, write_btlm_style_model
 from dpo.testing_models.btlm.configuration_btlm import BtlmConfig
 from dpo.testing_models.btlm.modeling_btlm import (BtlmLMHeadModel, alibi_slopes,
                                                    attention_bias)
+from test_cli import assert_one_line_error
+
+UNTRUSTED = "ships its own modelling code (configuration_btlm.py, modeling_btlm.py); rerun with --trust-remote-code if you trust it"
+TRUSTING = "trusting the modelling code shipped with"
+PLAIN = ("policy speed paths: none (the plain path): BtlmLMHeadModel comes from "
+         "transformers_modules, not from transformers (remote code or a custom class)")
 
 
-def test_the_written_directory_loads_only_when_its_code_is_trusted(tmp_path):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_btlm_style_model(tmp_path_factory.mktemp("btlm") / "btlm")
+
+
+@pytest.fixture
+def invoke():
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, plugin_of(CrashAt), "test-plugin")
+    app = make_app(pm)
+
+    def call(*args: str):
+        quiet = ["--no-progress"] if args[0] in ("run", "sft", "precompute-ref") else []
+        return CliRunner().invoke(app, [*args[:1], *quiet, *args[1:]])
+
+    return call
+
+
+def train_args(model: Path, data: Path, out: Path, steps: int) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--backend", "cpu", "--max-steps",
+            str(steps), "--lr", "1e-3", "--batch-size", "4", "--output", str(out)]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def reloaded(directory: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    directory = write_btlm_style_model(tmp_path / "btlm")
-    config = json.loads((directory / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_btlm.BtlmConfig",
-                                  "AutoModelForCausalLM": "modeling_btlm.BtlmLMHeadModel"}
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules")
-    assert model.lm_head.weight is model.transformer.wte.weight
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+
+
+# -- without the flag ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["run", "sft", "precompute-ref"])
+def test_without_the_flag_a_model_with_its_own_code_is_refused_in_one_line(
+        command, model_dir, tmp_path, invoke):
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    args = ["--model", str(model_dir), "--data", str(data), "--backend", "cpu"]
+    if command != "precompute-ref":
+        args += ["--output", str(tmp_path / "out")]
+    result = invoke(command, *args)
+    assert_one_line_error(result, 2, f"--model {model_dir}: {UNTRUSTED}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # nothing written
+
+
+def test_dpo_eval_asks_for_the_flag_itself(model_dir, tmp_path, invoke):
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    args = ["--model", str(model_dir), "--ref", str(model_dir), "--data", str(data),
+            "--backend", "cpu", "--json"]
+    assert_one_line_error(invoke("eval", *args), 2, UNTRUSTED)
+    result = invoke("eval", *args, "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is its reference
+
+
+def test_load_model_names_the_files_and_says_once_that_it_trusts_them(model_dir, capsys):
+    assert shipped_code(str(model_dir)) == ["configuration_btlm.py", "modeling_btlm.py"]
+    model, tokenizer = load_model(str(model_dir), seed=0, trust_remote_code=True)
+    err = capsys.readouterr().err
+    assert err.count(TRUSTING) == 1 and "modeling_btlm.py" in err
+    assert runs_shipped_code(model) and type(model).__name__ == "BtlmLMHeadModel"
+    assert tokenizer.pad_token_id is not None
+    # transformers' own model types ship nothing to trust, whatever their config says.
+    assert code_files({"AutoModelForCausalLM": "org/repo--modeling_x.XForCausalLM",
+                       "AutoTokenizer": ["tokenization_x.XTokenizer", None]}) == [
+        "modeling_x.py", "tokenization_x.py"]
+
+
+# -- training it ---------------------------------------------------------------------------------
+
+def test_dpo_trains_it_on_the_plain_path_and_final_loads_with_transformers(
+        model_dir, tmp_path, invoke):
+    """Step 1: the policy is its reference, and the config's dropout (0.1) is off in training,
+    so the loss is ln 2 exactly. Evaluated on its own training pairs, the loss then falls and
+    the pairs come to be ranked right. final/ (with the modelling files beside the weights)
+    loads with transformers and computes what our own copy of the class computes from its
+    weights."""
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    result = invoke("run", *train_args(model_dir, data, tmp_path / "out", 20), "--lr", "3e-3",
+                    "-o", "beta=0.5", "--eval-data", str(data), "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(TRUSTING) == 1
+    assert PLAIN in result.output
+    rows = records(tmp_path / "out")
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[-1]["eval/loss"] < math.log(2) - 0.05
+    assert evals[-1]["eval/rewards/accuracies"] > 0.5
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["config"]["trust_remote_code"] is True
+    assert run["resolved"]["paths"]["used"] == []
+
+    final = tmp_path / "out" / "final"
+    assert {"configuration_btlm.py", "modeling_btlm.py"} <= {p.name for p in final.iterdir()}
+    config = json.loads((final / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_btlm.BtlmLMHeadModel"
+    assert config["resid_pdrop"] == 0.1  # the user's dropout, not training's zeros
+    loaded = reloaded(final)
+    ours = BtlmLMHeadModel(BtlmConfig.from_pretrained(final)).eval()
+    ours.load_state_dict(load_file(final / "model.safetensors"), strict=False)
+    ours.tie_weights()
+    ids = torch.tensor([[5, 60, 61, 62, 70, 80, 90]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ours(ids).logits)
+        start = reloaded(model_dir)
+        assert not torch.equal(loaded(ids).logits, start(ids).logits)  # it did train
+    checkpoint = reloaded(tmp_path / "out" / "checkpoint-20")
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, checkpoint.state_dict()[name]), name
+
+
+def test_the_trust_comes_from_a_config_file_too(model_dir, tmp_path, invoke):
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    config = tmp_path / "run.toml"
+    config.write_text("trust_remote_code = true\n")
+    result = invoke("run", *train_args(model_dir, data, tmp_path / "out", 1),
+                    "--config", str(config), "--no-eval-at-start")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["trust_remote_code"]
+
+
+def test_sft_trains_it(model_dir, tmp_path, invoke):
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    result = invoke("sft", *train_args(model_dir, data, tmp_path / "out", 8), "--lr", "3e-3",
+                    "--eval-data", str(data), "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    assert "policy speed paths: none (the plain path)" in result.output
+    evals = [r for r in records(tmp_path / "out") if "eval/loss" in r]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.1
+    reloaded(tmp_path / "out" / "final")
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(model_dir, tmp_path, invoke):
+    """The resumed run loads checkpoint-2's weights with the modelling code the checkpoint
+    carries, and trusts it as the recorded run did."""
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    extra = ["--save-steps", "2", "--stop", "crash-at", "--grad-accum", "2",
+             "--scheduler", "cosine", "--warmup-steps", "1", "--trust-remote-code"]
+    straight = invoke("run", *train_args(model_dir, data, tmp_path / "straight", 5), *extra)
+    assert straight.exit_code == 0, straight.output
+    CrashAt.armed_at = 3  # after the checkpoint at step 2
+    crashed = invoke("run", *train_args(model_dir, data, tmp_path / "resumed", 5), *extra)
+    assert crashed.exit_code == 1 and "simulated crash" in crashed.output
+    resumed = invoke("run", "--resume", str(tmp_path / "resumed"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output and resumed.output.count(TRUSTING) == 1
+    wa = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    def deterministic(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records(out)]
+
+    assert deterministic(tmp_path / "resumed") == deterministic(tmp_path / "straight")
+
+
+def test_gradient_checkpointing_runs_the_models_own_and_changes_no_value(
+        model_dir, tmp_path, invoke):
+    data = write_arithmetic_pairs(tmp_path / "pairs.jsonl")
+    losses = {}
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        out = tmp_path / flag.strip("-")
+        result = invoke("run", *train_args(model_dir, data, out, 3), flag, "--trust-remote-code",
+                        "--no-eval-at-start")
+        assert result.exit_code == 0, result.output
+        losses[flag] = [r["loss"] for r in records(out) if "loss" in r]
+    assert losses["--gradient-checkpointing"] == pytest.approx(
+        losses["--no-gradient-checkpointing"], rel=1e-5)
+
+
+# -- the model as our introspection sees it ------------------------------------------------------
+
+def test_introspection_takes_it_as_an_unverified_model(model_dir):
+    model, _ = load_model(str(model_dir), seed=0, trust_remote_code=True)
+    paths = verified_paths(model)
+    assert paths.used() == [] and "remote code" in paths.reasons()["batched"]
+    assert len(decoder_layers_of(model)) == 2
+    counter = FlopCounter.of(model)
+    assert counter is not None and counter.layers == 2 and counter.attention_width == 64
+    disable_dropout(model)
+    model.train()
+    ids = torch.tensor([[5, 60, 61, 62, 70]])
+    assert torch.equal(model(ids).logits, model(ids).logits)
 
 
 # -- the modelling code --------------------------------------------------------------------------

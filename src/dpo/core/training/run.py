@@ -288,11 +288,13 @@ class Recipe:
     def load(self) -> None:
         config, dist = self.config, self.dist
         torch.manual_seed(config.seed)
-        model, self.tokenizer = load_model(config.model, config.seed)
+        trust = config.trust_remote_code
+        model, self.tokenizer = load_model(config.model, config.seed, trust_remote_code=trust)
         self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
             config, self.catalog, self.tokenizer, self.reporter)
         if self.requires_reference and config.ref_model:
-            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed)
+            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed,
+                                                       trust_remote_code=trust)
             check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
             self.reference.requires_grad_(False).eval()
         elif self.requires_reference and not config.precompute_ref:
@@ -305,7 +307,7 @@ class Recipe:
             self.reference = None
         if self.checkpoint is not None:
             with transformers_bars_off():
-                model = causal_lm(self.checkpoint)
+                model = causal_lm(self.checkpoint, trust_remote_code=trust)
         if dist.world_size > 1 and config.strategy == "fsdp":
             strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
         self.model = model
@@ -591,10 +593,11 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
         catalog.formats.get(config.format)
     spec = config.ref_model or config.model
     describe = resolve_source(spec).describe()
-    model, tokenizer = load_model(config.model, config.seed)
+    trust = config.trust_remote_code
+    model, tokenizer = load_model(config.model, config.seed, trust_remote_code=trust)
     train_pairs, eval_pairs, _, _ = tokenized_data(config, catalog, tokenizer, reporter)
     if config.ref_model:
-        model, ref_tokenizer = load_model(config.ref_model, config.seed)
+        model, ref_tokenizer = load_model(config.ref_model, config.seed, trust_remote_code=trust)
         check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
     disable_dropout(model)
     model.requires_grad_(False).to(device)
