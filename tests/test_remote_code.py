@@ -107,6 +107,37 @@ def test_load_model_names_the_files_and_says_once_that_it_trusts_them(model_dir,
         "modeling_x.py", "tokenization_x.py"]
 
 
+def test_the_written_directory_loads_only_when_its_code_is_trusted(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_btlm.BtlmConfig",
+                                  "AutoModelForCausalLM": "modeling_btlm.BtlmLMHeadModel"}
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
+    model = reloaded(model_dir)
+    assert runs_shipped_code(model) and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_dpo_paths_and_dpo_demo_take_the_flag(model_dir, tmp_path, invoke):
+    """`dpo paths --model` names why every path is off; `dpo demo` trusts the code in both
+    stages and in the comparison (whose greedy replies go through the model's generate)."""
+    assert_one_line_error(invoke("paths", "--model", str(model_dir), "--backend", "cpu"), 2,
+                          UNTRUSTED)
+    found = invoke("paths", "--model", str(model_dir), "--backend", "cpu", "--json",
+                   "--trust-remote-code")
+    assert found.exit_code == 0, found.output
+    paths = json.loads(found.stdout)["paths"]
+    assert not any(p["on"] for p in paths.values())
+    assert all("remote code" in p["why_off"] for p in paths.values())
+    study = invoke("demo", "--model", str(model_dir), "--backend", "cpu", "--steps", "1",
+                   "--held-out", "2", "--no-progress", "--output", str(tmp_path / "study"),
+                   "--trust-remote-code")
+    assert study.exit_code == 0, study.output
+    written = json.loads((tmp_path / "study" / "comparison.json").read_text())
+    assert [m["name"] for m in written["models"]] == ["base", "sft", "dpo"]
+
+
 # -- training it ---------------------------------------------------------------------------------
 
 def test_dpo_trains_it_on_the_plain_path_and_final_loads_with_transformers(
