@@ -23,11 +23,11 @@ from test_cli import assert_one_line_error
 
 PREFERENCE_ONLY = {"ref_model", "precompute_ref", "ref_logps", "loss", "share_prompt"}
 SFT_OPTIONS = [
-    "model", "data", "format", "eval_data", "eval_fraction", "max_length", "max_prompt_length",
-    "strict", "backend", "nproc", "strategy", "dtype", "option", "stop", "lora", "merge",
-    "max_steps", "epochs",
-    "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "warmup_ratio",
-    "scheduler", "max_grad_norm", "seed", "shuffle", "group_by_length",
+    "model", "trust_remote_code", "data", "format", "eval_data", "eval_fraction", "max_length",
+    "max_prompt_length", "strict", "backend", "nproc", "strategy", "dtype", "option", "stop",
+    "lora", "merge", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
+    "warmup_steps", "warmup_ratio", "scheduler", "max_grad_norm", "seed", "shuffle",
+    "group_by_length",
     "gradient_checkpointing", "compile", "output", "eval_steps", "eval_at_start", "save_steps",
     "save_total_limit", "keep_checkpoints", "progress", "config", "resume", "overwrite",
 ]

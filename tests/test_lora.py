@@ -304,3 +304,22 @@ def test_gradient_checkpointing_with_an_adapter_changes_nothing(tmp_path, invoke
     assert [r["loss"] for r in kept] == pytest.approx([r["loss"] for r in recomputed],
                                                       abs=1e-6)
     assert kept[-1]["loss"] != kept[0]["loss"]
+
+
+def test_early_stopping_keeps_and_restores_the_best_adapter(tmp_path, invoke, pairs):
+    """best/ holds the best evaluation's adapter (PEFT's format); at the end it is loaded back
+    into the policy, so final/ holds exactly best/'s adapter."""
+    result = invoke("run", *common(pairs, tmp_path / "out", 6), "--lr", "1e-2",
+                    "--eval-data", str(pairs), "--eval-steps", "2", "--stop", "early-stopping",
+                    "-o", "early-stopping.metric=eval/rewards/margins", "-o", "early-stopping.mode=min",
+                    "-o", "early-stopping.patience=5")
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    # The margins grow as the policy learns: the smallest is an early evaluation's.
+    assert run["restored_best_from_step"] in (0, 2, 4)
+    best, final = (load_file(str(tmp_path / "out" / d / lora.ADAPTER_WEIGHTS))
+                   for d in ("best", "final"))
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    assert not (tmp_path / "out" / "best" / "model.safetensors").exists()
+    last = load_file(str(tmp_path / "out" / "checkpoint-6" / lora.ADAPTER_WEIGHTS))
+    assert any(not torch.equal(last[k], final[k]) for k in last)  # best/ was loaded back

@@ -17,7 +17,9 @@ or for one run with ``pytest -p dpo.testing``. It adds:
   ``@dpo.hookimpl`` method per kind;
 * ``CrashAt``: a stopping policy (``--stop crash-at``) that raises once at the step its
   ``armed_at`` names, like a machine dying mid-run: for tests of resuming;
-* ``write_arithmetic_pairs(path)``: a small preference file a tiny-model run learns from.
+* ``write_arithmetic_pairs(path)``: a small preference file a tiny-model run learns from;
+* ``write_btlm_style_model(directory)``: a tiny model directory that ships its own modelling
+  code (``dpo.testing_models.btlm``), loaded with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -206,6 +208,43 @@ def write_arithmetic_pairs(path: Path, n: int = 24) -> Path:
             fh.write(json.dumps({"prompt": f"What is {a} plus {b}? ", "chosen": f"{a + b}.",
                                  "rejected": f"{a + b + 1}."}) + "\n")
     return path
+
+
+def write_btlm_style_model(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
+    """Write a tiny BTLM-style model (``dpo.testing_models.btlm``: two blocks of four heads,
+    64 wide, the tiny tokenizer's vocabulary) to ``directory`` as a model directory that ships
+    its own modelling code: ``configuration_btlm.py`` and ``modeling_btlm.py`` beside the
+    weights (float32 safetensors, drawn from ``seed``), the tokenizer, and a ``config.json``
+    whose ``auto_map`` names the two files. ``AutoModelForCausalLM.from_pretrained(directory,
+    trust_remote_code=True)`` loads it offline; without ``trust_remote_code`` transformers
+    refuses it. ``dropout``: every dropout probability of the config (training turns them
+    off; a saved model keeps them)."""
+    import shutil
+
+    import torch
+
+    from dpo.core.model.tiny import VOCAB_MULTIPLE, build_tiny_tokenizer
+    from dpo.testing_models.btlm import MODEL_FILES, SOURCE
+    from dpo.testing_models.btlm.configuration_btlm import BtlmConfig
+    from dpo.testing_models.btlm.modeling_btlm import BtlmLMHeadModel
+
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer()
+    config = BtlmConfig(vocab_size=-(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+                        n_positions=1024, n_embd=64, n_layer=2, n_head=4, n_inner=128,
+                        embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {"AutoConfig": "configuration_btlm.BtlmConfig",
+                       "AutoModelForCausalLM": "modeling_btlm.BtlmLMHeadModel"}
+    config.architectures = ["BtlmLMHeadModel"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BtlmLMHeadModel(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    for name in MODEL_FILES:
+        shutil.copyfile(SOURCE / name, directory / name)
+    return directory
 
 
 class CrashAt(StoppingPolicy):

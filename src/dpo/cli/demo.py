@@ -25,6 +25,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     def demo_command(
         output: Annotated[str, typer.Option(help="Directory of the study: sft/ and dpo/ (two run directories) and comparison.json.")] = "out",
         model: Annotated[Optional[str], typer.Option(help="The starting model (same kinds as `dpo run --model`). " + escape(f"[default: {DEFAULT_MODEL}]"))] = None,
+        trust_remote_code: Annotated[bool, typer.Option(help="Run the modelling code that --model ships in its directory or hub repository (e.g. BTLM's), in both stages and the comparison: Python from there runs here, so only for a model you trust.")] = False,
         backend: Annotated[Optional[str], typer.Option(help="cpu, cuda, rocm, xpu, xla or auto (see `dpo backends`). " + escape("[default: auto]"))] = None,
         steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of each stage. " + escape(f"[default: the demo presets': SFT {demo.SFT_DEMO_PRESET['max_steps']}, DPO {demo.DEMO_PRESET['max_steps']}]"))] = None,
         held_out: Annotated[int, typer.Option(help="Held-out questions the three models are compared on (the first ones of the demo's held-out split).")] = demo.EVAL_SIZE,
@@ -36,7 +37,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         ranks the right answer above the wrong one, and how often its own greedy reply is the
         right number."""
         request = study.StudyRequest(output=output, model=model, backend=backend, steps=steps,
-                                     held_out=held_out, overwrite=overwrite, progress=progress)
+                                     held_out=held_out, overwrite=overwrite, progress=progress,
+                                     trust_remote_code=trust_remote_code)
         console = log_console()
         comparison = study.run_study(request, catalog,
                                      announce=lambda line: console.print(escape(line),

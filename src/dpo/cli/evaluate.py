@@ -25,6 +25,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         model: Annotated[str, typer.Option(help="The policy: a run directory, a model directory, a .gguf file, a hub id or 'tiny'.")],
         data: Annotated[str, typer.Option(help="Held-out pairs (JSONL or JSONL.gz, any installed format).")],
         ref: Annotated[Optional[str], typer.Option(help="The reference model. " + escape("[default: the run's starting model, when --model is a run directory]"))] = None,
+        trust_remote_code: Annotated[bool, typer.Option(help="Run the modelling code that --model (and --ref) ships in its directory or hub repository (e.g. BTLM's): Python from there runs here, so only for a model you trust. Asked for each evaluation, whatever the run did.")] = False,
         loss: Annotated[Optional[str], typer.Option(help="Loss whose rewards are reported. " + escape("[default: the run's, else dpo]"))] = None,
         option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Loss option key=value (e.g. -o beta=0.1). " + escape("[default: the run's]"))] = None,
         format: Annotated[Optional[str], typer.Option("--format", help="Data format (see `dpo plugins`). " + escape("[default: auto-detected]"))] = None,
@@ -49,7 +50,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
                               options=parse_assignments(option or []), format=format,
                               backend=backend, dtype=dtype, batch_size=batch_size,
                               max_length=max_length, max_prompt_length=max_prompt_length,
-                              strict=strict, objective=objective)
+                              strict=strict, objective=objective,
+                              trust_remote_code=trust_remote_code)
         result = evaluate_request(request, catalog)
         if as_json:
             typer.echo(json.dumps(result, indent=2))

@@ -17,6 +17,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     def merge_command(
         path: Annotated[Path, typer.Argument(help="A run directory trained with --lora (its final/), or an adapter directory.")],
         output: Annotated[Optional[Path], typer.Option(help="Where to write the merged model. [default: merged/ in the run directory]")] = None,
+        trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run the modelling code the base model ships (e.g. BTLM).")] = False,
     ) -> None:
         """Merge a LoRA adapter into its base model (W + B A alpha / r) and write the result as a
         plain transformers model directory, which loads without peft. The base model is the one
@@ -24,4 +25,5 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         from dpo.core.training.merging import merge_adapter, merge_target
 
         adapter, target = merge_target(path, output)
-        typer.echo(f"merged {adapter} into its base model -> {merge_adapter(adapter, target)}")
+        merged = merge_adapter(adapter, target, trust_remote_code=trust_remote_code)
+        typer.echo(f"merged {adapter} into its base model -> {merged}")

@@ -24,14 +24,15 @@ def verified_rows() -> list[dict]:
 
 
 def model_paths(spec: str, backend_name: str, share_prompt: bool | None,
-                gradient_checkpointing: bool, catalog: Catalog) -> dict:
+                gradient_checkpointing: bool, catalog: Catalog,
+                trust_remote_code: bool = False) -> dict:
     """The paths ``spec`` takes in a run on the backend, and why each other one is off."""
     from dpo.core.model.loading import load_model
     from dpo.core.model.paths import SPEED_PATHS, architecture, resolve
     from dpo.core.training.run import resolve_backend
 
     backend = resolve_backend(backend_name, catalog)
-    model, _ = load_model(spec, seed=0)
+    model, _ = load_model(spec, seed=0, trust_remote_code=trust_remote_code)
     paths = resolve(model, static_shapes=backend.static_shapes, share_prompt=share_prompt,
                     share_prompt_default=backend.share_prompt_default,
                     gradient_checkpointing=gradient_checkpointing, backend_name=backend.name)
@@ -54,6 +55,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         backend: Annotated[str, typer.Option(help="The backend of the run (with --model).")] = "auto",
         share_prompt: Annotated[Optional[bool], typer.Option("--share-prompt/--no-share-prompt", help="As for `dpo run` (with --model). [default: the backend's]")] = None,
         gradient_checkpointing: Annotated[bool, typer.Option(help="As for `dpo run` (with --model).")] = False,
+        trust_remote_code: Annotated[bool, typer.Option(help="Run the modelling code that --model ships (e.g. BTLM's), as for `dpo run`.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ) -> None:
         """The speed paths of the log-prob computation: without --model, every architecture
@@ -72,7 +74,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
                               ", ".join(f"{k} = {v}" for k, v in r["neutral"].items()))
             log_console(stderr=False).print(table)
             return
-        found = model_paths(model, backend, share_prompt, gradient_checkpointing, catalog)
+        found = model_paths(model, backend, share_prompt, gradient_checkpointing, catalog,
+                            trust_remote_code)
         if as_json:
             typer.echo(json.dumps(found, indent=2))
             return

@@ -23,6 +23,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     def precompute_command(
         model: Annotated[Optional[str], typer.Option(help=with_default("The model to be trained, as for `dpo run` (its tokenizer; and the reference unless --ref-model).", "model"))] = None,
         ref_model: Annotated[Optional[str], typer.Option(help=with_default("Reference model.", "ref_model", "--model's initial weights"))] = None,
+        trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help=with_default("Run the modelling code that --model (and --ref-model) ships in its directory or hub repository (e.g. BTLM's), as for `dpo run`.", "trust_remote_code"))] = None,
         data: Annotated[Optional[str], typer.Option(help=with_default("Training pairs, as for `dpo run`.", "data"))] = None,
         format: Annotated[Optional[str], typer.Option("--format", help=with_default("Data format (see `dpo plugins`).", "format", "auto-detected"))] = None,
         eval_data: Annotated[Optional[str], typer.Option(help=with_default("Held-out pairs (scored too).", "eval_data", "none"))] = None,
@@ -43,7 +44,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
         """Score every pair (training and held out) with the reference model once and keep the
         log-probs on disk. Pairs already in the file are not scored again; a file made with
         other reference weights or another dtype is rebuilt."""
-        flags = {"model": model, "ref_model": ref_model, "data": data, "format": format,
+        flags = {"model": model, "ref_model": ref_model, "trust_remote_code": trust_remote_code,
+                 "data": data, "format": format,
                  "eval_data": eval_data, "eval_fraction": eval_fraction,
                  "max_length": max_length, "max_prompt_length": max_prompt_length,
                  "strict": strict, "backend": backend, "dtype": dtype, "batch_size": batch_size,

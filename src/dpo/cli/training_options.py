@@ -130,6 +130,8 @@ _DATA = ("JSONL or JSONL.gz, a datasets name, or 'demo' (the built-in demo task,
 TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
     TrainingOption("model", Optional[str], "The model to train: SmolLM2-135M-Instruct, a .gguf file, a local Hugging Face model directory, a hub id, or 'tiny'."),
     TrainingOption("ref_model", Optional[str], "Reference model (same kinds as --model).", commands=(RUN,), unset="a frozen copy of --model"),
+    TrainingOption("trust_remote_code", Optional[bool], {RUN: "Run the modelling code that --model (and --ref-model) ships in its directory or hub repository (e.g. BTLM's): Python from there runs here, so only for a model you trust.",
+                                                         SFT: "Run the modelling code that --model ships in its directory or hub repository (e.g. BTLM's): Python from there runs here, so only for a model you trust."}),
     TrainingOption("precompute_ref", Optional[bool], "Score every pair with the reference once before training and keep the log-probs on disk (then the reference is not in memory while training); off: a frozen reference model scores each batch.", commands=(RUN,)),
     TrainingOption("ref_logps", Optional[str], "File of precomputed reference log-probs (see `dpo precompute-ref`).", commands=(RUN,), unset="the cache directory, one file per reference model"),
     TrainingOption("data", Optional[str], {RUN: f"Training pairs: {_DATA}",

@@ -121,23 +121,31 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
-def causal_lm(location: str | Path, **kwargs: Any) -> torch.nn.Module:
+def causal_lm(location: str | Path, *, trust_remote_code: bool = False,
+              **kwargs: Any) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` in float32, with the model's own layers.
 
     transformers 5.25 swaps layers for kernels from the hub by default, at load and again at
     every switch between training and eval mode (``kernelize``): code no test here has checked
     for exactness (``dpo.core.model.paths``), and which refuses models on an XLA device ("Unsupported
     device type 'xla'"). ``use_kernels=False`` keeps the model's own layers (the default of
-    earlier 5.x releases)."""
+    earlier 5.x releases).
+
+    ``trust_remote_code``: run the modelling code a directory or hub repository ships (its
+    ``config.json``'s ``auto_map``). Always passed as a bool: left unset, transformers would ask
+    on the terminal."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, use_kernels=False,
-                                                **kwargs)
+                                                trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
+def load_model(spec: str, seed: int, *, trust_remote_code: bool = False
+               ) -> tuple[torch.nn.Module, Any]:
     """(model in float32, tokenizer) for ``spec``. Training keeps float32 master weights;
-    ``--dtype`` applies through autocast."""
+    ``--dtype`` applies through autocast. ``trust_remote_code`` (``--trust-remote-code``): run
+    the modelling code that a model directory or hub repository ships; without it such a model
+    is refused in one line that says so."""
     source = resolve_source(spec)
     if source.kind == "tiny":
         tokenizer = build_tiny_tokenizer()
@@ -146,35 +154,40 @@ def load_model(spec: str, seed: int) -> tuple[torch.nn.Module, Any]:
         directory = converted_gguf(Path(source.location), announce=True)
         return _from_pretrained(str(directory), spec)
     if source.kind == "hub":
-        return _from_hub(source)
+        return _from_hub(source, trust_remote_code)
     if source.kind == "adapter":
-        return _merged_adapter(Path(source.location), seed)
-    return _from_pretrained(source.location, spec)
+        return _merged_adapter(Path(source.location), seed, trust_remote_code)
+    return _from_pretrained(source.location, spec, trust_remote_code)
 
 
-def base_record(spec: str, seed: int) -> dict[str, Any]:
+def base_record(spec: str, seed: int, trust_remote_code: bool = False) -> dict[str, Any]:
     """How an adapter trained on ``spec`` names its base (``dpo_adapter.json``): the spec as
     this loader takes it (a path made absolute), what ``from_pretrained`` reads (``location``,
-    PEFT's ``base_model_name_or_path``) and the seed (the tiny model's weights depend on it)."""
+    PEFT's ``base_model_name_or_path``), the seed (the tiny model's weights depend on it) and
+    whether the base ran its own modelling code (``--trust-remote-code``)."""
     source = resolve_source(spec)
     model = spec if source.kind in ("tiny", "hub") or spec == DEFAULT_MODEL else source.location
     location = source.location
     if source.kind == "gguf":
         location = str(converted_gguf(Path(source.location)))
-    return {"model": model, "location": location, "seed": seed}
+    return {"model": model, "location": location, "seed": seed,
+            "trust_remote_code": trust_remote_code}
 
 
-def _merged_adapter(directory: Path, seed: int) -> tuple[torch.nn.Module, Any]:
-    """An adapter directory as a model: its base with the adapter merged in."""
+def _merged_adapter(directory: Path, seed: int, trust_remote_code: bool
+                    ) -> tuple[torch.nn.Module, Any]:
+    """An adapter directory as a model: its base with the adapter merged in. A base that
+    ships its own modelling code needs ``--trust-remote-code`` now too (the adapter's record
+    says it was trusted when it trained, not that it is trusted here)."""
     from dpo.core.model import lora
 
     lora.require_peft()
     record = lora.read_record(directory)
-    base_spec = record["model"]
+    base_spec, base_seed = record["model"], int(record.get("seed", seed))
     if Path(base_spec).expanduser().resolve() == directory.resolve():
         raise UsageError(f"--model {directory}: the adapter names itself as its base")
-    model, tokenizer = load_model(base_spec, int(record.get("seed", seed)))
-    lora.load_adapter(directory, model, base_record(base_spec, int(record.get("seed", seed))))
+    model, tokenizer = load_model(base_spec, base_seed, trust_remote_code=trust_remote_code)
+    lora.load_adapter(directory, model, base_record(base_spec, base_seed, trust_remote_code))
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = _tokenizer(str(directory), str(directory))
     return lora.merge(model), tokenizer
@@ -194,20 +207,94 @@ def _tokenizer(location: str, spec: str, **kwargs: Any) -> Any:
     return tokenizer
 
 
-def _from_pretrained(location: str, spec: str, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+def _from_pretrained(location: str, spec: str, trust_remote_code: bool = False,
+                     **kwargs: Any) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoTokenizer
 
+    shipped = shipped_code(location)
+    if shipped and not trust_remote_code:
+        raise _untrusted(spec, shipped)
     try:
         with transformers_bars_off():
-            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-            model = causal_lm(location, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                                      **kwargs)
+            model = causal_lm(location, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise _untrusted(spec, shipped_code(location)) from None
         detail = first_line(exc, limit=None)
         raise UsageError(f"--model {spec}: could not load it ({detail})") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id works, EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
+    if runs_shipped_code(model) and os.environ.get("RANK", "0") == "0":
+        files = code_files(getattr(model.config, "auto_map", None))
+        listed = f" ({', '.join(files)})" if files else ""
+        sys.stderr.write(f"trusting the modelling code shipped with {spec}{listed} "
+                         "(--trust-remote-code)\n")
     return model, tokenizer
+
+
+class UntrustedCode(UsageError):
+    """A model that ships modelling code of its own, loaded without ``--trust-remote-code``."""
+
+
+def _untrusted(spec: str, files: list[str]) -> UntrustedCode:
+    shipped = f" ({', '.join(files)})" if files else ""
+    return UntrustedCode(f"--model {spec}: ships its own modelling code{shipped}; rerun with "
+                         "--trust-remote-code if you trust it")
+
+
+def code_files(auto_map: Any) -> list[str]:
+    """The Python files that a config's ``auto_map`` names (``{"AutoModelForCausalLM":
+    "modeling_x.XForCausalLM", ...}``; an entry may name another repository first,
+    ``org/repo--modeling_x.Class``, and a tokenizer's entry is a pair), in order, once each."""
+    names: list[str] = []
+    for value in (auto_map or {}).values() if isinstance(auto_map, dict) else ():
+        for reference in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(reference, str) and "." in reference:
+                module = reference.split("--")[-1].rpartition(".")[0]
+                if f"{module}.py" not in names:
+                    names.append(f"{module}.py")
+    return names
+
+
+def shipped_code(location: str) -> list[str]:
+    """The modelling files a model directory (or a hub repository already in the local cache)
+    ships and that loading it would run: those its ``config.json``'s ``auto_map`` names for
+    ``AutoModelForCausalLM``, when transformers has no code of its own for its ``model_type``
+    (with code of its own, transformers runs that unless asked to trust). Empty when there is
+    nothing to run, or no config to read here (a hub repository not downloaded yet: then
+    transformers' own refusal is recognised instead)."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    path = Path(location) / "config.json"
+    if not path.is_file() and not Path(location).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(location, "config.json")
+        except (ImportError, ValueError):
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else path
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict) or "AutoModelForCausalLM" not in auto_map:
+        return []
+    if config.get("model_type") in CONFIG_MAPPING:
+        return []
+    return code_files(auto_map)
+
+
+def runs_shipped_code(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s class came from code a model directory or repository shipped
+    (transformers imports such code under ``transformers_modules``)."""
+    return type(model).__module__.startswith("transformers_modules")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -225,11 +312,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(source: ModelSource) -> tuple[torch.nn.Module, Any]:
+def _from_hub(source: ModelSource, trust_remote_code: bool = False
+              ) -> tuple[torch.nn.Module, Any]:
     online = hub_reachable()
     try:
-        return _from_pretrained(source.location, source.spec, local_files_only=not online)
-    except UsageError as exc:
+        return _from_pretrained(source.location, source.spec, trust_remote_code,
+                                local_files_only=not online)
+    except UntrustedCode:
+        raise
+    except UsageError:
         if source.spec == DEFAULT_MODEL:
             raise UsageError(f"the default model {DEFAULT_MODEL} is not installed and the hub "
                              f"({DEFAULT_HUB_ID}) could not be reached; {HOW_TO_GET_DEFAULT}") from None

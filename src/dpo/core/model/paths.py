@@ -120,9 +120,13 @@ class Paths:
                                    **{name: False for name in drop if name in SPEED_PATHS})
 
     def describe(self) -> str:
-        """One line for the log."""
+        """One line for the log; on the plain path for one reason (remote code, an unverified
+        architecture, a backend's static shapes), the reason too."""
         used = ", ".join(self.used()) or "none (the plain path)"
         line = f"speed paths: {used}"
+        reasons = set(self.reasons().values())
+        if not self.used() and len(reasons) == 1:
+            line += f": {reasons.pop()}"
         if self.window is not None and self.shared_prompt:
             line += f" (shared-prompt groups within the attention window of {self.window})"
         return line

@@ -40,6 +40,8 @@ class RunConfig(BaseModel):
     model: str = Field("SmolLM2-135M-Instruct", description="the default model, a .gguf file, a local "
                        "Hugging Face directory, a hub id, or 'tiny'")
     ref_model: str | None = Field(None, description="reference model; default: a frozen copy of --model")
+    trust_remote_code: bool = Field(False, description="run the modelling code a model directory "
+                                    "or hub repository ships (e.g. BTLM); off by default")
     precompute_ref: bool = Field(True, description="score every pair with the reference once "
                                  "before training (kept on disk), not in every step")
     ref_logps: str | None = Field(None, description="file of precomputed reference log-probs; "

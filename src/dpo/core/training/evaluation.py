@@ -45,6 +45,9 @@ class EvalRequest:
     strict: bool = False
     seed: int = 42
     objective: str | None = None  # dpo or sft; default: the run's, else dpo
+    # Run the modelling code the models ship: asked for each evaluation, never taken from the
+    # run's record (a run directory may come from anywhere).
+    trust_remote_code: bool = False
 
 
 def find_run_config(model: str) -> dict[str, Any] | None:
@@ -90,11 +93,12 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     if loss.requires_reference:
         resolve_source(ref)
 
-    policy, tokenizer = load_model(policy_spec, seed)
+    trust = request.trust_remote_code
+    policy, tokenizer = load_model(policy_spec, seed, trust_remote_code=trust)
     pairs, stats = held_out(request, run, catalog, tokenizer, "dpo")
     reference = None
     if loss.requires_reference:
-        reference, ref_tokenizer = load_model(ref, seed)
+        reference, ref_tokenizer = load_model(ref, seed, trust_remote_code=trust)
         check_same_tokenizer(tokenizer, ref_tokenizer, policy_spec, ref, flag="--ref")
     device = backend.device(0)
     for m in (policy, reference):
@@ -164,7 +168,8 @@ def evaluate_demonstrations(request: EvalRequest, run: dict[str, Any],
     dtype = resolve_dtype(request.dtype, backend)
     policy_spec = model_dir(request.model)
     resolve_source(policy_spec)
-    policy, tokenizer = load_model(policy_spec, run.get("seed", request.seed))
+    policy, tokenizer = load_model(policy_spec, run.get("seed", request.seed),
+                                   trust_remote_code=request.trust_remote_code)
     examples, stats = held_out(request, run, catalog, tokenizer, "sft")
     device = backend.device(0)
     disable_dropout(policy)

@@ -93,6 +93,7 @@ class Trainee:
     dist: DistInfo = field(default_factory=DistInfo)
     strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
     flops: FlopCounter | None = None  # the policy's model FLOPs, for tflops and MFU
+    trust_remote_code: bool = False  # best/ of a model that ships its own code loads with it
 
 
 @dataclass
@@ -254,7 +255,7 @@ def restore_best(t: Trainee) -> tuple[int, dict[str, float]] | None:
         strat.load_full_state_dict(t.policy, lora.model_state(strat.unwrap(t.policy), saved),
                                    strict=False)
     else:
-        best = causal_lm(t.output / BEST)
+        best = causal_lm(t.output / BEST, trust_remote_code=t.trust_remote_code)
         strat.load_full_state_dict(t.policy, best.state_dict())
     return int(record["step"]), record["metrics"]
 

@@ -46,8 +46,10 @@ def merge_target(path: Path, output: Path | None) -> tuple[Path, Path]:
     return adapter, output
 
 
-def merge_adapter(adapter: Path, output: Path) -> Path:
-    """Write ``adapter`` merged into its base model to ``output``; returns ``output``."""
-    model, tokenizer = load_model(str(adapter), seed=0)  # an adapter names its own seed
+def merge_adapter(adapter: Path, output: Path, trust_remote_code: bool = False) -> Path:
+    """Write ``adapter`` merged into its base model to ``output``; returns ``output``.
+    ``trust_remote_code``: the base ships its own modelling code, and it may run."""
+    # An adapter names its own seed (the tiny model's weights depend on it).
+    model, tokenizer = load_model(str(adapter), seed=0, trust_remote_code=trust_remote_code)
     save_model_dir(output, model, tokenizer)
     return output

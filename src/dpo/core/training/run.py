@@ -296,13 +296,15 @@ class Recipe:
     def load(self) -> None:
         config, dist = self.config, self.dist
         torch.manual_seed(config.seed)
-        model, self.tokenizer = load_model(config.model, config.seed)
+        trust = config.trust_remote_code
+        model, self.tokenizer = load_model(config.model, config.seed, trust_remote_code=trust)
         if self.lora is not None:
-            lora.add_adapter(model, self.lora, base_record(config.model, config.seed))
+            lora.add_adapter(model, self.lora, base_record(config.model, config.seed, trust))
         self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
             config, self.catalog, self.tokenizer, self.reporter)
         if self.requires_reference and config.ref_model:
-            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed)
+            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed,
+                                                       trust_remote_code=trust)
             check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
             self.reference.requires_grad_(False).eval()
         elif self.requires_reference and not config.precompute_ref and self.lora is not None:
@@ -343,7 +345,8 @@ class Recipe:
                              f"{'with' if has_adapter else 'without'} --lora")
         if self.lora is None:
             with transformers_bars_off():
-                return causal_lm(self.checkpoint)
+                return causal_lm(self.checkpoint,
+                                 trust_remote_code=self.config.trust_remote_code)
         from safetensors.torch import load_file
 
         lora.load_weights(model, load_file(str(self.checkpoint / lora.ADAPTER_WEIGHTS)))
@@ -551,7 +554,8 @@ class Recipe:
                        optimizer=self.optimizer, scheduler=self.scheduler,
                        train_examples=self.train_examples, eval_examples=self.eval_examples,
                        sampler=self.sampler, output=self.output, dist=self.dist,
-                       strategy=self.config.strategy, flops=FlopCounter.of(self.model))
+                       strategy=self.config.strategy, flops=FlopCounter.of(self.model),
+                       trust_remote_code=self.config.trust_remote_code)
 
     def settings(self) -> Settings:
         config = self.config
@@ -603,7 +607,8 @@ class Recipe:
         trained model goes first (the merge loads the base again)."""
         self.model = self.trained = self.optimizer = self.scheduler = None
         gc.collect()
-        merged = merge_adapter(self.output / FINAL, self.output / MERGED)
+        merged = merge_adapter(self.output / FINAL, self.output / MERGED,
+                               trust_remote_code=self.config.trust_remote_code)
         record["merged"] = str(merged)
         self.taken.write(record)
         self.reporter.info(f"merged the adapter into the base model: {merged} (a plain "
@@ -645,10 +650,11 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
         catalog.formats.get(config.format)
     spec = config.ref_model or config.model
     describe = resolve_source(spec).describe()
-    model, tokenizer = load_model(config.model, config.seed)
+    trust = config.trust_remote_code
+    model, tokenizer = load_model(config.model, config.seed, trust_remote_code=trust)
     train_pairs, eval_pairs, _, _ = tokenized_data(config, catalog, tokenizer, reporter)
     if config.ref_model:
-        model, ref_tokenizer = load_model(config.ref_model, config.seed)
+        model, ref_tokenizer = load_model(config.ref_model, config.seed, trust_remote_code=trust)
         check_same_tokenizer(tokenizer, ref_tokenizer, config.model, config.ref_model)
     disable_dropout(model)
     model.requires_grad_(False).to(device)

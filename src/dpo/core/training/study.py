@@ -172,9 +172,10 @@ def _generation_defaults_off(model: torch.nn.Module) -> None:
 
 
 def score_model(name: str, spec: str, seed: int, questions: list[demo.Question],
-                sourced: list[SourcedPair], device: torch.device) -> ModelScore:
+                sourced: list[SourcedPair], device: torch.device,
+                trust_remote_code: bool = False) -> ModelScore:
     """Load ``spec`` and score it on the held-out questions (see the module's docstring)."""
-    model, tokenizer = load_model(spec, seed)
+    model, tokenizer = load_model(spec, seed, trust_remote_code=trust_remote_code)
     try:
         disable_dropout(model)
         model.requires_grad_(False).eval().to(device)
@@ -195,7 +196,8 @@ def score_model(name: str, spec: str, seed: int, questions: list[demo.Question],
 
 
 def compare(models: list[tuple[str, str]], n: int, catalog: Catalog, device: torch.device,
-            seed: int = 42, announce: Callable[[str], None] | None = None) -> Comparison:
+            seed: int = 42, announce: Callable[[str], None] | None = None,
+            trust_remote_code: bool = False) -> Comparison:
     """Score each ``(name, model)`` on the first ``n`` held-out demo questions, one model in
     memory at a time."""
     questions, sourced = held_out(n, catalog)
@@ -203,7 +205,8 @@ def compare(models: list[tuple[str, str]], n: int, catalog: Catalog, device: tor
     for name, spec in models:
         if announce is not None:
             announce(f"scoring {name} ({spec}) on {n} held-out questions")
-        scores.append(score_model(name, spec, seed, questions, sourced, device))
+        scores.append(score_model(name, spec, seed, questions, sourced, device,
+                                  trust_remote_code))
     return Comparison([q.text for q in questions], [q.answer for q in questions], scores)
 
 
@@ -225,6 +228,7 @@ class StudyRequest:
     held_out: int = demo.EVAL_SIZE
     overwrite: bool = False
     progress: bool = True
+    trust_remote_code: bool = False  # run the modelling code the starting model ships
 
 
 @dataclass
@@ -261,7 +265,8 @@ def plan(request: StudyRequest) -> Study:
                          "demo writes its two runs and the comparison into a directory of its "
                          "own: choose another --output")
     common = {"data": "demo", "model": request.model, "backend": request.backend,
-              "max_steps": request.steps, "progress": request.progress}
+              "max_steps": request.steps, "progress": request.progress,
+              "trust_remote_code": request.trust_remote_code}
     sft = resolve_config(*with_preset([{**common, "objective": "sft",
                                         "output": str(root / "sft")}], "sft"))
     # DPO starts from the SFT model, which is then also its reference (a frozen copy).
@@ -327,7 +332,8 @@ def run_study(request: StudyRequest, catalog: Catalog,
                               f"see {config.output}/metrics.jsonl")
     announce(f"stage 3/3: the three models on {study.held_out} held-out questions")
     comparison = compare(study.models(), study.held_out, catalog, backend.device(0),
-                         seed=study.sft.seed, announce=announce)
+                         seed=study.sft.seed, announce=announce,
+                         trust_remote_code=study.sft.trust_remote_code)
     write_comparison(study.comparison_path, comparison)
     comparison.path = study.comparison_path
     return comparison
