@@ -254,6 +254,33 @@ def test_xla_sft_matches_the_cpu_and_resumes(tmp_path):
 
 
 @pytest.mark.backend("xla")
+def test_xla_lora_matches_the_cpu_with_its_reference_the_adapter_switched_off(tmp_path):
+    """`dpo run --backend xla --lora` with the reference scored in every step (the same model,
+    adapter off: a second graph per batch shape, compiled once): losses, gradient norms and
+    margins of the CPU run, no new graph after the first epoch, and the same adapter saved."""
+    pytest.importorskip("peft", reason="the lora extra (peft) is not installed")
+    from safetensors.torch import load_file
+
+    train = write_pairs(tmp_path / "train.jsonl", long=4, short=4)
+    common = ["--model", "tiny", "--data", str(train), "--batch-size", "2", "--max-steps", "8",
+              "--lr", "1e-2", "--lora", "-o", "lora.r=4", "--no-precompute-ref",
+              "--no-eval-at-start"]
+    runs = {}
+    for backend in ("xla", "cpu"):
+        result = dpo_run(*common, "--backend", backend, "--output", str(tmp_path / backend))
+        assert result.exit_code == 0, result.output
+        runs[backend] = [r for r in records(tmp_path / backend) if "loss" in r]
+    for xla, cpu in zip(runs["xla"], runs["cpu"], strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert xla[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-4), (xla["step"], key)
+    compiles = [r["xla/compiles"] for r in runs["xla"]]
+    assert compiles[3] == compiles[-1], compiles  # 4 steps an epoch: every shape by then
+    adapters = {b: load_file(tmp_path / b / "final" / "adapter_model.safetensors") for b in runs}
+    for name, value in adapters["cpu"].items():
+        assert torch.allclose(adapters["xla"][name], value, atol=1e-4), name
+
+
+@pytest.mark.backend("xla")
 def test_xla_configure_model_reties_weights_and_uses_eager_attention(tiny_model):
     """Moving to an XLA device unties the embedding and the output head (new Parameter objects);
     configure_model ties them again and swaps sdpa (which reads masks on the host) for eager."""
