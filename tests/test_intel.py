@@ -276,3 +276,36 @@ def test_real_ipex_run_resumes_exactly_and_matches_a_run_without_it(tmp_path, mo
     a = load_file(tmp_path / "ipex" / "final" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+LAYER_NORM_GRADIENTS = """
+import sys, torch
+torch.manual_seed(0)
+norm, linear = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+x = torch.randn(4, 16, requires_grad=True)
+
+def gradients(dtype):
+    for t in (x, norm.weight, norm.bias, linear.weight):
+        t.grad = None
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        linear(norm(x)).float().pow(2).sum().backward()
+    return [t.grad.clone() for t in (x, norm.weight, norm.bias, linear.weight)]
+
+before = {d: gradients(d) for d in (torch.float32, torch.bfloat16)}
+import intel_extension_for_pytorch  # replaces layer_norm's kernel
+after = {d: gradients(d) for d in (torch.float32, torch.bfloat16)}
+print(max((a - b).abs().max().item() for d in before for a, b in zip(before[d], after[d])))
+"""
+
+
+@needs_ipex
+def test_real_ipex_layer_norm_gradients_are_torchs_so_its_warning_is_silenced():
+    """Why ``_intel.optimize`` silences torch's warning about IPEX's layer_norm kernel: with
+    IPEX imported, a LayerNorm's gradients (input, weight, bias, and the next layer's) are
+    bit for bit those computed before the import, in float32 and under bf16 autocast."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", LAYER_NORM_GRADIENTS],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == 0.0

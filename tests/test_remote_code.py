@@ -30,6 +30,12 @@ from dpo.testing_models.btlm.modeling_btlm import (BtlmLMHeadModel, alibi_slopes
                                                    attention_bias)
 from test_cli import assert_one_line_error
 
+# Where IPEX is installed (the CI lane `intel`) and an earlier test imported it, a backward
+# through LayerNorm outside a run warns about IPEX's kernel; the gradients are torch's
+# (tests/test_intel.py), and a run silences it itself (dpo.backends._intel).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:aten..layer_norm. an autograd kernel was not registered:UserWarning")
+
 UNTRUSTED = "ships its own modelling code (configuration_btlm.py, modeling_btlm.py); rerun with --trust-remote-code if you trust it"
 TRUSTING = "trusting the modelling code shipped with"
 PLAIN = ("policy speed paths: none (the plain path): BtlmLMHeadModel comes from "

@@ -10,6 +10,13 @@ its own import.
 bf16 weights with float32 master copies kept by the optimizer. Prepacking bf16 weights into
 oneDNN's blocked layout needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere it is turned off
 (``weights_prepack=False``) rather than letting ``ipex.optimize`` fail.
+
+Once imported, IPEX registers its own ``layer_norm`` kernel without an autograd entry, and torch
+warns at every backward through a LayerNorm (GPT-2, GPT-NeoX, BTLM, ...) that backprop "may be
+silently incorrect". It is not: autograd falls back to the composite formula, and
+``tests/test_intel.py`` checks that the gradients of a LayerNorm model with IPEX imported equal
+those without it, in float32 and under bf16 autocast. So that one warning is silenced where IPEX
+is applied (``LAYER_NORM_WARNING``); no other.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 DISTRIBUTION = "intel-extension-for-pytorch"
+LAYER_NORM_WARNING = r"aten::layer_norm: an autograd kernel was not registered"
 SWITCH = "DPO_IPEX"  # "0" (or false/no/off): never apply it
 
 # What oneDNN needs for bf16 weight prepacking (the same rule IPEX checks before prepacking).
@@ -113,6 +122,7 @@ def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     ipex, reason = load()
     if ipex is None:
         return model, optimizer, IntelStatus(False, reason)
+    warnings.filterwarnings("ignore", message=LAYER_NORM_WARNING, category=UserWarning)
     kwargs = {}
     detail = str(dtype).removeprefix("torch.")
     if device_type == "cpu" and dtype == torch.bfloat16 and not bf16_prepack_supported():
