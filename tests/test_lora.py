@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from dpo.cli import make_app
-from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 from dpo.core.model import lora
 from dpo.core.model.loading import load_model
 from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.testing import CrashAt, plugin_of, write_arithmetic_pairs
+from dpo.testing import CrashAt, command_line, plugin_of, write_arithmetic_pairs
 
 peft = pytest.importorskip("peft", reason="the lora extra (peft) is not installed")
 
@@ -31,15 +28,7 @@ SEED = 42  # RunConfig's default seed: the tiny model's weights are drawn from i
 @pytest.fixture
 def invoke(monkeypatch, tmp_path):
     monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
-    pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, plugin_of(CrashAt), "test-plugin")
-    app = make_app(pm)
-
-    def call(*args: str):
-        quiet = ["--no-progress"] if args[0] in ("run", "sft") else []
-        return CliRunner().invoke(app, [*args[:1], *quiet, *args[1:]])
-
-    return call
+    return command_line(plugin_of(CrashAt))
 
 
 @pytest.fixture

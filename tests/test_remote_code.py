@@ -14,17 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from dpo.cli import make_app
-from dpo.core.interfaces.plugins import get_plugin_manager, register_plugin
 from dpo.core.model.activations import decoder_layers_of
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.model.flops import FlopCounter
 from dpo.core.model.loading import code_files, load_model, runs_shipped_code, shipped_code
 from dpo.core.model.paths import verified_paths
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.testing import CrashAt, plugin_of, write_arithmetic_pairs, write_btlm_style_model
+from dpo.testing import CrashAt, command_line, plugin_of, write_arithmetic_pairs, write_btlm_style_model
 from dpo.testing_models.btlm.configuration_btlm import BtlmConfig
 from dpo.testing_models.btlm.modeling_btlm import (BtlmLMHeadModel, alibi_slopes,
                                                    attention_bias)
@@ -49,15 +46,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def invoke():
-    pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, plugin_of(CrashAt), "test-plugin")
-    app = make_app(pm)
-
-    def call(*args: str):
-        quiet = ["--no-progress"] if args[0] in ("run", "sft", "precompute-ref") else []
-        return CliRunner().invoke(app, [*args[:1], *quiet, *args[1:]])
-
-    return call
+    return command_line(plugin_of(CrashAt))
 
 
 def train_args(model: Path, data: Path, out: Path, steps: int) -> list[str]:

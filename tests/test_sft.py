@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from dpo.cli import make_app
 from dpo.core.data.batching import collate_examples
 from dpo.core.data.reading import load_demonstrations
 from dpo.core.data.tokenization import tokenize_demonstrations
-from dpo.core.interfaces.plugins import collect, get_plugin_manager, register_plugin
+from dpo.core.interfaces.plugins import collect, get_plugin_manager
 from dpo.core.model.loading import load_model
 from dpo.core.model.logps import batch_logps
 from dpo.core.model.paths import PLAIN
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.testing import CrashAt, plugin_of, write_arithmetic_pairs
+from dpo.testing import CrashAt, command_line, plugin_of, write_arithmetic_pairs
 
 HH = (Path(__file__).resolve().parents[2] / "shared" / "data"
       / "hh-rlhf-harmless-base-test-2000.jsonl.gz")
@@ -29,15 +27,7 @@ HH = (Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture
 def invoke():
-    pm = get_plugin_manager(load_entrypoints=False)
-    register_plugin(pm, plugin_of(CrashAt), "test-plugin")
-    app = make_app(pm)
-
-    def call(*args: str):
-        quiet = ["--no-progress"] if args[0] in ("run", "sft") else []
-        return CliRunner().invoke(app, [*args[:1], *quiet, *args[1:]])
-
-    return call
+    return command_line(plugin_of(CrashAt))
 
 
 def write_demonstrations(path: Path, n: int = 16) -> Path:

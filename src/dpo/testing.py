@@ -19,7 +19,9 @@ or for one run with ``pytest -p dpo.testing``. It adds:
   ``armed_at`` names, like a machine dying mid-run: for tests of resuming;
 * ``write_arithmetic_pairs(path)``: a small preference file a tiny-model run learns from;
 * ``write_btlm_style_model(directory)``: a tiny model directory that ships its own modelling
-  code (``dpo.testing_models.btlm``), loaded with ``trust_remote_code=True``.
+  code (``dpo.testing_models.btlm``), loaded with ``trust_remote_code=True``;
+* ``command_line(*plugins)``: the ``dpo`` command line with those plugins, as a function that
+  runs a command in this process and returns its result.
 """
 
 from __future__ import annotations
@@ -174,6 +176,31 @@ def plugin_of(*classes: type) -> object:
         raise TypeError(f"plugin_of: {unplaced[0]!r} is not a Backend, Loss, StoppingPolicy or "
                         "DataFormat subclass")
     return type("PluginOf", (), methods)()
+
+
+TRAINING_COMMANDS = ("run", "sft", "precompute-ref")
+
+
+def command_line(*plugins: object, entry_points: bool = False) -> Callable[..., Any]:
+    """The ``dpo`` command line with the built-ins and ``plugins`` (objects such as
+    ``plugin_of(MyLoss)``) registered, as a function: ``call("run", "--model", "tiny", ...)``
+    runs it in this process and returns the click ``Result`` (``exit_code``, ``output``). The
+    training commands get ``--no-progress``: a test's output is a log, not a terminal.
+    ``entry_points``: also load the installed packages' plugins (off: the test's alone)."""
+    from typer.testing import CliRunner
+
+    from dpo.cli import make_app
+
+    pm = get_plugin_manager(load_entrypoints=entry_points)
+    for number, plugin in enumerate(plugins):
+        register_plugin(pm, plugin, f"test-plugin-{number}")
+    app = make_app(pm)
+
+    def call(*args: str) -> Any:
+        quiet = ["--no-progress"] if args and args[0] in TRAINING_COMMANDS else []
+        return CliRunner().invoke(app, [*args[:1], *quiet, *args[1:]])
+
+    return call
 
 
 def _unregister(pm: DpoPluginManager, name: str) -> None:
