@@ -7,7 +7,9 @@ memory), on the same HH-RLHF pairs in file order, with the same flags as
 median step time (the first step left out: warm-up), real tokens/s, peak resident memory, and
 the size on disk of the run's last checkpoint (weights or adapter, AdamW's state over what
 trains, tokenizer) and of its ``final/`` (the full model, or the adapter alone), each as a ratio
-to the first variant (``full`` unless ``--only`` says otherwise).
+to the first variant (``full`` unless ``--only`` says otherwise). Peak memory is the process's
+peak resident set: on CPU it also counts freed heap that the C library keeps, which is why LoRA's
+saving shows most clearly with ``--gradient-checkpointing`` (README, "LoRA: what it saves").
 
     python benchmarks/lora_memory.py                       # all variants, 5 steps each
     python benchmarks/lora_memory.py --steps 3 --only full lora-r16
