@@ -202,6 +202,10 @@ def test_sft_adapter_then_dpo_from_it(tmp_path, invoke, pairs):
     evaluated = invoke("eval", "--model", str(tmp_path / "out" / "final"), "--data", str(pairs),
                        "--ref", str(sft_final), "--json")
     assert evaluated.exit_code == 0, evaluated.output
+    # The run directory stands for its final/ adapter; the reference comes from its run.
+    by_run = invoke("eval", "--model", str(tmp_path / "out"), "--data", str(pairs), "--json")
+    assert by_run.exit_code == 0, by_run.output
+    assert json.loads(by_run.stdout)["metrics"] == json.loads(evaluated.stdout)["metrics"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -170,8 +170,8 @@ class Backend(ABC):
         return getattr(self, "device_type", None) == HOST
 
     def save_memory(self) -> str | None:
-        """The run trades speed for memory (``--gradient-checkpointing``): apply what this
-        backend has for that to the process, before any model is loaded. Returns a short note
+        """The run trades speed for memory (``--gradient-checkpointing``, or ``--lora``): apply
+        what this backend has for that to the process, before any model is loaded. Returns a short note
         for the log, or None when there is nothing to do.
 
         On the host: hand freed blocks of 1 MiB and more back to the system at once. glibc's

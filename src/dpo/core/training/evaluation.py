@@ -17,6 +17,7 @@ from typing import Any
 from dpo.core.data.batching import collate, collate_examples
 from dpo.core.data.stats import DataStats
 from dpo.core.interfaces.errors import UsageError
+from dpo.core.model import lora
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.training.loop import objective_metrics
 from dpo.core.training.objectives import DpoObjective, SftObjective, sft_paths
@@ -61,10 +62,12 @@ def find_run_config(model: str) -> dict[str, Any] | None:
 
 
 def model_dir(model: str) -> str:
-    """A run directory stands for its final model."""
+    """A run directory stands for its final model (a full one, or a LoRA adapter)."""
     path = Path(model)
-    if (path / RUN_FILE).is_file() and (path / "final" / "config.json").is_file():
-        return str(path / "final")
+    final = path / "final"
+    if (path / RUN_FILE).is_file() and ((final / "config.json").is_file()
+                                        or lora.is_adapter_dir(final)):
+        return str(final)
     return model
 
 

@@ -197,7 +197,11 @@ class Recipe:
         config, catalog, dist = self.config, self.catalog, self.dist
         self.backend = backend = resolve_backend(config.backend, catalog)
         check_world(backend, dist)
-        self.memory_note = backend.save_memory() if config.gradient_checkpointing else None
+        # A LoRA run too: its base's frozen activations and PEFT's small per-layer tensors
+        # leave freed blocks on the heap that a long-lived one pins, so that without this its
+        # peak is near full fine-tuning's (benchmarks/lora_memory.py).
+        saving = config.gradient_checkpointing or config.lora
+        self.memory_note = backend.save_memory() if saving else None
         self.device = backend.device(dist.local_rank)
         # Joined first, so that no rank writes before every rank has checked the input.
         strat.init_process_group(dist, backend.collective, self.device)
