@@ -79,6 +79,8 @@ def test_the_adapter_trains_and_the_base_stays(tmp_path, invoke, pairs):
     assert (adapter["r"], adapter["alpha"]) == (4, 8)  # alpha defaults to twice r
     assert adapter["trainable_parameters"] == sum(t.numel() for t in saved.values())
     assert "LoRA adapter disabled" in run["resolved"]["reference"]
+    # The heap setting of --gradient-checkpointing, which a LoRA run's peak needs too.
+    assert run["resolved"]["memory"] == "freed blocks of 1 MiB and more go back to the system"
 
 
 # PeftModel.from_pretrained asks transformers for a property renamed in 5.24 (its warning).
