@@ -26,6 +26,9 @@ the held-out pairs, which no stage trains on:
   is also that run's own DPO reference, with the row's beta; for an SFT row the base model, with
   beta 0.1 (``REPORT_BETA``; an SFT row has no beta of its own); the base row is scored against
   itself, so its rewards are 0 and its accuracy 0 by definition (ties do not count).
+* ``DPO loss``: the mean ``-log sigmoid(margin)`` against that reference: ln 2 = 0.6931 where the
+  policy is its reference, lower where it prefers the chosen completions more than its reference
+  does, on the whole.
 * ``logps/chosen``, ``logps/rejected``: the mean summed completion log-probs under the model.
 * ``SFT loss``: the token-mean negative log-likelihood of the held-out chosen completions,
   ``dpo eval --objective sft``'s number: its tokenisation, objective and averaging, on the model
@@ -41,21 +44,27 @@ format cannot use are left out, the rest shuffled with ``--seed``; the first ``-
 pairs are held out, the next ``--train-pairs`` are the training pairs. Where the file is absent
 the benchmark says so and exits 0.
 
-Settings (``FULL``), chosen by timing steps on a 2-core CPU first: 256 training pairs, 128 held
-out, ``--max-length 256 --max-prompt-length 192``, batch 4, SFT 40 steps, each DPO 40 steps (so
-SFT and each DPO run see 160 of the pairs once). Learning rates: SFT full 3e-5 (the top half of
-the usual 1e-5..5e-5: few steps), SFT LoRA 3e-4 (an adapter needs about ten times more: it
-starts at zero and has rank 16), DPO full 2e-6, DPO LoRA 5e-5 (each moved the held-out metrics
-within 40 steps without the held-out SFT loss running away); linear decay with 10% warm-up,
-the ``dpo`` defaults.
+Settings (``FULL``), sized by timing steps on a 2-core CPU shared with other jobs first: about
+3 s an SFT step and 5 s a DPO step of 4 pairs at ``--max-length 256``, with one torch thread per
+process (``OMP_NUM_THREADS=1``; two threads per process ran several times slower there, each
+process fighting the other jobs for both cores). 160 training pairs, 64 held out,
+``--max-length 256 --max-prompt-length 192``, batch 4, SFT 40 steps and each DPO run 40 steps,
+so every stage sees each training pair once. Learning rates: SFT full 3e-5 (the upper half of
+the usual 1e-5..5e-5, for few steps), SFT LoRA 3e-4 (ten times that: the adapter starts at
+zero, rank 16); DPO full 5e-6 and DPO LoRA 1e-4, the top of the usual ranges: with them every
+DPO row ends with its held-out DPO loss below ln 2 and its margin above 0. Four times higher
+(2e-5 full, 4e-4 LoRA, beta 0.5, from the same SFT models) gave larger held-out margins
+(+0.22, +0.24) but a held-out DPO loss of 0.79 and 0.83 and accuracies of 0.47 and 0.48: 40
+steps on 160 pairs then fit those pairs at the held-out ones' expense. Linear decay after 10%
+warm-up, the ``dpo`` defaults.
 
 A model that cannot be loaded (a hub id where the hub is unreachable) has its rows reported as
 skipped with the one-line reason, and the other models go on; a stage that fails skips its row
 and the rows that start from it, likewise.
 
-    python benchmarks/sft_vs_dpo.py                                  # the default run
-    python benchmarks/sft_vs_dpo.py --models SmolLM2-135M-Instruct   # one model
-    python benchmarks/sft_vs_dpo.py --quick                          # the tiny model, seconds
+    OMP_NUM_THREADS=1 python benchmarks/sft_vs_dpo.py        # the default run (~40 min here)
+    python benchmarks/sft_vs_dpo.py --models SmolLM2-135M-Instruct,./pythia-160m   # a local copy
+    python benchmarks/sft_vs_dpo.py --quick                  # the tiny model, about 25 s
 """
 
 from __future__ import annotations
@@ -381,19 +390,20 @@ def study_model(model: str, index: int, train: Path, held: Path, settings: Setti
 
 def table(rows: list[Row]) -> str:
     header = ("| model | state | reference, beta | rank acc | rewards/accuracies | "
-              "rewards/margins | logps/chosen | logps/rejected | SFT loss | wall s | peak GiB |")
-    lines = [header, "|" + "---|" * 11]
+              "rewards/margins | DPO loss | logps/chosen | logps/rejected | SFT loss | wall s | "
+              "peak GiB |")
+    lines = [header, "|" + "---|" * header.count(" |")]
     for r in rows:
         name = r.model.rsplit("/", 1)[-1]
         if r.skipped:
-            lines.append(f"| {name} | {r.label} | skipped | | | | | | | | |")
+            lines.append(f"| {name} | {r.label} | skipped |" + " |" * (header.count(" |") - 3))
             continue
         wall = "" if r.wall_s is None else f"{r.wall_s:.0f}"
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         m = r.metrics
         lines.append(
             f"| {name} | {r.label} | {r.reference}, {r.beta:g} | {r.rank_accuracy:.3f} | "
-            f"{m['rewards/accuracies']:.3f} | {m['rewards/margins']:+.4f} | "
+            f"{m['rewards/accuracies']:.3f} | {m['rewards/margins']:+.4f} | {m['loss']:.4f} | "
             f"{m['logps/chosen']:.2f} | {m['logps/rejected']:.2f} | {r.sft_loss:.4f} | "
             f"{wall} | {peak} |")
     return "\n".join(lines)
@@ -481,7 +491,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"--max-prompt-length {settings.max_prompt_length}; SFT {settings.sft_steps} steps "
           f"(lr {settings.sft_lr:g}, LoRA {settings.sft_lora_lr:g}), DPO {settings.dpo_steps} "
           f"steps (lr {settings.dpo_lr:g}, LoRA {settings.dpo_lora_lr:g}); LoRA r "
-          f"{settings.lora_r}; {os.cpu_count()} CPUs, backend {backend.name}")
+          f"{settings.lora_r}; {os.cpu_count()} CPUs, torch threads per process: "
+          f"{torch.get_num_threads()}; backend {backend.name}")
     print(table(rows))
     for note in skip_notes(rows):
         print(note)
