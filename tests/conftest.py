@@ -16,6 +16,20 @@ for _name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LI
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _xla_runtime_first():
+    """Where torch_xla is installed and PJRT_DEVICE chosen, start the XLA runtime before the
+    session's first backward pass, whichever test comes first: autograd sizes its per-device
+    queues at the first backward, and a process whose first backward ran before XLA's device
+    existed cannot serve XLA tensors later."""
+    if os.environ.get("PJRT_DEVICE"):
+        try:
+            import torch_xla
+        except ImportError:
+            return
+        torch_xla.device()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     """Runs in tests keep converted models and reference log-probs in a cache of their own,
     not the user's (tests that need a particular cache set DPO_CACHE_DIR themselves)."""

@@ -28,17 +28,6 @@ from dpo.plugins.losses.dpo import DPOLoss
 XLA_AVAILABLE = XLABackend.is_available()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_runtime_first():
-    """Start the XLA runtime before this module's first backward pass: autograd sizes its
-    per-device queues at the first backward, and one run before XLA's device existed cannot
-    serve XLA tensors later in the same process."""
-    if XLA_AVAILABLE:
-        import torch_xla
-
-        torch_xla.device()
-
-
 # -- everywhere: the pieces ------------------------------------------------------------------
 
 def test_bucket_widths_are_few_and_padding_is_bounded():

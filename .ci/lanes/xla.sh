@@ -13,9 +13,10 @@ export PJRT_DEVICE=CPU
 export XLA_FLAGS=--xla_backend_optimization_level=0
 # Called through `timed`, where set -e does not apply: every step returns on failure itself.
 run_tests() {
-    # test_xla first: it starts the XLA runtime before any CPU backward pass in the process.
-    # The architecture test needs no backend: the cpu and intel lanes run it.
-    lane_pytest -q -m "not architectures" tests/test_xla.py tests || return
+    # The XLA runtime starts before the session's first backward (tests/conftest.py), so the
+    # order of the files does not matter. The architecture test needs no backend: the cpu and
+    # intel lanes run it.
+    lane_pytest -q -m "not architectures" tests || return
     "$LANE_PY" -m dpo backends || return
     local out
     out=$(mktemp -d) || return
