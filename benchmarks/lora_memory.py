@@ -31,16 +31,14 @@ with its adapter switched off (no copy), and both then pay a reference forward e
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from techniques import DEFAULT_DATA, run_variant, write_pairs  # noqa: E402
+from techniques import parse_args, run_variants  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],
@@ -77,28 +75,8 @@ def disk_figures(out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-prompt-length", type=int, default=256)
-    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
-    if not args.data.is_file():
-        raise SystemExit(f"{args.data}: not found; pass --data with the HH-RLHF .jsonl.gz file")
-    names = args.only or list(VARIANTS)
-    with tempfile.TemporaryDirectory(prefix="dpo-lora-memory-") as tmp:
-        workdir = Path(tmp)
-        pairs = workdir / "pairs.jsonl"
-        write_pairs(args.data, args.steps * args.batch_size, pairs)
-        rows = []
-        for name in names:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            row = run_variant(name, VARIANTS[name], pairs, args, workdir)
-            rows.append({**row, **disk_figures(workdir / name)})
+    args = parse_args(__doc__.splitlines()[0], VARIANTS)
+    rows = run_variants(args, VARIANTS, "dpo-lora-memory-", figures=disk_figures)
     base = rows[0]
     print(f"\n{args.model}, HH-RLHF, batch {args.batch_size} pairs, max length {args.max_length}, "
           f"{args.steps} steps (median of steps 2..{args.steps}), {os.cpu_count()} CPUs; "

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test-2000.jsonl.gz"
@@ -100,28 +101,42 @@ def run_variant(name: str, extra: list[str], pairs: Path, args: argparse.Namespa
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, variants: dict[str, list[str]]) -> argparse.Namespace:
+    """The options every side-by-side benchmark of ``dpo run`` variants takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-prompt-length", type=int, default=256)
-    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="these variants")
+    parser.add_argument("--only", nargs="*", choices=list(variants), help="these variants")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: not found; pass --data with the HH-RLHF .jsonl.gz file")
-    names = args.only or list(VARIANTS)
-    with tempfile.TemporaryDirectory(prefix="dpo-techniques-") as tmp:
+    return args
+
+
+def run_variants(args: argparse.Namespace, variants: dict[str, list[str]], prefix: str,
+                 figures: Callable[[Path], dict] | None = None) -> list[dict]:
+    """Each chosen variant, one after another on the same pairs, as ``run_variant``'s rows;
+    ``figures(run_dir)`` adds what a benchmark reads from the run directory itself."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         workdir = Path(tmp)
         pairs = workdir / "pairs.jsonl"
         write_pairs(args.data, args.steps * args.batch_size, pairs)
         rows = []
-        for name in names:
+        for name in args.only or list(variants):
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            rows.append(run_variant(name, VARIANTS[name], pairs, args, workdir))
+            row = run_variant(name, variants[name], pairs, args, workdir)
+            rows.append({**row, **(figures(workdir / name) if figures else {})})
+    return rows
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], VARIANTS)
+    rows = run_variants(args, VARIANTS, "dpo-techniques-")
     base = rows[0]
     print(f"\n{args.model}, HH-RLHF, batch {args.batch_size} pairs, max length {args.max_length}, "
           f"{args.steps} steps (median of steps 2..{args.steps}), {os.cpu_count()} CPUs")
