@@ -227,15 +227,29 @@ def claim(directory: Path, flag: str, plan: Plan) -> dict[str, Any]:
         recorded = sw.read_sweep(directory)
         differ = sw.differences(recorded, plan.record)
         if differ:
+            key = differ[0]
             raise UsageError(
-                f"{directory}: its {sw.SWEEP_FILE} records {_DIFFERS[differ[0]]} than this "
-                f"sweep's; go on with it as it was started (dpo sweep --resume {directory}), or "
-                "give another --output")
+                f"{directory}: its {sw.SWEEP_FILE} records {_DIFFERS[key]} "
+                f"({_described(key, recorded)}) than this sweep's ({_described(key, plan.record)})"
+                f"; go on with it as it was started (dpo sweep --resume {directory}), or give "
+                "another --output")
         return {**recorded, **plan.record}
     if directory.exists() and any(directory.iterdir()):
         raise UsageError(f"{directory}: already holds files and no {sw.SWEEP_FILE}, so it is no "
                          "sweep's; give a new or empty --output")
     return {**plan.record, "created": _now()}
+
+
+def _described(key: str, record: dict[str, Any]) -> str:
+    """A part of a sweep's identity (``sweep.identity``) as a command line gives it."""
+    value = record.get(key)
+    if key == "grid":
+        return " ".join(f"{axis['key']}={','.join(axis['values'])}" for axis in value or [])
+    if key == "args":
+        return shlex.join(value or []) or "none"
+    if key == "config":
+        return "none" if not value else f"{value['path']} as it was then"
+    return str(value)
 
 
 def _now() -> str:
@@ -330,6 +344,10 @@ def _run_point(command: str, args: list[str]) -> int:
         return 130
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -343,7 +361,7 @@ def show(summary: dict[str, Any], record: dict[str, Any]) -> None:
     metrics = sw.shown_metrics(summary)
     console = log_console(stderr=False)
     direction = "lower" if summary["mode"] == "min" else "higher"
-    table = Table(title=f"sweep: {len(summary['points'])} points; best by {summary['metric']} "
+    table = Table(title=f"sweep: {_count(len(summary['points']), 'point')}; best by {summary['metric']} "
                         f"({direction} is better)")
     table.add_column("best")
     for key in keys:

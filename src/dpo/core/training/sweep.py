@@ -195,17 +195,24 @@ def point_state(directory: Path) -> tuple[str, dict[str, Any] | None]:
     return FOREIGN, None
 
 
-def identity(record: dict[str, Any]) -> dict[str, Any]:
-    """What makes two sweeps the same sweep: the command, the base config, the extra options
-    of each run and the grid."""
-    return {key: record.get(key) for key in ("command", "config", "args", "grid")}
+IDENTITY = ("command", "config", "args", "grid")
+# Run options that change what a run shows, not what it trains: a sweep may go on without them.
+PRESENTATION = ("--progress", "--no-progress")
 
 
 def differences(recorded: dict[str, Any], given: dict[str, Any]) -> list[str]:
-    """The parts of the identity in which ``given`` differs from ``recorded``."""
-    return [key for key in ("command", "config", "args", "grid")
-            if json.loads(json.dumps(recorded.get(key), default=str))
-            != json.loads(json.dumps(given.get(key), default=str))]
+    """What makes two sweeps the same sweep: the command, the base config file's contents
+    (not its path: a copy elsewhere is the same base), the options given to every run (but
+    --progress) and the grid. The parts of that in which ``given`` differs from ``recorded``."""
+    def part(record: dict[str, Any], key: str) -> Any:
+        value = record.get(key)
+        if key == "config" and isinstance(value, dict):
+            value = value.get("table")
+        if key == "args" and isinstance(value, list):
+            value = [word for word in value if word not in PRESENTATION]
+        return json.loads(json.dumps(value, default=str))  # as sweep.json keeps it
+
+    return [key for key in IDENTITY if part(recorded, key) != part(given, key)]
 
 
 def read_sweep(directory: Path) -> dict[str, Any]:
