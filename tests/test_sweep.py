@@ -149,6 +149,9 @@ def pairs(tmp_path):
     (["--grid", "beta=0.1", "--max-steps", "x"], "Invalid value for '--max-steps'"),
     (["--grid", "beta=0.1", "--command", "sft"], "`dpo sft` has no loss to take a plain key"),
     ([], "no --grid given"),
+    (["--grid", "lr=1e-4", "--lr", "1e-5"], "--lr is given to every run and is an axis"),
+    (["--grid", "beta=0.1", "-o", "beta=0.2"], "-o beta is given to every run and is an axis"),
+    (["--grid", "beta=0.1", "stray"], "Got unexpected extra argument"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, pairs, args, message):
     result = command_line()("sweep", "--output", str(tmp_path / "sw"), "--model", "tiny",

@@ -18,8 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from dpo.cli.common import one_line_errors
+from dpo.cli.run import check_config_file, new_run_config
 from dpo.cli.training_options import COMMAND_OF, RUN, SFT, options_of
 from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
+from dpo.core.interfaces.options import parse_assignments
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training import rundir
 from dpo.core.training import strategy as strat
@@ -77,7 +79,8 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
             if grid or config or output or resume or extra:
                 raise UsageError("--summary prints a sweep's table and takes nothing else; "
                                  f"drop the other options, e.g. dpo sweep --summary {summary}")
-            show(sw.summarise(summary, sw.read_sweep(summary)), sw.read_sweep(summary))
+            recorded = sw.read_sweep(summary)
+            show(sw.summarise(summary, recorded), recorded)
             return
         if strat.launched_by_torchrun():
             raise UsageError("dpo sweep launches its runs itself; run it without torchrun "
@@ -181,13 +184,16 @@ def make_plan(ctx: typer.Context, catalog: Catalog, command: str | None, config:
     fields = {option.name for option in options_of(command) if option.is_field}
     axes = sw.parse_grid(specs, fields)
     base = (["--config", str(config)] if config is not None else []) + extra
-    table = None
-    if config is not None:
-        table = read_config_file(config)
-    from dpo.cli.run import new_run_config
-
-    new_run_config(command, parse_values(ctx, command, base, f"dpo {command} {shlex.join(base)}"
-                                         if base else f"dpo {command}"))
+    # The base alone: its options parse, its config file is one the command takes. (Whether
+    # it makes a valid run is asked of each point: a grid may complete it, e.g. lora=true.)
+    given = parse_values(ctx, command, base, f"dpo {command} {shlex.join(base)}")
+    options = parse_assignments(given["option"] or [])
+    for axis in axes:
+        if (given.get(axis.key) not in (None, []) if axis.field else axis.key in options):
+            shown = f"--{axis.key.replace('_', '-')}" if axis.field else f"-o {axis.key}"
+            raise UsageError(f"{shown} is given to every run and is an axis of the grid (--grid "
+                             f"{axis.key}=...); give it in one place")
+    table = None if config is None else check_config_file(command, read_config_file(config))
     points = sw.expand(axes)
     argv: dict[str, list[str]] = {}
     for point in points:
