@@ -297,3 +297,26 @@ def test_an_sft_sweep_from_a_config_file(tmp_path, pairs):
     config.write_text(config.read_text().replace("max_steps = 1", "max_steps = 2"))
     again = command_line()("sweep", "--resume", str(out))
     assert again.exit_code == 2 and "records another base config" in again.output
+
+
+def test_a_point_directory_that_holds_other_files_fails_the_point_and_is_left_alone(tmp_path,
+                                                                                     pairs):
+    """The first point's directory holds a user's file: that point fails without a run (the
+    file stays), and --fail-fast stops there: the second point never starts."""
+    out = tmp_path / "sw"
+    args = ["--model", "tiny", "--data", str(pairs)]
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({
+        "kind": sw.KIND, "command": "run", "config": None, "args": args,
+        "grid": [{"key": "beta", "values": ["0.1", "0.2"]}], "points": []}))
+    (out / "beta=0.1").mkdir()
+    (out / "beta=0.1" / "notes.txt").write_text("mine")
+    result = command_line()("sweep", "--grid", "beta=0.1,0.2", "--output", str(out), *args,
+                            "--fail-fast")
+    assert result.exit_code == 1, result.output
+    assert "holds files that no run wrote" in " ".join(result.output.split())
+    assert [p.name for p in (out / "beta=0.1").iterdir()] == ["notes.txt"]
+    assert not (out / "beta=0.2").exists()
+    record = json.loads((out / "sweep.json").read_text())
+    assert [p["status"] for p in record["points"]] == [
+        "failed: its directory holds files no run wrote", "pending"]

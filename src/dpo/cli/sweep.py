@@ -247,7 +247,7 @@ def claim(directory: Path, flag: str, plan: Plan) -> dict[str, Any]:
 
 
 def _described(key: str, record: dict[str, Any]) -> str:
-    """A part of a sweep's identity (``sweep.identity``) as a command line gives it."""
+    """A part of a sweep's identity (``sweep.IDENTITY``) as a command line gives it."""
     value = record.get(key)
     if key == "grid":
         return " ".join(f"{axis['key']}={','.join(axis['values'])}" for axis in value or [])
