@@ -17,6 +17,7 @@ PLUGIN_PANEL = "Plugins"
 def make_app(pm: DpoPluginManager) -> typer.Typer:
     """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
     from dpo.cli import backends, demo, evaluate, merge, paths, plugins, precompute, run
+    from dpo.cli import sweep
 
     app = typer.Typer(
         name="dpo",
@@ -36,6 +37,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
     plugins.register(app, pm, catalog, commands_by_plugin)
     backends.register(app, catalog)
     paths.register(app, catalog)
+    sweep.register(app, catalog)
     for impl in hook_impls(pm, "dpo_register_commands"):
         before = len(app.registered_commands)
         try:

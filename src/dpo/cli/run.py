@@ -63,13 +63,7 @@ def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, 
     else RunConfig's defaults, the objective's and the demo preset; then --config, then flags)
     and runs it here or, with --nproc, in torchrun's workers."""
     objective = OBJECTIVE_OF[command]
-    flags: dict[str, Any] = {option.name: values[option.name] for option in options_of(command)
-                             if option.is_field}
-    flags["options"] = parse_assignments(values["option"] or [])
-    if objective == "sft" and (plain := _loss_keys(flags["options"])):
-        raise UsageError(f"-o {plain[0]}={flags['options'][plain[0]]}: `dpo sft` has no loss to "
-                         "take a plain key; plugin options are qualified: -o plugin.key=value "
-                         "(e.g. -o nan-guard.check_grad_norm=false)")
+    flags = flags_of(command, values)
     resume, config = values["resume"], values["config"]
     layers = []
     if resume is not None:
@@ -93,6 +87,29 @@ def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, 
         if not outcome.saved:
             # Stopped by a policy that distrusts the weights (e.g. nan-guard): a failed run.
             raise typer.Exit(1)
+
+
+def flags_of(command: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The RunConfig layer that ``command``'s flags (``values``) make: the fields they set, and
+    their plugin options (``-o``) by key."""
+    flags: dict[str, Any] = {option.name: values[option.name] for option in options_of(command)
+                             if option.is_field}
+    flags["options"] = parse_assignments(values["option"] or [])
+    if OBJECTIVE_OF[command] == "sft" and (plain := _loss_keys(flags["options"])):
+        raise UsageError(f"-o {plain[0]}={flags['options'][plain[0]]}: `dpo sft` has no loss to "
+                         "take a plain key; plugin options are qualified: -o plugin.key=value "
+                         "(e.g. -o nan-guard.check_grad_norm=false)")
+    return flags
+
+
+def new_run_config(command: str, values: dict[str, Any]) -> Any:
+    """The RunConfig that ``command`` with ``values`` (its options; no --resume) starts a run
+    with: the objective's defaults and the demo preset, then --config, then flags."""
+    flags = flags_of(command, values)
+    layers = []
+    if values["config"] is not None:
+        layers.append(check_config_file(command, read_config_file(values["config"])))
+    return resolve_config(*with_preset([*layers, flags], OBJECTIVE_OF[command])[:-1], flags)
 
 
 def check_resumed_objective(command: str, output: Path, recorded: Any) -> None:
