@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo.core.interfaces.errors import DpoError, UsageError, first_line
+from dpo.core.interfaces.errors import DpoError, UnknownNameError, first_line
 from dpo.core.interfaces.logger import Logger
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training.plugin_calls import plugin_call
@@ -26,8 +26,7 @@ def resolve_loggers(names: list[str], catalog: Catalog, options: Callable[[str],
             continue
         registry = catalog.loggers
         if name not in registry and name not in registry.withdrawn:
-            installed = ", ".join([JSONL, *registry.names()])
-            raise UsageError(f"--log-to {name}: unknown logger; installed: {installed}")
+            raise UnknownNameError("logger", name, [JSONL, *registry.names()])
         cls = registry.get(name, asked=asked)
         cls.check()
         loggers.append(plugin_call(cls, "__init__", cls, cls.parse_options(options(name))))
