@@ -410,6 +410,7 @@ def test_a_missing_package_names_the_extra_before_anything_is_written(tmp_path, 
 
 
 def test_a_config_file_chooses_loggers_and_their_options(tmp_path):
+    pytest.importorskip("tensorboard")
     config = tmp_path / "run.toml"
     config.write_text('log_to = ["tensorboard"]\n[options.tensorboard]\ndirectory = "tb"\n')
     out = tmp_path / "out"
@@ -419,6 +420,19 @@ def test_a_config_file_chooses_loggers_and_their_options(tmp_path):
     bad = command_line()(*run_args(tmp_path, tmp_path / "bad", "-o", "tensorboard.dir=x",
                                    "--log-to", "tensorboard"))
     one_line_error(bad, "logger 'tensorboard': unknown option 'dir' (valid: directory)")
+
+
+def test_a_new_run_in_the_directory_drops_the_earlier_tensorboard_curves(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "out"
+    first = command_line()(*run_args(tmp_path, out, "--max-steps", "3", "--log-to", "tensorboard"))
+    assert first.exit_code == 0, first.output
+    again = command_line()(*run_args(tmp_path, out, "--max-steps", "1", "--lr", "1e-4",
+                                     "--log-to", "tensorboard", "--overwrite"))
+    assert again.exit_code == 0, again.output
+    scalars = tensorboard_series(out)
+    assert_same(scalars["loss"], series(read_metrics(out / "metrics.jsonl"), "loss"))
+    assert [s for s, _ in scalars["eval/loss"]] == [0, 1]
 
 
 def test_dpo_plugins_lists_the_loggers():

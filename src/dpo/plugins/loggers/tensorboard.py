@@ -4,7 +4,7 @@ Every metric is a scalar under its own name (``loss``, ``eval/loss``, ``rewards/
 TensorBoard groups names by the part before ``/``); tables and texts are text summaries
 (a table as Markdown). A resumed run writes with ``purge_step`` set to the step after its
 checkpoint, so that TensorBoard drops what the interrupted attempt logged after it and the
-curves go on as one. View with ``tensorboard --logdir OUTPUT/tensorboard``.
+curves go on as one; a new run in the directory (``--overwrite``) purges from step 0. View with ``tensorboard --logdir OUTPUT/tensorboard``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run.output / Path(self.options.directory)
-        # Resumed: TensorBoard drops the events of the earlier attempts from this step on.
-        purge = (run.step + 1 if run.step else 0) if run.resumed else None
+        # TensorBoard's readers drop the events already in the directory from this step on:
+        # a resumed run's after its checkpoint (the earlier attempt's), and a new run's
+        # (--overwrite) all of them.
+        purge = run.step + 1 if run.step else 0
         self.writer = SummaryWriter(str(self.path), purge_step=purge)
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
