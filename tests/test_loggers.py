@@ -342,6 +342,59 @@ def test_a_crashed_run_tells_its_loggers_it_failed(tmp_path):
     Recorder.calls.clear()
 
 
+def test_sft_logs_too(tmp_path):
+    result = invoke()("sft", "--model", "tiny", "--data",
+                      str(write_arithmetic_pairs(tmp_path / "pairs.jsonl")), "--backend", "cpu",
+                      "--max-steps", "2", "--batch-size", "4", "--output", str(tmp_path / "out"),
+                      "--log-to", "recorder")
+    assert result.exit_code == 0, result.output
+    logged = [args for what, args in Recorder.calls if what == "log_metrics"]
+    assert [m for _, m in logged] == read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [s for s, _ in logged] == [1, 2] and Recorder.calls[-1] == ("finish", "completed")
+    Recorder.calls.clear()
+
+
+def test_tables_and_texts_reach_each_tracker(tmp_path, tracker_env):
+    """Each built-in logger takes a table and a text, read back where it keeps them."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow.tracking")
+    from dpo.plugins.loggers.mlflow import MlflowLogger
+    from dpo.plugins.loggers.tensorboard import TensorBoardLogger
+    from dpo.plugins.loggers.wandb import WandbLogger
+
+    reporter = Reporter(tmp_path, progress=False)
+    reporter.attach([TensorBoardLogger(), WandbLogger(), MlflowLogger()],
+                    RunInfo(output=tmp_path, config={"lr": 0.1}))
+    reporter.start(total_steps=1, done=0)
+    reporter.table("samples", ["prompt", "completion"], [["1+1?", "2"], ["a|b", tmp_path]], 1)
+    reporter.text("notes/first", "hello", 1)
+    reporter.close()
+    reporter.end("completed")
+    assert reporter.loggers.active == []  # none raised, all finished
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["tensors"]) == ["notes/first/text_summary", "samples/text_summary"]
+
+    state = json.loads((tmp_path / "mlflow-run.json").read_text())
+    run_dir = next((tmp_path / "mlruns").glob(f"*/{state['run_id']}"))
+    table = json.loads((run_dir / "artifacts" / "tables" / "samples" / "step-1.json").read_text())
+    assert table == {"columns": ["prompt", "completion"],
+                     "data": [["1+1?", "2"], ["a|b", str(tmp_path)]]}
+    assert (run_dir / "artifacts" / "text" / "notes" / "first" / "step-1.txt").read_text() == "hello"
+
+    import os
+
+    run_id = json.loads((tmp_path / "wandb-run.json").read_text())["id"]
+    files = glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", f"offline-run-*-{run_id}",
+                                   "files", "media", "table", "samples_*.table.json"))
+    assert len(files) == 1
+    assert json.loads(Path(files[0]).read_text())["data"] == [["1+1?", "2"], ["a|b", str(tmp_path)]]
+
+
 def test_the_reporter_forwards_tables_and_texts(tmp_path):
     reporter = Reporter(tmp_path, progress=False)
     info = RunInfo(output=tmp_path, config={}, step=0)

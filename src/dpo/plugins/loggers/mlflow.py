@@ -19,6 +19,7 @@ recomputes them with the same values).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -102,7 +103,7 @@ class MlflowLogger(Logger):
         state = read_state(state_path) if run.resumed else {}
         run_id = state.get("run_id") if state.get("tracking_uri") == uri else None
         self.skip_through = -1
-        if isinstance(run_id, str):
+        if isinstance(run_id, str) and self._exists(run_id):
             client.update_run(run_id, status="RUNNING")
             self.skip_through = run.logged_through
         else:
@@ -117,6 +118,15 @@ class MlflowLogger(Logger):
             self._log_config(run_id, run.config)
         self.run_id = run_id
         write_state(state_path, {"run_id": run_id, "tracking_uri": uri})
+
+    def _exists(self, run_id: str) -> bool:
+        """Whether the store still has run ``run_id`` (it may have been deleted since)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
 
     def _log_config(self, run_id: str, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -141,9 +151,10 @@ class MlflowLogger(Logger):
                   step: int) -> None:
         if step <= self.skip_through:
             return
-        self.client.log_dict(self.run_id, {"columns": list(columns),
-                                           "data": [list(r) for r in rows]},
-                             f"tables/{metric_name(name)}/step-{step}.json")
+        # Values JSON has no type for (a path, a tensor) go as their text.
+        table = json.loads(json.dumps({"columns": list(columns), "data": [list(r) for r in rows]},
+                                      default=str))
+        self.client.log_dict(self.run_id, table, f"tables/{metric_name(name)}/step-{step}.json")
 
     def log_text(self, name: str, text: str, step: int) -> None:
         if step <= self.skip_through:

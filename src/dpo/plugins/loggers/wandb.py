@@ -79,8 +79,9 @@ class WandbLogger(Logger):
 
         if step <= self.skip_through:
             return
-        self.run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
-                     step=step)
+        data = [[v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for v in r]
+                for r in rows]
+        self.run.log({name: wandb.Table(columns=list(columns), data=data)}, step=step)
 
     def log_text(self, name: str, text: str, step: int) -> None:
         self.log_table(name, ["text"], [[text]], step)
