@@ -342,6 +342,25 @@ def test_a_crashed_run_tells_its_loggers_it_failed(tmp_path):
     Recorder.calls.clear()
 
 
+class CtrlC(dpo.StoppingPolicy):
+    """Ctrl-C at step 1, as the terminal would deliver it."""
+
+    name = "ctrl-c"
+
+    def on_step(self, step, metrics):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_tells_its_loggers(tmp_path):
+    call = command_line(plugin_of(CtrlC, Recorder))
+    result = call(*run_args(tmp_path, tmp_path / "out", "--stop", "ctrl-c", "--log-to",
+                            "recorder"))
+    assert result.exit_code == 130, result.output
+    assert [c for c in Recorder.calls if c[0] == "finish"] == [("finish", "interrupted")]
+    assert [c[1][0] for c in Recorder.calls if c[0] == "log_metrics"] == [0, 1]
+    Recorder.calls.clear()
+
+
 def test_sft_logs_too(tmp_path):
     result = invoke()("sft", "--model", "tiny", "--data",
                       str(write_arithmetic_pairs(tmp_path / "pairs.jsonl")), "--backend", "cpu",
@@ -495,3 +514,12 @@ def test_dpo_plugins_lists_the_loggers():
     assert hooks["dpo.plugins.loggers.tensorboard"] == {"dpo_register_loggers": ["tensorboard"]}
     assert hooks["dpo.plugins.loggers.wandb"] == {"dpo_register_loggers": ["wandb"]}
     assert hooks["dpo.plugins.loggers.mlflow"] == {"dpo_register_loggers": ["mlflow"]}
+
+
+@pytest.mark.parametrize("command", ["run", "sft"])
+def test_help_names_the_extras(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough that rich cuts no word
+    result = command_line()(command, "--help")
+    assert result.exit_code == 0, result.output
+    text = "".join(result.output.split())  # rich wraps and frames the help
+    assert "pipinstall'dpo-trainer[tensorboard]'`(or[wandb],[mlflow])" in text.replace("│", "")

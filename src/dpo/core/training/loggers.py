@@ -3,10 +3,9 @@ the ``Reporter`` on the main process, each one turned off (with one warning) if 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
-from dpo.core.interfaces.errors import DpoError, UnknownNameError, first_line
+from dpo.core.interfaces.errors import UnknownNameError, first_line
 from dpo.core.interfaces.logger import Logger
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training.plugin_calls import plugin_call
@@ -31,19 +30,6 @@ def resolve_loggers(names: list[str], catalog: Catalog, options: Callable[[str],
         cls.check()
         loggers.append(plugin_call(cls, "__init__", cls, cls.parse_options(options(name))))
     return loggers
-
-
-def last_reported_step(output: Path, metrics_file: str) -> int:
-    """The last step an earlier attempt of the run in ``output`` reported (0 where none, or
-    where its metrics cannot be read)."""
-    from dpo.core.training.report import read_metrics
-
-    try:
-        records = read_metrics(output / metrics_file)
-    except (OSError, DpoError):
-        return 0
-    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
-    return max(steps, default=0)
 
 
 class Loggers:

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpo.core.interfaces.errors import DataError, UsageError
+from dpo.core.interfaces.errors import DataError, DpoError, UsageError
 from dpo.core.interfaces.logger import Logger, RunInfo
 from dpo.core.training.layout import METRICS_FILE
 from dpo.core.training.loggers import Loggers
@@ -137,6 +137,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                             "delete the line)", str(path), number) from None
         records.append(record)
     return records
+
+
+def last_reported_step(path: Path) -> int:
+    """The last step the metrics file ``path`` holds (0 where none, or where it cannot be
+    read): what earlier attempts of a resumed run reported, to their loggers too."""
+    try:
+        records = read_metrics(path)
+    except (OSError, DpoError):
+        return 0
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    return max(steps, default=0)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -56,13 +56,13 @@ from dpo.core.training.checkpoint import (
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE
-from dpo.core.training.loggers import last_reported_step, resolve_loggers
+from dpo.core.training.loggers import resolve_loggers
 from dpo.core.training.merging import merge_adapter
 from dpo.core.training.loop import Outcome, Settings, Trainee, TrainState, train
 from dpo.core.training.objectives import (DpoObjective, Objective, SftObjective,
                                           example_length, pair_length, sft_paths)
 from dpo.core.training.plugin_calls import plugin_call
-from dpo.core.training.report import Reporter, truncate_metrics
+from dpo.core.training.report import Reporter, last_reported_step, truncate_metrics
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
 from dpo.core.training.setup import (
     check_compile,
@@ -281,7 +281,7 @@ class Recipe:
                              f"there with --output {output}")
         with contextlib.suppress(UsageError):  # a damaged run.json is rewritten below
             self.previous = rundir.read_record(output)
-        self.logged_through = last_reported_step(output, METRICS_FILE)
+        self.logged_through = last_reported_step(output / METRICS_FILE)
         previous = self.previous
         if rundir.nothing_to_resume(previous, output, config.model_dump()):
             raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
