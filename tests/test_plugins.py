@@ -177,7 +177,7 @@ def test_every_hook_is_documented_and_exercised_by_a_test():
     specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("dpo_")]
     assert set(specs) == {"dpo_register_backends", "dpo_register_losses",
                           "dpo_register_stopping_policies", "dpo_register_data_formats",
-                          "dpo_register_commands"}
+                          "dpo_register_loggers", "dpo_register_commands"}
     tests = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     for name in specs:
         assert len(inspect.getdoc(getattr(hookspecs, name)) or "") > 40, name
@@ -444,5 +444,57 @@ def test_plugin_of_registers_each_class_through_its_kinds_hook(dpo_register, dpo
     catalog = collect(dpo_plugin_manager)
     assert catalog.losses.get("halve") is Halve and catalog.stopping.get("never") is Never
     assert "halve" not in catalog.stopping and "never" not in catalog.losses
-    with pytest.raises(TypeError, match="is not a Backend, Loss, StoppingPolicy or DataFormat"):
+    with pytest.raises(TypeError, match="is not a Backend, Loss, StoppingPolicy, DataFormat or Logger"):
         plugin_of(Halve, dict)
+
+
+# -- loggers --------------------------------------------------------------------------------------
+
+def test_a_logger_plugin_is_registered_listed_and_selected_by_log_to(tmp_path):
+    """A third-party logger goes through ``dpo_register_loggers`` like the built-ins: listed
+    by ``dpo plugins``, selected by ``--log-to``; a clash with a built-in name is refused when
+    named; a registered class that is no ``dpo.Logger`` makes the plugin fail."""
+    from dpo.testing import plugin_of
+
+    seen: list[int] = []
+
+    class Steps(dpo.Logger):
+        name = "steps"
+
+        def log_metrics(self, step, metrics):
+            seen.append(step)
+
+    class Shadow(dpo.Logger):
+        name = "tensorboard"
+
+    class Plugin:
+        @dpo.hookimpl
+        def dpo_register_loggers(self, register):
+            register(Steps)
+
+    class Wrong:
+        @dpo.hookimpl
+        def dpo_register_loggers(self, register):
+            register(dict)
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    register_plugin(pm, Plugin(), "steps-plugin")
+    register_plugin(pm, Wrong(), "wrong")
+    register_plugin(pm, plugin_of(Shadow), "shadow")
+    catalog = collect(pm)
+    assert catalog.loggers.get("steps") is Steps
+    assert [f.name for f in pm.failures] == ["wrong"] and "not a subclass of dpo.core." \
+        "interfaces.logger.Logger" in pm.failures[0].error
+    listed = _cli(pm, "plugins")
+    assert listed.exit_code == 0 and "loggers: steps" in listed.output
+    data = _pairs(tmp_path / "p.jsonl")
+    out = tmp_path / "out"
+    result = _cli(pm, "run", "--no-progress", "--model", "tiny", "--data", str(data),
+                  "--max-steps", "2", "--batch-size", "2", "--output", str(out),
+                  "--log-to", "steps")
+    assert result.exit_code == 0, result.output
+    assert seen == [1, 2]
+    clash = _cli(pm, "run", "--data", str(data), "--output", str(tmp_path / "o2"),
+                 "--log-to", "tensorboard")
+    assert clash.exit_code != 0 and "'dpo.plugins.loggers.tensorboard'" in clash.output \
+        and "'shadow'" in clash.output

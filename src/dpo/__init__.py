@@ -19,6 +19,7 @@ from dpo.core.interfaces.backend import Backend, MemoryStats  # noqa: E402
 from dpo.core.interfaces.data_format import DataFormat, Demonstration, PreferencePair, UnusableRecord  # noqa: E402
 from dpo.core.interfaces.errors import DataError, DpoError, UsageError  # noqa: E402
 from dpo.core.interfaces.hookspecs import hookimpl  # noqa: E402
+from dpo.core.interfaces.logger import Logger, RunInfo  # noqa: E402
 from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps  # noqa: E402
 from dpo.core.interfaces.options import PluginOptions  # noqa: E402
 from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy  # noqa: E402
@@ -31,12 +32,14 @@ __all__ = [
     "Decision",
     "Demonstration",
     "DpoError",
+    "Logger",
     "Loss",
     "LossOutput",
     "MemoryStats",
     "PairLogps",
     "PluginOptions",
     "PreferencePair",
+    "RunInfo",
     "StoppingPolicy",
     "UnusableRecord",
     "UsageError",

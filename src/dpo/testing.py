@@ -13,7 +13,7 @@ or for one run with ``pytest -p dpo.testing``. It adds:
 * fixtures: ``dpo_plugin_manager``, ``dpo_catalog``, ``dpo_register``, ``tiny_tokenizer`` and
   ``tiny_model`` (see each one's docstring);
 * ``plugin_of(*classes)``: a plugin object that registers test classes (backends, losses,
-  stopping policies, data formats), each through its kind's hook, instead of a class with one
+  stopping policies, data formats, loggers), each through its kind's hook, instead of a class with one
   ``@dpo.hookimpl`` method per kind;
 * ``CrashAt``: a stopping policy (``--stop crash-at``) that raises once at the step its
   ``armed_at`` names, like a machine dying mid-run: for tests of resuming;
@@ -151,7 +151,7 @@ def dpo_register(dpo_plugin_manager: DpoPluginManager) -> Iterator[Callable[...,
 
 def plugin_of(*classes: type) -> object:
     """A plugin object whose registration hooks register ``classes``, each through the hook of
-    its kind (a ``Backend``, ``Loss``, ``StoppingPolicy`` or ``DataFormat`` subclass), in the
+    its kind (a ``Backend``, ``Loss``, ``StoppingPolicy``, ``DataFormat`` or ``Logger`` subclass), in the
     order given. Register it like any plugin (``dpo_register(plugin_of(MyLoss))``, or
     ``register_plugin(pm, plugin_of(...), name)``)."""
     from dpo.core.interfaces.hookspecs import hookimpl
@@ -173,8 +173,8 @@ def plugin_of(*classes: type) -> object:
                 if not any(isinstance(cls, type) and issubclass(cls, base)
                            for _, base in REGISTRATION_HOOKS.values())]
     if unplaced:
-        raise TypeError(f"plugin_of: {unplaced[0]!r} is not a Backend, Loss, StoppingPolicy or "
-                        "DataFormat subclass")
+        raise TypeError(f"plugin_of: {unplaced[0]!r} is not a Backend, Loss, StoppingPolicy, "
+                        "DataFormat or Logger subclass")
     return type("PluginOf", (), methods)()
 
 

@@ -50,6 +50,7 @@ def test_dpo_plugins_lists_it_and_its_command(dpo_plugin_manager):
     assert report["example"]["hooks"] == {
         "dpo_register_losses": ["example-hinge"],
         "dpo_register_data_formats": ["example-tsv"],
+        "dpo_register_loggers": ["example-print"],
         "dpo_register_commands": ["hinge-table"],
     }
 
@@ -68,11 +69,15 @@ def test_a_run_trains_with_the_plugin_loss(dpo_plugin_manager, tmp_path):
     result = CliRunner().invoke(make_app(dpo_plugin_manager), [
         "run", "--no-progress", "--model", "tiny", "--data", str(data), "--backend", "cpu",
         "--loss", "example-hinge", "-o", "beta=0.5", "--max-steps", "3", "--batch-size", "4",
-        "--output", str(out)])
+        "--output", str(out), "--log-to", "example-print"])
     assert result.exit_code == 0, result.output
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Step 1: policy == reference, so h = 0 and the hinge loss is max(0, 1 - 0) = 1.
     assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+    # The plugin's logger printed every step's loss, as metrics.jsonl has it.
+    printed = [line for line in result.output.splitlines() if line.startswith("step ")]
+    assert printed == [f"step {r['step']}: loss {r['loss']:.4f}" for r in steps]
+    assert printed[0] == "step 1: loss 1.0000"
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["loss"] == "example-hinge" and run["status"] == "completed"
 

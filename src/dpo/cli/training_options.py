@@ -179,6 +179,7 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
     TrainingOption("save_total_limit", Optional[int], "Checkpoints kept.", OUT),
     TrainingOption("keep_checkpoints", Optional[bool], "Keep the checkpoints once the run is complete, so that --resume with more --max-steps can extend it (off: only final/ remains).", OUT),
     TrainingOption("progress", Optional[bool], {RUN: f"Progress of the reference pass and of training: {_PROGRESS}", SFT: f"Progress of training: {_PROGRESS}"}, OUT),
+    TrainingOption("log_to", Optional[list[str]], escape("Where metrics also go, comma-separated or repeated: tensorboard (OUTPUT/tensorboard), wandb, mlflow (MLFLOW_TRACKING_URI, else OUTPUT/mlruns), or another installed logger (see `dpo plugins`); metrics.jsonl is always written. Each needs its extra: `pip install 'dpo-trainer[tensorboard]'` (or [wandb], [mlflow])."), OUT),
     TrainingOption("config", Optional[Path], "TOML file with any of these options; flags win.", flags=("--config",)),
     TrainingOption("resume", Optional[Path], "Continue the run in this directory from its newest checkpoint.", OUT),
     TrainingOption("overwrite", bool, "Replace an existing run directory.", OUT, default=False),

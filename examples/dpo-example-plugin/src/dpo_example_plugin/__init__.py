@@ -1,9 +1,10 @@
-"""An example dpo plugin: the hinge preference loss (RSO), a tab-separated data format and a
-``dpo hinge-table`` command.
+"""An example dpo plugin: the hinge preference loss (RSO), a tab-separated data format, a
+logger that prints each step's loss and a ``dpo hinge-table`` command.
 
 Installed, it is found through the ``dpo`` entry-point group (see pyproject.toml); nothing else
 is needed. ``dpo run --loss example-hinge -o beta=0.1`` then trains with the loss, and
-``dpo run --data pairs.tsv`` reads tab-separated pairs.
+``dpo run --data pairs.tsv`` reads tab-separated pairs, and ``dpo run --log-to example-print``
+prints each step's loss.
 """
 
 from __future__ import annotations
@@ -126,6 +127,21 @@ def dpo_register_data_formats(register):
 @dpo.hookimpl
 def dpo_register_losses(register):
     register(HingeLoss)
+
+
+class PrintLogger(dpo.Logger):
+    """Prints ``step N: loss X`` for every training step (a record with a ``loss``)."""
+
+    name = "example-print"
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        if "loss" in metrics:
+            typer.echo(f"step {step}: loss {metrics['loss']:.4f}")
+
+
+@dpo.hookimpl
+def dpo_register_loggers(register):
+    register(PrintLogger)
 
 
 @dpo.hookimpl

@@ -47,6 +47,15 @@ def dpo_register_data_formats(register):
 
 
 @hookspec
+def dpo_register_loggers(register):
+    """Hand over loggers: call ``register(cls)`` once per ``dpo.Logger`` subclass. The class
+    attribute ``name`` is what ``--log-to`` selects; ``requires`` and ``extra`` say what it
+    needs installed (checked before a run writes anything). The run hands each selected logger
+    every ``metrics.jsonl`` record, tables and texts, on the main process only (see
+    ``dpo.Logger``)."""
+
+
+@hookspec
 def dpo_register_commands(app):
     """Add commands to the ``dpo`` command line: ``app`` is the root ``typer.Typer``.
     Use ``@app.command(rich_help_panel="Plugins")`` so they are listed apart."""

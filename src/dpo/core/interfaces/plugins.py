@@ -29,6 +29,7 @@ from dpo import __version__
 from dpo.core.interfaces import hookspecs
 from dpo.core.interfaces.backend import Backend
 from dpo.core.interfaces.data_format import DataFormat
+from dpo.core.interfaces.logger import Logger
 from dpo.core.interfaces.loss import Loss
 from dpo.core.interfaces.registry import Clash, Registry
 from dpo.core.interfaces.stopping import StoppingPolicy
@@ -53,6 +54,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.plugins.formats.messages",
     "dpo.plugins.formats.preference",
     "dpo.plugins.formats.prompt_completion",
+    "dpo.plugins.loggers.tensorboard",
+    "dpo.plugins.loggers.wandb",
+    "dpo.plugins.loggers.mlflow",
 )
 
 # hook name -> (registry kind, base class); the order is the order of ``dpo plugins`` columns.
@@ -61,6 +65,7 @@ REGISTRATION_HOOKS: dict[str, tuple[str, type]] = {
     "dpo_register_losses": ("loss", Loss),
     "dpo_register_stopping_policies": ("stopping policy", StoppingPolicy),
     "dpo_register_data_formats": ("data format", DataFormat),
+    "dpo_register_loggers": ("logger", Logger),
 }
 
 
@@ -192,6 +197,7 @@ class Catalog:
     losses: Registry[Loss]
     stopping: Registry[StoppingPolicy]
     formats: Registry[DataFormat]
+    loggers: Registry[Logger]
     registrations: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def registry(self, hook_name: str) -> Registry:
@@ -200,6 +206,7 @@ class Catalog:
             "dpo_register_losses": self.losses,
             "dpo_register_stopping_policies": self.stopping,
             "dpo_register_data_formats": self.formats,
+            "dpo_register_loggers": self.loggers,
         }[hook_name]
 
     @property

@@ -111,6 +111,18 @@ class RunConfig(BaseModel):
                                    "complete, so that --resume with more --max-steps can extend "
                                    "it (off: only final/ remains)")
     progress: bool = True
+    log_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="where metrics go "
+                              "besides metrics.jsonl (always written): tensorboard, wandb, "
+                              "mlflow or another installed logger")
+
+    @field_validator("log_to", mode="before")
+    @classmethod
+    def _split_log_to(cls, value: Any) -> Any:
+        # "tensorboard,wandb" (a flag's value, or a string in a config file) is a list too.
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return list(dict.fromkeys(n.strip() for v in items for n in v.split(",") if n.strip()))
+        return value
 
     @field_validator("lr")
     @classmethod

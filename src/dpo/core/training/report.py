@@ -16,8 +16,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpo.core.interfaces.errors import DataError, UsageError
+from dpo.core.interfaces.errors import DataError, DpoError, UsageError
+from dpo.core.interfaces.logger import Logger, RunInfo
 from dpo.core.training.layout import METRICS_FILE
+from dpo.core.training.loggers import Loggers
 
 
 # The columns of the closing summary, in this order, when present.
@@ -137,6 +139,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def last_reported_step(path: Path) -> int:
+    """The last step the metrics file ``path`` holds (0 where none, or where it cannot be
+    read): what earlier attempts of a resumed run reported, to their loggers too."""
+    try:
+        records = read_metrics(path)
+    except (OSError, DpoError):
+        return 0
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    return max(steps, default=0)
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the complete records up to ``last_step`` (a resumed run rewrites the later ones),
     atomically."""
@@ -155,7 +168,7 @@ def _fmt(value: Any) -> str:
 
 
 class Reporter:
-    """Console, progress bar and metrics file for one run."""
+    """Console, progress bar, metrics file and loggers (``--log-to``) for one run."""
 
     def __init__(self, output: Path, *, enabled: bool = True, progress: bool = True,
                  console: Console | None = None, interval: float | None = None,
@@ -173,12 +186,25 @@ class Reporter:
                           else progress_interval() if self._plain else DEFAULT_PROGRESS_INTERVAL)
         self._clock = clock
         self._plain_train: PlainProgress | None = None
+        self.loggers = Loggers(self.warn)
+        self._pending: tuple[list[Logger], RunInfo] | None = None
 
     # lifecycle ---------------------------------------------------------------------------
+    def attach(self, loggers: list[Logger], run: RunInfo) -> None:
+        """Loggers to start with the run (``start``) and feed every record, table and text
+        until ``end``; on the main process only (elsewhere they are left alone)."""
+        if self.enabled and loggers:
+            self._pending = (loggers, run)
+
     def start(self, total_steps: int, done: int) -> None:
         if not self.enabled:
             return
         self._file = self.metrics_path.open("a")
+        if self._pending is not None:
+            loggers, run = self._pending
+            self._pending = None
+            self.loggers.active = list(loggers)
+            self.loggers.call("start", run)
         if self._plain:
             self._plain_train = PlainProgress(self.console, "step", total_steps, done,
                                               interval=self._interval, clock=self._clock)
@@ -205,6 +231,13 @@ class Reporter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def end(self, status: str) -> None:
+        """The run ended (``completed``, ``stopped``, ``interrupted`` or ``failed``): the loggers
+        finish, once. After ``close``, so that they can be told how the run ended."""
+        self._pending = None
+        self.loggers.call("finish", status)
+        self.loggers.active = []
 
     @contextmanager
     def task(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -244,6 +277,18 @@ class Reporter:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.loggers:
+            self.loggers.call("log_metrics", record.get("step", 0), record)
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table (e.g. generated samples) for the loggers; metrics.jsonl takes no tables."""
+        if self.loggers:
+            self.loggers.call("log_table", name, columns, rows, step)
+
+    def text(self, name: str, text: str, step: int) -> None:
+        """A text for the loggers."""
+        if self.loggers:
+            self.loggers.call("log_text", name, text, step)
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
         # Loss, then what the objective shows besides it (a preference's accuracy and margin).

@@ -30,6 +30,7 @@ import torch
 
 from dpo.core.data.batching import collate, collate_examples
 from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
+from dpo.core.interfaces.logger import Logger, RunInfo
 from dpo.core.interfaces.loss import Loss
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.interfaces.stopping import StoppingPolicy
@@ -55,12 +56,13 @@ from dpo.core.training.checkpoint import (
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE
+from dpo.core.training.loggers import resolve_loggers
 from dpo.core.training.merging import merge_adapter
 from dpo.core.training.loop import Outcome, Settings, Trainee, TrainState, train
 from dpo.core.training.objectives import (DpoObjective, Objective, SftObjective,
                                           example_length, pair_length, sft_paths)
 from dpo.core.training.plugin_calls import plugin_call
-from dpo.core.training.report import Reporter, truncate_metrics
+from dpo.core.training.report import Reporter, last_reported_step, truncate_metrics
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
 from dpo.core.training.setup import (
     check_compile,
@@ -100,6 +102,7 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     try:
         recipe = Recipe(config, catalog, dist, output, reporter, resume, overwrite, taken)
         outcome = recipe.train(on_save)
+        reporter.end("stopped" if outcome.stopped_by else "completed")
         # Every rank is past its last collective before any rank tears the group down: a rank
         # that destroys it while another still has gloo work in flight can abort at exit.
         strat.barrier(dist)
@@ -107,15 +110,19 @@ def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite:
     except KeyboardInterrupt:
         exc = Interrupted(taken.interrupted())
         taken.end(f"interrupted: {exc}")
+        reporter.end("interrupted")
         raise exc from None
     except Interrupted as exc:
         taken.end(f"interrupted: {exc}")
+        reporter.end("interrupted")
         raise
     except DpoError as exc:
         taken.end(f"failed: {exc}")
+        reporter.end("failed")
         raise
     except BaseException as exc:
         taken.end(f"failed: {type(exc).__name__}: {exc}")
+        reporter.end("failed")
         raise
     finally:
         strat.destroy_process_group()
@@ -173,6 +180,8 @@ class Recipe:
         self.ref_path: Path | None = None
         self.ref_checked: Any = None
         self.lora: lora.LoraOptions | None = None
+        self.loggers: list[Logger] = []
+        self.logged_through = 0  # the last step earlier attempts reported (resumed runs)
         self.base_reference = False  # the reference is the policy with its adapter disabled
 
     def train(self, on_save: Callable[[Path], None] | None = None) -> Outcome:
@@ -225,6 +234,8 @@ class Recipe:
                                               cls.parse_options(config.plugin_options(name)))
         if config.format:
             catalog.formats.get(config.format)
+        self.loggers = resolve_loggers(config.log_to, catalog, config.plugin_options,
+                                       asked="log_to" in named)
         watches = {name: plugin_call(p, "watches()", p.watches)
                    for name, p in self.policies.items()}
         watched = [m for metrics in watches.values() for m in metrics if m.startswith("eval/")]
@@ -270,6 +281,7 @@ class Recipe:
                              f"there with --output {output}")
         with contextlib.suppress(UsageError):  # a damaged run.json is rewritten below
             self.previous = rundir.read_record(output)
+        self.logged_through = last_reported_step(output / METRICS_FILE)
         previous = self.previous
         if rundir.nothing_to_resume(previous, output, config.model_dump()):
             raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
@@ -539,6 +551,9 @@ class Recipe:
                 "model (the adapter disabled)")
         if self.memory_note:
             self.reporter.info(f"memory: {self.memory_note}")
+        self.reporter.attach(self.loggers, RunInfo(
+            output=self.output, config=config.model_dump(mode="json"), step=self.state.step,
+            resumed=self.resume, logged_through=self.logged_through))
 
     def objective(self) -> Objective:
         pad = self.tokenizer.pad_token_id

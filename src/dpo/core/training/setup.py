@@ -69,7 +69,7 @@ def check_options(config: RunConfig, catalog: Catalog) -> None:
     or a data format (the forced one, or any installed one when the format is detected)."""
     formats = [config.format] if config.format else catalog.formats.names()
     losses = [config.loss] if config.objective == "dpo" else []  # SFT takes no loss plugin
-    selected = {*losses, *config.stop, *formats}
+    selected = {*losses, *config.stop, *formats, *config.log_to}
     for plugin in config.options:
         if plugin == lora.OPTIONS_KEY:
             if not config.lora:
@@ -82,7 +82,7 @@ def check_options(config: RunConfig, catalog: Catalog) -> None:
             raise UsageError(
                 f"options given for {plugin!r}, which this run does not use "
                 f"({loss}, stopping {', '.join(config.stop) or 'none'}, "
-                f"format {config.format or 'detected'})"
+                f"format {config.format or 'detected'}, loggers {', '.join(config.log_to)})"
             )
     for name in formats:  # validate format options now, before anything is written
         if name in config.options:

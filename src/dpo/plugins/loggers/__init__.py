@@ -1,0 +1,1 @@
+"""Built-in loggers: TensorBoard, Weights & Biases and MLflow (``--log-to``)."""
