@@ -152,7 +152,7 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
                                                    SFT: "Plugin option plugin.key=value, for a stopping policy or a data format (e.g. -o nan-guard.check_grad_norm=false)."},
                    flags=("--option", "-o")),
     TrainingOption("stop", Optional[list[str]], "Stopping policy, repeatable."),
-    TrainingOption("lora", Optional[bool], "Train a LoRA adapter instead of every weight (-o lora.r=16, lora.alpha (default 2r), lora.dropout=0, lora.targets=all-linear); for DPO the reference is the base model with the adapter disabled. Needs `pip install 'dpo-trainer[lora]'`.", ADAPTER),
+    TrainingOption("lora", Optional[bool], escape("Train a LoRA adapter instead of every weight (-o lora.r=16, lora.alpha (default 2r), lora.dropout=0, lora.targets=all-linear); for DPO the reference is the base model with the adapter disabled. Needs `pip install 'dpo-trainer[lora]'`."), ADAPTER),
     TrainingOption("merge", Optional[bool], "With --lora: also write the adapter merged into the base model, a plain transformers model, to OUTPUT/merged at the end (or later: `dpo merge OUTPUT`).", ADAPTER),
     TrainingOption("max_steps", Optional[int], "Optimizer steps (0: --epochs decide).", OPTIM),
     TrainingOption("epochs", Optional[float], "Passes over the data.", OPTIM),
