@@ -94,6 +94,8 @@ class Trainee:
     strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
     flops: FlopCounter | None = None  # the policy's model FLOPs, for tflops and MFU
     trust_remote_code: bool = False  # best/ of a model that ships its own code loads with it
+    # ``--sample-prompts``: after each evaluation, the policy's generations into samples.jsonl
+    samples: Callable[[torch.nn.Module, int], None] | None = None
 
 
 @dataclass
@@ -518,11 +520,17 @@ class Loop:
             return
         self.initial_eval = self.eval_metrics = evaluate(t, self.settings)
         self.reporter.record({"step": 0, **self.initial_eval})
+        self.write_samples(0)
         self.stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, self.initial_eval))
         if keep_best:
             save_best(t, 0, self.initial_eval)
         if self.stopped and self.stopped[1].save:
             self.checkpoint()
+
+    def write_samples(self, step: int) -> None:
+        """The policy's generations for the evaluation just recorded (``--sample-prompts``)."""
+        if self.t.samples is not None:
+            self.t.samples(self.t.policy, step)
 
     def stop_between_steps(self) -> None:
         """A stop asked for between steps (e.g. during an evaluation), in one process: the
@@ -544,6 +552,7 @@ class Loop:
                 self.watch.settle()  # a poisoned update says so, rather than its evaluation
             if self.eval_metrics:
                 self.reporter.record({"step": step, **self.eval_metrics})
+                self.write_samples(step)
                 self.stopped, keep_best = _decide(
                     t.policies, lambda p: p.on_eval(step, self.eval_metrics))
                 if keep_best:
