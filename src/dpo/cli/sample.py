@@ -23,7 +23,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     @one_line_errors
     def sample_command(
         model: Annotated[str, typer.Option(help="The model: a run directory, a model directory, a LoRA adapter directory, a .gguf file, a hub id or 'tiny'.")],
-        data: Annotated[str, typer.Option(help="Held-out pairs or demonstrations (JSONL or JSONL.gz, any installed format); the first N are the prompts.")],
+        data: Annotated[str, typer.Option(help="Held-out pairs or demonstrations (JSONL or JSONL.gz, any installed format), or 'demo' (the demo's held-out questions); the first N are the prompts.")],
         count: Annotated[int, typer.Option("-n", "--count", min=1, help="Prompts to complete: the first N of --data.")] = 4,
         max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per prompt, at most (fewer where the end-of-sequence token comes first).")] = DEFAULT_MAX_NEW_TOKENS,
         temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; above: sampled at this temperature, seeded by --seed.")] = 0.0,

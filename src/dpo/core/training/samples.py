@@ -389,7 +389,7 @@ def sample_request(request: SampleRequest, catalog: Any,
     from dpo.core.model.dropout import disable_dropout
     from dpo.core.model.loading import load_model, resolve_source
     from dpo.core.training.evaluation import EvalRequest, find_run_config, held_out, model_dir
-    from dpo.core.training.setup import resolve_backend
+    from dpo.core.training.setup import DEMO_DATA, resolve_backend
 
     if request.count < 1:
         raise UsageError(f"-n {request.count}: ask for at least one prompt")
@@ -408,7 +408,12 @@ def sample_request(request: SampleRequest, catalog: Any,
     resolve_source(spec)
     model, tokenizer = load_model(spec, run.get("seed", seed),
                                   trust_remote_code=request.trust_remote_code)
-    reading = EvalRequest(model=request.model, data=request.data, format=request.format,
+    data = request.data
+    if data == DEMO_DATA:  # the demo's held-out questions, as a run on --data demo holds out
+        from dpo.core.training.demo import demo_files
+
+        data = str(demo_files()[1])
+    reading = EvalRequest(model=request.model, data=data, format=request.format,
                           max_length=request.max_length,
                           max_prompt_length=request.max_prompt_length, strict=request.strict)
     examples, _ = held_out(reading, run, catalog, tokenizer, objective)
