@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpo.backends.cpu import CPUBackend
+from dpo.core.data.batching import bucket_length
 from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 from dpo.core.training.loop import TIMING_KEYS
 from dpo.core.training.samples import (SampleSettings, completions, generate, model_step,
@@ -285,6 +287,48 @@ def test_lora_adapter_samples(tmp_path, invoke, pairs):
                    "--max-new-tokens", "4", "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["completion"] == lines(out / "samples.jsonl")[-1]["completion"]
+
+
+class FixedWidthCPU(CPUBackend):
+    """The CPU with a compiling backend's rules: value-independent shapes and bucketed widths
+    (as XLA's), so that generation takes its fixed-width path."""
+
+    name = "cpu-fixed-width"
+    static_shapes = True
+
+    def padded_length(self, longest: int) -> int:
+        return bucket_length(longest)
+
+
+def test_fixed_width_generation_in_a_run_says_what_the_cached_one_says(tmp_path, pairs):
+    invoke = command_line(plugin_of(FixedWidthCPU))
+    for backend in ("cpu", "cpu-fixed-width"):
+        done = invoke(*run_args(pairs, tmp_path / backend, "--sample-prompts", "3",
+                                "--sample-max-new-tokens", "6", steps=2)[:-2],
+                      "--output", str(tmp_path / backend), "--backend", backend)
+        assert done.exit_code == 0, done.output
+    assert lines(tmp_path / "cpu" / "samples.jsonl") == \
+        lines(tmp_path / "cpu-fixed-width" / "samples.jsonl")
+
+
+@pytest.mark.backend("xla")
+def test_xla_samples_compile_once_and_say_what_the_cpu_says(tmp_path, pairs):
+    """After the first evaluation's samples, later ones compile nothing new (one width per
+    prompt's bucket), and the greedy completions are the CPU's."""
+    runs = {}
+    for backend in ("xla", "cpu"):
+        out = tmp_path / backend
+        done = command_line()(*run_args(pairs, out, "--eval-steps", "3", "--sample-prompts",
+                                        "2", "--sample-max-new-tokens", "6", steps=9)[:-2],
+                              "--output", str(out), "--backend", backend)
+        assert done.exit_code == 0, done.output
+        runs[backend] = lines(out / "samples.jsonl")
+    assert runs["xla"] == runs["cpu"]
+    compiles = [r["xla/compiles"] for r in lines(tmp_path / "xla" / "metrics.jsonl")
+                if "xla/compiles" in r]
+    # Every training shape is seen in the first epoch (steps 1-5: batches of 4, then 2), and
+    # the evaluation and samples of step 3 are those of step 6, which show in step 7's count.
+    assert compiles[5] == compiles[-1], compiles
 
 
 # -- refusals and the file of dpo sample ------------------------------------------------------
