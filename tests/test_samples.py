@@ -407,6 +407,15 @@ def test_two_ranks_write_one_process_samples(tmp_path, strategy):
     one, got = lines(tmp_path / "one" / "samples.jsonl"), lines(tmp_path / "two" / "samples.jsonl")
     assert [(r["step"], r["index"]) for r in got] == [(s, i) for s in range(3) for i in range(3)]
     assert got[:3] == one[:3]
+    if strategy == "fsdp":  # the gathered forwards leave the sharded training as it was
+        plain = [a for a in args if a not in ("--sample-prompts", "3", "--sample-max-new-tokens",
+                                              "6")]
+        again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc-per-node", "2", "-m", "dpo", "run", *plain,
+                                "--strategy", strategy, "--output", "plain"], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert metric_records(tmp_path / "plain") == metric_records(tmp_path / "two")
 
 
 @pytest.mark.slow
