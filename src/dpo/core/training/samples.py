@@ -146,8 +146,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], eos: int 
             if width is None:
                 steps = _cached_steps(model, prompt, device)
             else:
-                steps = _fixed_width_steps(model, prompt, device, width(len(prompt) + max_new_tokens),
-                                           pad)
+                steps = _fixed_width_steps(model, prompt, device,
+                                           width(len(prompt) + max_new_tokens), pad)
             new: list[int] = []
             logits = next(steps)
             for count in range(max_new_tokens):
