@@ -29,7 +29,9 @@ SFT_OPTIONS = [
     "warmup_steps", "warmup_ratio", "scheduler", "max_grad_norm", "seed", "shuffle",
     "group_by_length",
     "gradient_checkpointing", "compile", "output", "eval_steps", "eval_at_start", "save_steps",
-    "save_total_limit", "keep_checkpoints", "progress", "log_to", "config", "resume", "overwrite",
+    "save_total_limit", "keep_checkpoints", "progress", "log_to",
+    "sample_prompts", "sample_max_new_tokens", "sample_temperature",
+    "config", "resume", "overwrite",
 ]
 
 

@@ -523,3 +523,23 @@ def test_help_names_the_extras(command, monkeypatch):
     assert result.exit_code == 0, result.output
     text = "".join(result.output.split())  # rich wraps and frames the help
     assert "pipinstall'dpo-trainer[tensorboard]'`(or[wandb],[mlflow])" in text.replace("│", "")
+
+
+def test_sample_generations_reach_the_loggers_as_a_table_per_evaluation(tmp_path):
+    """``--sample-prompts 2`` with evaluations at steps 0, 2 and 4: each evaluation's two
+    generations reach a logger as one ``samples`` table whose rows are samples.jsonl's lines
+    of that step (index, prompt, chosen, rejected, completion)."""
+    Recorder.calls.clear()
+    out = tmp_path / "out"
+    result = invoke()(*run_args(tmp_path, out, "--max-steps", "4", "--sample-prompts", "2",
+                                "--sample-max-new-tokens", "4", "--log-to", "recorder"))
+    assert result.exit_code == 0, result.output
+    tables = [args for what, args in Recorder.calls if what == "log_table"]
+    lines = read_metrics(out / "samples.jsonl")
+    assert [step for *_, step in tables] == [0, 2, 4]
+    for name, columns, rows, step in tables:
+        assert name == "samples" and columns == ["index", "prompt", "chosen", "rejected",
+                                                 "completion"]
+        assert rows == [[line[c] for c in columns] for line in lines if line["step"] == step]
+        assert len(rows) == 2
+    Recorder.calls.clear()

@@ -12,7 +12,7 @@ LANE_PY=$CI_ROOT/$VENV/bin/python
 
 # Called through `timed`, where set -e does not apply: every step returns on failure itself.
 run_tests() {
-    lane_pytest -q -m distributed tests/test_distributed.py || return
+    lane_pytest -q -m distributed tests/test_distributed.py tests/test_samples.py || return
     local out strategy
     out=$(mktemp -d) || return
     for strategy in ddp fsdp; do

@@ -16,7 +16,7 @@ PLUGIN_PANEL = "Plugins"
 
 def make_app(pm: DpoPluginManager) -> typer.Typer:
     """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
-    from dpo.cli import backends, demo, evaluate, merge, paths, plugins, precompute, run
+    from dpo.cli import backends, demo, evaluate, merge, paths, plugins, precompute, run, sample
     from dpo.cli import sweep
 
     app = typer.Typer(
@@ -31,6 +31,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
     commands_by_plugin: dict[str, list[str]] = {}  # filled below, read by `dpo plugins`
     run.register(app, catalog)
     evaluate.register(app, catalog)
+    sample.register(app, catalog)
     precompute.register(app, catalog)
     merge.register(app, catalog)
     demo.register(app, catalog)

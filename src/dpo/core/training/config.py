@@ -124,6 +124,15 @@ class RunConfig(BaseModel):
             return list(dict.fromkeys(n.strip() for v in items for n in v.split(",") if n.strip()))
         return value
 
+    # generations to read
+    sample_prompts: int = Field(0, ge=0, description="after each evaluation, the policy's "
+                                "completions of the first N held-out prompts, into "
+                                "samples.jsonl; 0: none")
+    sample_max_new_tokens: int = Field(64, gt=0, description="tokens generated per sample, at "
+                                       "most (fewer where the end-of-sequence token comes)")
+    sample_temperature: float = Field(0.0, ge=0, description="0: greedy; above: sampled at this "
+                                      "temperature, seeded by --seed")
+
     @field_validator("lr")
     @classmethod
     def _float32_lr(cls, value: float) -> float:

@@ -7,3 +7,4 @@ FINAL = "final"  # final/: the trained model, a Hugging Face directory
 BEST = "best"  # best/: the best evaluation's weights, when a stopping policy keeps them
 BEST_RECORD = "dpo_best.json"  # in best/: the step and the evaluation that made it best
 MERGED = "merged"  # merged/: with --lora --merge, the adapter merged into its base model
+SAMPLES_FILE = "samples.jsonl"  # with --sample-prompts: the policy's generations at each evaluation

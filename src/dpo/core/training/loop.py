@@ -48,6 +48,10 @@ TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_se
                          "samples_per_second", "peak_memory_gb", "memory_gb", "tflops", "mfu"})
 
 
+# The columns of the generations table the loggers get (samples.jsonl has these and the step).
+SAMPLE_COLUMNS = ("index", "prompt", "chosen", "rejected", "completion")
+
+
 @dataclass
 class TrainState:
     """Where the run is: optimizer steps done and the position in the data."""
@@ -94,6 +98,8 @@ class Trainee:
     strategy: str = "ddp"  # how the policy is wrapped when ``dist.world_size > 1``
     flops: FlopCounter | None = None  # the policy's model FLOPs, for tflops and MFU
     trust_remote_code: bool = False  # best/ of a model that ships its own code loads with it
+    # ``--sample-prompts``: after each evaluation, the policy's generations into samples.jsonl
+    samples: Callable[[torch.nn.Module, int], list[Any]] | None = None
 
 
 @dataclass
@@ -518,11 +524,21 @@ class Loop:
             return
         self.initial_eval = self.eval_metrics = evaluate(t, self.settings)
         self.reporter.record({"step": 0, **self.initial_eval})
+        self.write_samples(0)
         self.stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, self.initial_eval))
         if keep_best:
             save_best(t, 0, self.initial_eval)
         if self.stopped and self.stopped[1].save:
             self.checkpoint()
+
+    def write_samples(self, step: int) -> None:
+        """The policy's generations for the evaluation just recorded (``--sample-prompts``)."""
+        if self.t.samples is None:
+            return
+        samples = self.t.samples(self.t.policy, step)
+        if samples:  # the loggers show them as a table (W&B, MLflow, TensorBoard's text)
+            self.reporter.table("samples", list(SAMPLE_COLUMNS),
+                                [[getattr(s, c) for c in SAMPLE_COLUMNS] for s in samples], step)
 
     def stop_between_steps(self) -> None:
         """A stop asked for between steps (e.g. during an evaluation), in one process: the
@@ -544,6 +560,7 @@ class Loop:
                 self.watch.settle()  # a poisoned update says so, rather than its evaluation
             if self.eval_metrics:
                 self.reporter.record({"step": step, **self.eval_metrics})
+                self.write_samples(step)
                 self.stopped, keep_best = _decide(
                     t.policies, lambda p: p.on_eval(step, self.eval_metrics))
                 if keep_best:

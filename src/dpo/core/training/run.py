@@ -55,7 +55,7 @@ from dpo.core.training.checkpoint import (
 )
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
-from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE
+from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE, SAMPLES_FILE
 from dpo.core.training.loggers import resolve_loggers
 from dpo.core.training.merging import merge_adapter
 from dpo.core.training.loop import Outcome, Settings, Trainee, TrainState, train
@@ -63,8 +63,11 @@ from dpo.core.training.objectives import (DpoObjective, Objective, SftObjective,
                                           example_length, pair_length, sft_paths)
 from dpo.core.training.plugin_calls import plugin_call
 from dpo.core.training.report import Reporter, last_reported_step, truncate_metrics
+from dpo.core.training.samples import (RunSamples, SampleSettings, no_held_out, sample_prompts,
+                                       truncate_samples)
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
 from dpo.core.training.setup import (
+    DEMO_DATA,
     check_compile,
     check_options,
     check_paths,
@@ -252,6 +255,9 @@ class Recipe:
         if config.ref_model and not self.requires_reference:
             raise UsageError(f"--ref-model given, but loss {config.loss!r} uses no reference "
                              "model")
+        if config.sample_prompts and not (config.eval_data or config.eval_fraction
+                                          or config.data == DEMO_DATA):
+            raise no_held_out(config.sample_prompts)
         if config.compile:
             check_compile(self.device)
         if config.lora:
@@ -318,6 +324,8 @@ class Recipe:
             lora.add_adapter(model, self.lora, base_record(config.model, config.seed, trust))
         self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
             config, self.catalog, self.tokenizer, self.reporter)
+        if config.sample_prompts and not self.eval_examples:
+            raise no_held_out(config.sample_prompts)
         if self.requires_reference and config.ref_model:
             self.reference, ref_tokenizer = load_model(config.ref_model, config.seed,
                                                        trust_remote_code=trust)
@@ -501,6 +509,7 @@ class Recipe:
         self.backend.set_rng_state(restore_rng_states(tensors["rng"]))
         if self.dist.is_main:
             truncate_metrics(self.output / METRICS_FILE, state.step)
+            truncate_samples(self.output / SAMPLES_FILE, state.step)
         reporter.info(f"resuming from {self.checkpoint} (step {state.step})")
 
     # 8. The run's record, the loop's inputs, and what a finished run leaves.
@@ -574,7 +583,23 @@ class Recipe:
                        train_examples=self.train_examples, eval_examples=self.eval_examples,
                        sampler=self.sampler, output=self.output, dist=self.dist,
                        strategy=self.config.strategy, flops=FlopCounter.of(self.model),
-                       trust_remote_code=self.config.trust_remote_code)
+                       trust_remote_code=self.config.trust_remote_code,
+                       samples=self.samples())
+
+    def samples(self) -> RunSamples | None:
+        """``--sample-prompts``: the first N held-out prompts' completions at each evaluation."""
+        config = self.config
+        if not config.sample_prompts:
+            return None
+        prompts = sample_prompts(self.eval_examples, self.tokenizer, config.sample_prompts)
+        if len(prompts) < config.sample_prompts:
+            self.reporter.info(f"--sample-prompts {config.sample_prompts}: the run holds out "
+                               f"{len(prompts)} {self.noun}; sampling all of them")
+        settings = SampleSettings(len(prompts), config.sample_max_new_tokens,
+                                  config.sample_temperature, config.seed)
+        width = self.backend.padded_length if self.backend.static_shapes else None
+        return RunSamples(prompts, settings, self.output, self.tokenizer, self.device,
+                          self.dist, config.strategy, width)
 
     def settings(self) -> Settings:
         config = self.config

@@ -2,7 +2,7 @@
 
 A run directory is marked by ``run.json``, written as soon as the directory is taken (before
 the model loads), and holds only what the run writes: ``run.json``, ``metrics.jsonl``,
-``checkpoint-N/``, ``best/``, ``final/`` and their temporary names (``.NAME.tmp``,
+``samples.jsonl``, ``checkpoint-N/``, ``best/``, ``final/`` and their temporary names (``.NAME.tmp``,
 ``.NAME.old``). ``--overwrite`` removes exactly those, and only in a directory that ``run.json``
 marks as a dpo run; a user's own files there stay. The current directory (or any directory
 above it), the home directory (or above), ``/`` and an empty path are never an output.
@@ -20,11 +20,11 @@ from typing import Any
 
 from dpo.core.training.checkpoint import removable
 from dpo.core.interfaces.errors import UsageError
-from dpo.core.training.layout import METRICS_FILE, RUN_FILE
+from dpo.core.training.layout import METRICS_FILE, RUN_FILE, SAMPLES_FILE
 
 # Directories a run writes (each says so, or is empty: ``checkpoint.removable``).
 _DIRS = re.compile(r"^(checkpoint-\d+|best|final|merged)$")
-_TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|merged|run\.json|metrics\.jsonl)\.(tmp|old)$")
+_TEMPORARY = re.compile(r"^\.(checkpoint-\d+|best|final|merged|run\.json|metrics\.jsonl|samples\.jsonl)\.(tmp|old)$")
 FINISHED = ("completed", "stopped by ")
 
 
@@ -92,7 +92,7 @@ def run_written(path: Path) -> list[Path]:
     for entry in sorted(path.iterdir()) if path.is_dir() else []:
         if entry.is_symlink():
             continue
-        if entry.name in (RUN_FILE, METRICS_FILE) and entry.is_file():
+        if entry.name in (RUN_FILE, METRICS_FILE, SAMPLES_FILE) and entry.is_file():
             found.append(entry)
         elif _TEMPORARY.match(entry.name):
             found.append(entry)
