@@ -29,7 +29,8 @@ SFT_OPTIONS = [
     "warmup_steps", "warmup_ratio", "scheduler", "max_grad_norm", "seed", "shuffle",
     "group_by_length",
     "gradient_checkpointing", "compile", "output", "eval_steps", "eval_at_start", "save_steps",
-    "save_total_limit", "keep_checkpoints", "progress", "config", "resume", "overwrite",
+    "save_total_limit", "keep_checkpoints", "progress", "eval_tasks", "eval_tasks_steps",
+    "eval_tasks_limit", "config", "resume", "overwrite",
 ]
 
 

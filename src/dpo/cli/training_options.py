@@ -35,6 +35,7 @@ OUT = "Output"
 SCALE = "Many processes"
 SPEED = "Speed and memory"
 ADAPTER = "LoRA"
+BENCH = "Benchmarks (lm-eval)"
 
 
 def shown_value(value: Any) -> str:
@@ -179,6 +180,9 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
     TrainingOption("save_total_limit", Optional[int], "Checkpoints kept.", OUT),
     TrainingOption("keep_checkpoints", Optional[bool], "Keep the checkpoints once the run is complete, so that --resume with more --max-steps can extend it (off: only final/ remains).", OUT),
     TrainingOption("progress", Optional[bool], {RUN: f"Progress of the reference pass and of training: {_PROGRESS}", SFT: f"Progress of training: {_PROGRESS}"}, OUT),
+    TrainingOption("eval_tasks", Optional[str], "Downstream benchmarks scored during training with EleutherAI's lm-eval harness, comma-separated: task or group names (hellaswag,arc_easy), directories of the harness's task YAML files, or YAML files; scores go to metrics.jsonl as eval/tasks/<task>/<metric> (one process only). Needs `pip install 'dpo-trainer[eval]'`.", BENCH, unset="none"),
+    TrainingOption("eval_tasks_steps", Optional[int], "Score --eval-tasks every N steps (0: before training, with --eval-at-start, and at the end only).", BENCH),
+    TrainingOption("eval_tasks_limit", Optional[int], "Score only the first N examples of each --eval-tasks task (a quick look).", BENCH, unset="every example"),
     TrainingOption("config", Optional[Path], "TOML file with any of these options; flags win.", flags=("--config",)),
     TrainingOption("resume", Optional[Path], "Continue the run in this directory from its newest checkpoint.", OUT),
     TrainingOption("overwrite", bool, "Replace an existing run directory.", OUT, default=False),

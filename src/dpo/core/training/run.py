@@ -62,6 +62,7 @@ from dpo.core.training.objectives import (DpoObjective, Objective, SftObjective,
 from dpo.core.training.plugin_calls import plugin_call
 from dpo.core.training.report import Reporter, truncate_metrics
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
+from dpo.core.training.tasks import TaskRunner, TaskSuite, split_tasks
 from dpo.core.training.setup import (
     check_compile,
     check_options,
@@ -246,6 +247,16 @@ class Recipe:
         if config.lora:
             self.lora = lora.parse_options(config.plugin_options(lora.OPTIONS_KEY))
             lora.require_peft()
+        self.tasks = None
+        if config.eval_tasks:
+            if dist.world_size > 1:
+                raise UsageError("--eval-tasks: benchmarks are scored in one process; drop "
+                                 "--nproc, or score the run's models afterwards with `dpo eval "
+                                 "--tasks`")
+            self.tasks = TaskRunner(TaskSuite(split_tasks(config.eval_tasks), "--eval-tasks"),
+                                    self.output, steps=config.eval_tasks_steps,
+                                    limit=config.eval_tasks_limit, batch_size=config.batch_size,
+                                    write=dist.is_main)
         self.sources = {"model": resolve_source(config.model).describe()}
         if config.ref_model:
             self.sources["ref_model"] = resolve_source(config.ref_model).describe()
@@ -559,7 +570,7 @@ class Recipe:
                        train_examples=self.train_examples, eval_examples=self.eval_examples,
                        sampler=self.sampler, output=self.output, dist=self.dist,
                        strategy=self.config.strategy, flops=FlopCounter.of(self.model),
-                       trust_remote_code=self.config.trust_remote_code)
+                       trust_remote_code=self.config.trust_remote_code, tasks=self.tasks)
 
     def settings(self) -> Settings:
         config = self.config
