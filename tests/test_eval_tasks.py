@@ -363,3 +363,16 @@ def test_bad_task_input_is_one_line(tmp_path, app):
         assert result.exit_code == 2, (args, result.output)
         assert expected in one_error_line(result), args
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_format_example_runs(app, monkeypatch):
+    """examples/tasks (run from the repository root, as its YAML files say): a multiple-choice
+    task and a generate_until task whose regex filter names its metric exact_match_strip."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--tasks", "examples/tasks",
+                                      "--limit", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (scores,) = json.loads(result.output)["tasks"]
+    assert set(scores["metrics"]) == {"arithmetic_mc", "arithmetic_gen"}
+    assert set(scores["metrics"]["arithmetic_gen"]) == {"exact_match_strip"}
+    assert scores["n-samples"]["arithmetic_mc"] == {"original": 20, "effective": 3}
