@@ -206,6 +206,23 @@ def test_loglikelihood_is_the_sum_of_the_continuations_token_logprobs():
                                       abs=1e-4)
 
 
+def test_a_request_longer_than_the_window_keeps_its_last_tokens():
+    """With max_length 4, ("The cat", " sat on the mat") scores the last 4 tokens, each given
+    the tokens before it inside the last 5 (one forward of those 5 tokens alone)."""
+    from lm_eval.api.instance import Instance
+
+    model, tokenizer = tiny()
+    ids = tokenizer("The cat sat on the mat", add_special_tokens=False)["input_ids"][-5:]
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    expected = sum(float(logps[t - 1, ids[t]]) for t in range(1, 5))
+    lm = harness_tasks.harness_lm(model, tokenizer, CPUBackend(), torch.float32,
+                                  torch.device("cpu"), batch_size=2, max_length=4)
+    ((value, _),) = lm.loglikelihood([Instance("loglikelihood", {}, ("The cat",
+                                                                     " sat on the mat"), 0)])
+    assert value == pytest.approx(expected, abs=1e-4)
+
+
 def test_rolling_loglikelihood_predicts_every_token_once():
     """loglikelihood_rolling of a text: the log-prob of all its tokens from the prefix token,
     in one window when it fits; cut into windows of 8, still one term per token (each window

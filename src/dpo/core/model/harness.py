@@ -128,12 +128,13 @@ class HarnessLM(LM):
         """For each (context, continuation) of token ids: the summed log-probability of the
         continuation given the context, and whether each of its tokens is the model's most
         likely next token. A sequence longer than ``max_length + 1`` tokens loses its first
-        context tokens."""
+        tokens (those of the context first)."""
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         rows = []
         for context, continuation in pairs:
             tokens = (context + continuation)[-(self.max_length + 1):]
-            rows.append((tokens[:-1], len(continuation)))
+            # A continuation longer than the window keeps its last tokens, as the context does.
+            rows.append((tokens[:-1], min(len(continuation), len(tokens) - 1)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]

@@ -212,6 +212,8 @@ def results_file_of(model: str) -> Path | None:
     run directory (its final model) -> ``RUN/eval-tasks/final.json``; a run's ``final/``,
     ``best/`` or ``checkpoint-N/`` -> ``RUN/eval-tasks/<that name>.json``; else None."""
     path = Path(model)
+    if not path.is_dir():
+        return None
     if (path / RUN_FILE).is_file():
         return path / RESULTS_DIR / "final.json"
     if path.name and (path.parent / RUN_FILE).is_file():
