@@ -308,14 +308,16 @@ def test_flatten_names_metrics_without_the_default_filter():
         "eval/tasks/t/exact_match_strict-match_stderr": 0.25}
 
 
-def test_training_scores_the_tasks_into_metrics_jsonl(tmp_path, app):
-    """`dpo run --eval-tasks DIR --eval-tasks-steps 2 --max-steps 3`: records at steps 0 (the
-    baseline), 2 and 3 (the end), each with eval/tasks/toy_mc/acc and its stderr, the harness's
-    results in OUTPUT/eval-tasks/step-N.json; the step-0 accuracy is the tiny model's own."""
+@pytest.mark.parametrize("command", ["run", "sft"])
+def test_training_scores_the_tasks_into_metrics_jsonl(tmp_path, app, command):
+    """`dpo run` (and `dpo sft`) `--eval-tasks DIR --eval-tasks-steps 2 --max-steps 3`: records
+    at steps 0 (the baseline), 2 and 3 (the end), each with eval/tasks/toy_mc/acc and its
+    stderr, the harness's results in OUTPUT/eval-tasks/step-N.json; the step-0 accuracy is the
+    tiny model's own."""
     tasks = write_tasks(tmp_path / "tasks")
     expected, _ = hand_accuracy()
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", "--no-progress", "--model", "tiny", "--backend",
+    result = CliRunner().invoke(app, [command, "--no-progress", "--model", "tiny", "--backend",
                                       "cpu", "--max-steps", "3", "--eval-tasks", str(tasks),
                                       "--eval-tasks-steps", "2", "--output", str(out)])
     assert result.exit_code == 0, result.output
