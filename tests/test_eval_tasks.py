@@ -395,3 +395,12 @@ def test_the_shipped_format_example_runs(app, monkeypatch):
     assert set(scores["metrics"]) == {"arithmetic_mc", "arithmetic_gen"}
     assert set(scores["metrics"]["arithmetic_gen"]) == {"exact_match_strip"}
     assert scores["n-samples"]["arithmetic_mc"] == {"original": 20, "effective": 3}
+
+
+@pytest.mark.parametrize("command", ["run", "sft", "eval"])
+def test_help_names_the_extra_with_its_brackets(app, command):
+    """The help of --tasks / --eval-tasks says `pip install 'dpo-trainer[eval]'` (brackets
+    escaped, or rich's help would take [eval] for markup and drop it)."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "'dpo-trainer[eval]'" in result.output
