@@ -458,7 +458,7 @@ CASES = [
     case("run --resume {d}/runs/config-list", 2, "{d}/runs/config-list/run.json"),
     case("run --resume {d}/runs/empty-checkpoint", 2, "{d}/runs/empty-checkpoint", "checkpoint"),
     case("run --resume {d}/runs/truncated-state", 2, "{d}/runs/truncated-state", "checkpoint"),
-    case(EVAL + "--data {d}/good.jsonl --model {d}/runs/eval-broken", 2,
+    case("eval --ref tiny --backend cpu --data {d}/good.jsonl --model {d}/runs/eval-broken", 2,
          "{d}/runs/eval-broken/run.json"),
 ]
 

@@ -31,6 +31,7 @@ SFT_OPTIONS = [
     "gradient_checkpointing", "compile", "output", "eval_steps", "eval_at_start", "save_steps",
     "save_total_limit", "keep_checkpoints", "progress", "log_to",
     "sample_prompts", "sample_max_new_tokens", "sample_temperature",
+    "eval_tasks", "eval_tasks_steps", "eval_tasks_limit",
     "config", "resume", "overwrite",
 ]
 

@@ -79,6 +79,9 @@ def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, 
     resolved = resolve_config(*layers, flags)
     if resume is not None and _already_complete(resume, resolved):
         return
+    if values["nproc"] is not None and resolved.eval_tasks:
+        raise UsageError("--eval-tasks: benchmarks are scored in one process; drop --nproc, or "
+                         "score the run's models afterwards with `dpo eval --tasks`")
     if values["nproc"] is not None:
         raise typer.Exit(launch(values["nproc"], resolved, catalog, ctx, command))
     with _exit_code_recorded():

@@ -35,6 +35,7 @@ OUT = "Output"
 SCALE = "Many processes"
 SPEED = "Speed and memory"
 ADAPTER = "LoRA"
+BENCH = "Benchmarks (lm-eval)"
 
 
 def shown_value(value: Any) -> str:
@@ -183,6 +184,9 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
     TrainingOption("sample_prompts", Optional[int], "After each evaluation (the baseline and the last included), the policy's completions of the first N held-out prompts, appended to OUTPUT/samples.jsonl with their chosen and rejected answers (0: none).", OUT),
     TrainingOption("sample_max_new_tokens", Optional[int], "Tokens generated per sample, at most (fewer where the end-of-sequence token comes first).", OUT),
     TrainingOption("sample_temperature", Optional[float], "Sampling temperature of the samples (0: greedy); sampled ones are seeded by --seed, the same at every evaluation.", OUT),
+    TrainingOption("eval_tasks", Optional[str], "Downstream benchmarks scored during training with EleutherAI's lm-eval harness, comma-separated: task or group names (hellaswag,arc_easy), directories of the harness's task YAML files, or YAML files; scores go to metrics.jsonl as eval/tasks/<task>/<metric> (one process only). Needs `pip install " + escape("'dpo-trainer[eval]'`."), BENCH, unset="none"),
+    TrainingOption("eval_tasks_steps", Optional[int], "Score --eval-tasks every N steps (0: before training, with --eval-at-start, and at the end only).", BENCH),
+    TrainingOption("eval_tasks_limit", Optional[int], "Score only the first N examples of each --eval-tasks task (a quick look).", BENCH, unset="every example"),
     TrainingOption("config", Optional[Path], "TOML file with any of these options; flags win.", flags=("--config",)),
     TrainingOption("resume", Optional[Path], "Continue the run in this directory from its newest checkpoint.", OUT),
     TrainingOption("overwrite", bool, "Replace an existing run directory.", OUT, default=False),

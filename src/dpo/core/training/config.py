@@ -133,6 +133,15 @@ class RunConfig(BaseModel):
     sample_temperature: float = Field(0.0, ge=0, description="0: greedy; above: sampled at this "
                                       "temperature, seeded by --seed")
 
+    # downstream benchmarks during training (the lm-eval harness, dpo-trainer[eval])
+    eval_tasks: str | None = Field(None, description="lm-eval harness tasks scored during "
+                                   "training, comma-separated: task or group names, directories "
+                                   "of task YAML files, or YAML files")
+    eval_tasks_steps: int = Field(0, ge=0, description="score --eval-tasks every N steps (0: "
+                                  "before training and at the end only)")
+    eval_tasks_limit: int | None = Field(None, ge=1, description="the first N examples of each "
+                                         "task only")
+
     @field_validator("lr")
     @classmethod
     def _float32_lr(cls, value: float) -> float:
@@ -150,6 +159,10 @@ class RunConfig(BaseModel):
             )
         if self.eval_data and self.eval_fraction:
             raise ValueError("give either eval_data or eval_fraction, not both")
+        for name in ("eval_tasks_steps", "eval_tasks_limit"):
+            if getattr(self, name) and not self.eval_tasks:
+                raise ValueError(f"--{name.replace('_', '-')} sets how --eval-tasks runs: "
+                                 "give --eval-tasks too (eval_tasks in a config file)")
         if self.merge and not self.lora:
             raise ValueError("merge writes a LoRA adapter merged into its base model: it needs "
                              "lora (--lora)")

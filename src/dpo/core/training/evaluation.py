@@ -1,5 +1,6 @@
 """``dpo eval``: preference metrics of a policy against its reference on held-out pairs, or,
-for an SFT model, its loss on held-out demonstrations.
+for an SFT model, its loss on held-out demonstrations; and, with ``--tasks``, downstream
+benchmarks through the lm-eval harness (``dpo.core.training.tasks``).
 
 The metrics are those a run logs under ``eval/`` (TRL's names): the loss, ``rewards/accuracies``
 (the share of pairs whose implicit reward prefers the chosen completion), ``rewards/margins``,
@@ -28,6 +29,8 @@ from dpo.core.model.pathcheck import CHECK_PAIRS, check
 from dpo.core.model.paths import resolve
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training.rundir import RUN_FILE, read_record
+from dpo.core.training.tasks import (TaskSuite, harness_lm, results_document, results_file_of,
+                                     write_results)
 
 
 @dataclass
@@ -197,3 +200,48 @@ def evaluate_demonstrations(request: EvalRequest, run: dict[str, Any],
         "paths_check": {"policy": report.record()},
         "metrics": {k.removeprefix("eval/"): v for k, v in metrics.items()},
     }
+
+
+@dataclass
+class TasksRequest:
+    """``dpo eval --tasks``: one model on lm-eval harness tasks."""
+
+    model: str
+    backend: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    limit: int | None = None  # the first examples of each task only
+    num_fewshot: int | None = None  # default: each task's own (0 where it sets none)
+    output: str | None = None  # the results file; default: in the model's run directory
+    trust_remote_code: bool = False
+    seed: int = 42
+
+
+def evaluate_tasks(request: TasksRequest, suite: TaskSuite, catalog: Catalog) -> dict[str, Any]:
+    """The model's scores on ``suite`` (the lm-eval harness), on the request's backend and
+    dtype; the harness's results go to ``request.output``, else into the run directory the
+    model belongs to (``tasks.results_file_of``), else nowhere."""
+    run = find_run_config(request.model) or {}
+    backend = resolve_backend(request.backend, catalog)
+    dtype = resolve_dtype(request.dtype, backend)
+    spec = model_dir(request.model)
+    resolve_source(spec)
+    target = Path(request.output) if request.output else results_file_of(request.model)
+    if target is not None and target.is_dir():
+        raise UsageError(f"--output {target}: is a directory; give a file name for the results")
+    model, tokenizer = load_model(spec, run.get("seed", request.seed),
+                                  trust_remote_code=request.trust_remote_code)
+    device = backend.device(0)
+    disable_dropout(model)
+    model.requires_grad_(False).eval().to(device)
+    backend.configure_model(model)
+    lm = harness_lm(model, tokenizer, backend, dtype, device, request.batch_size)
+    results = suite.evaluate(lm, limit=request.limit, num_fewshot=request.num_fewshot)
+    about = {"model": spec, "backend": backend.name,
+             "dtype": str(dtype).removeprefix("torch."), "limit": request.limit,
+             "num_fewshot": request.num_fewshot, "max_length": lm.max_length}
+    document = results_document(results, about)
+    if target is not None:
+        write_results(target, document)
+    return {**about, "file": str(target) if target else None, "metrics": document["metrics"],
+            "n-samples": document.get("n-samples", {})}

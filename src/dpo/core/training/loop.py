@@ -100,6 +100,7 @@ class Trainee:
     trust_remote_code: bool = False  # best/ of a model that ships its own code loads with it
     # ``--sample-prompts``: after each evaluation, the policy's generations into samples.jsonl
     samples: Callable[[torch.nn.Module, int], list[Any]] | None = None
+    tasks: Any = None  # --eval-tasks: a tasks.TaskRunner, scoring the policy on benchmarks
 
 
 @dataclass
@@ -520,6 +521,8 @@ class Loop:
         """The evaluation before training (DPO: the policy is its reference here, unless
         --ref-model names another)."""
         t = self.t
+        if not self.state.step and self.settings.eval_at_start:
+            self.score_tasks(0)
         if self.state.step or not (self.settings.eval_at_start and t.eval_examples):
             return
         self.initial_eval = self.eval_metrics = evaluate(t, self.settings)
@@ -568,6 +571,8 @@ class Loop:
                     save_best(t, step, self.eval_metrics)
         if self.stopped and not self.stopped[1].save:
             return True
+        if t.tasks is not None and t.tasks.due(step, last or self.stopped is not None):
+            self.score_tasks(step)
         # One process decides alone, as late as it can; several agreed in the step's sync.
         stop_now = stop_now or (t.dist.world_size == 1 and self.stop_request.requested)
         if self.stopped or last or stop_now or (
@@ -576,6 +581,24 @@ class Loop:
         if stop_now and not (self.stopped or last):
             raise Interrupted(_interrupted(t, step, self.checkpointed))
         return self.stopped is not None
+
+    def score_tasks(self, step: int) -> None:
+        """``--eval-tasks``: the policy's scores on the lm-eval harness's tasks, as their own
+        record in metrics.jsonl (one process: the runs that score them take no --nproc)."""
+        t = self.t
+        if t.tasks is None:
+            return
+        was_training = t.policy.training
+        try:
+            record = t.tasks(strat.unwrap(t.policy), t.tokenizer, t.backend,
+                             self.settings.dtype, t.device, step)
+        finally:
+            t.policy.train(was_training)
+        if record:
+            self.reporter.record({"step": step, **record})
+            shown = [f"{key.removeprefix('eval/tasks/')} {value:.4g}"
+                     for key, value in record.items() if not key.endswith("_stderr")]
+            self.reporter.info(f"step {step} benchmarks: {', '.join(shown)}")
 
     def checkpoint(self) -> None:
         """Everything an exact resume needs, once the last update is known finite."""

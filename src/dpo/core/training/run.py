@@ -66,6 +66,7 @@ from dpo.core.training.report import Reporter, last_reported_step, truncate_metr
 from dpo.core.training.samples import (RunSamples, SampleSettings, no_held_out, sample_prompts,
                                        truncate_samples)
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
+from dpo.core.training.tasks import TaskRunner, TaskSuite, split_tasks
 from dpo.core.training.setup import (
     DEMO_DATA,
     check_compile,
@@ -263,6 +264,16 @@ class Recipe:
         if config.lora:
             self.lora = lora.parse_options(config.plugin_options(lora.OPTIONS_KEY))
             lora.require_peft()
+        self.tasks = None
+        if config.eval_tasks:
+            if dist.world_size > 1:
+                raise UsageError("--eval-tasks: benchmarks are scored in one process; drop "
+                                 "--nproc, or score the run's models afterwards with `dpo eval "
+                                 "--tasks`")
+            self.tasks = TaskRunner(TaskSuite(split_tasks(config.eval_tasks), "--eval-tasks"),
+                                    self.output, steps=config.eval_tasks_steps,
+                                    limit=config.eval_tasks_limit, batch_size=config.batch_size,
+                                    write=dist.is_main)
         self.sources = {"model": resolve_source(config.model).describe()}
         if config.ref_model:
             self.sources["ref_model"] = resolve_source(config.ref_model).describe()
@@ -584,7 +595,7 @@ class Recipe:
                        sampler=self.sampler, output=self.output, dist=self.dist,
                        strategy=self.config.strategy, flops=FlopCounter.of(self.model),
                        trust_remote_code=self.config.trust_remote_code,
-                       samples=self.samples())
+                       samples=self.samples(), tasks=self.tasks)
 
     def samples(self) -> RunSamples | None:
         """``--sample-prompts``: the first N held-out prompts' completions at each evaluation."""
