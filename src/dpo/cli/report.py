@@ -18,7 +18,7 @@ def terminal_table(runs: list[Any], rows: list[Any]) -> Any:
     from dpo.report.summary import cell
 
     table = Table(title="runs side by side", title_justify="left")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for run in runs:
         table.add_column(run.name, justify="right", overflow="fold")
     group = None

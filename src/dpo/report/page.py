@@ -114,7 +114,8 @@ def page(title: str, runs: list[Run], rows: list[Row], figures: list[tuple[str, 
     images = "".join(
         f'<img alt="{_e(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode("ascii")}">' for name, path in figures)
-    paths = "".join(f"<li><b>{_e(r.name)}</b>: <code>{_e(r.path)}</code></li>" for r in runs)
+    paths = "".join(f"<li><b>{_e(r.name)}</b>: <code>{_e(r.path)}</code>, {_e(r.status)}</li>"
+                    for r in runs)
     note = "".join(f'<p class="muted">{_e(n)}</p>' for n in notes)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"

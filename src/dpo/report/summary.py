@@ -33,7 +33,8 @@ def rows(runs: list[Run]) -> list[Row]:
     flat = [settings(r) for r in runs]
     out = [Row("setting", key, [f.get(key) for f in flat])
            for key in dict.fromkeys([*KEY_SETTINGS, *differing(runs)])]
-    out.append(Row("outcome", "status", [r.status for r in runs]))
+    # "stopped by early-stopping", without its reason: the rows below say where and what.
+    out.append(Row("outcome", "status", [r.status.partition(":")[0] for r in runs]))
     out.append(Row("outcome", "steps", [max(r.train) if r.train else r.record.get("steps")
                                         for r in runs]))
     out.append(Row("outcome", "stopped at", [r.stopped[0] if r.stopped else None for r in runs]))
