@@ -55,6 +55,7 @@ class FigureSpec:
     name: str  # the PNG's file name without .png
     title: str
     panels: list[Panel] = field(default_factory=list)
+    share_y: bool = False  # the panels are two sides of one quantity (chosen, rejected)
 
 
 def _single(name: str, title: str, key: str | None, ylabel: str, **kw: Any) -> FigureSpec:
@@ -65,7 +66,7 @@ def _single(name: str, title: str, key: str | None, ylabel: str, **kw: Any) -> F
 def _pair(name: str, title: str, prefix: str, ylabel: str) -> FigureSpec:
     return FigureSpec(name, title, [
         Panel(f"{side}", f"{prefix}/{side}", f"eval/{prefix}/{side}", ylabel)
-        for side in ("chosen", "rejected")])
+        for side in ("chosen", "rejected")], share_y=True)
 
 
 # Every figure the report can draw, in the page's order; one that no run has a metric of is
@@ -79,10 +80,10 @@ FIGURES = (
             "rewards/margins", "β · log-ratio difference"),
     _pair("rewards", "Implicit rewards: β · log(policy / reference)", "rewards", "reward"),
     _pair("logps", "Log-probabilities of the completions under the policy", "logps",
-          "summed log-prob"),
+          "log-prob, summed over the completion"),
     _single("grad-norm", "Gradient norm (before clipping)", "grad_norm", "L2 norm", eval_key=None),
     _single("lr", "Learning rate", "lr", "learning rate", eval_key=None, from_zero=True),
-    _single("throughput", "Throughput", "tokens_per_second", "tokens / s (unpadded)",
+    _single("throughput", "Training throughput", "tokens_per_second", "tokens / s (unpadded)",
             eval_key=None, from_zero=True),
     _single("memory", "Peak memory per process", "peak_memory_gb", "GiB", eval_key=None,
             from_zero=True),
@@ -95,7 +96,7 @@ def figure_specs(runs: list[Run]) -> list[FigureSpec]:
     for spec in FIGURES:
         panels = [p for p in spec.panels if any(r.has(k) for r in runs for k in p.keys)]
         if panels:
-            specs.append(FigureSpec(spec.name, spec.title, panels))
+            specs.append(FigureSpec(spec.name, spec.title, panels, spec.share_y))
     tasks = sorted({k for r in runs for k in r.task_keys()})
     if tasks:
         specs.append(FigureSpec("downstream", "Downstream evaluation scores", [
@@ -196,18 +197,20 @@ def draw(spec: FigureSpec, runs: list[Run], labels: dict[int, str], path: Path) 
         fig = Figure(figsize=(8.0 if columns == 1 else 4.6 * columns, 3.4 * rows + 1.1),
                      layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(rows, columns, squeeze=False, sharey=len(spec.panels) == 2)
+        axes = fig.subplots(rows, columns, squeeze=False, sharey=spec.share_y)
         used: dict[str, Any] = {}  # the style entries of the legend, as they are drawn
         for ax, panel in zip(axes.flat, spec.panels):
             drawn_values: list[float] = []
-            for s in panel_series(runs, panel):
+            series = panel_series(runs, panel)
+            # Training faint beside evaluations, the held-out curve being the one to read.
+            faint = 0.55 if any(s.kind == "eval" for s in series) else 1.0
+            for s in series:
                 drawn_values += s.values
                 c = colour[id(s.run)]
                 if s.kind == "train":
-                    # Training faint, evaluations bold: the held-out curve is the one to read.
-                    ax.plot(s.steps, s.values, color=c, linewidth=1.3, alpha=0.55)
+                    ax.plot(s.steps, s.values, color=c, linewidth=1.3, alpha=faint)
                     used.setdefault("train", Line2D([], [], color=GREY, linewidth=1.3,
-                                                    alpha=0.55))
+                                                    alpha=faint))
                 else:
                     ax.plot(s.steps, s.values, color=c, linewidth=1.8, marker="o",
                             markersize=5.5, markeredgecolor="white", markeredgewidth=0.7)
@@ -229,13 +232,14 @@ def draw(spec: FigureSpec, runs: list[Run], labels: dict[int, str], path: Path) 
                 else:
                     ax.axvline(m.step, color=c, linestyle=":", linewidth=1.3, alpha=0.9)
                     steps, values = m.run.series(panel.eval_key) if panel.eval_key else ([], [])
-                    if m.step in steps:
+                    star = m.step in steps
+                    if star:
                         ax.plot([m.step], [values[steps.index(m.step)]], marker="*",
                                 markersize=13, color=c, markeredgecolor="black",
                                 markeredgewidth=0.6, linestyle="none", zorder=5)
                     used.setdefault(m.text, Line2D([], [], color=GREY, linestyle=":",
-                                                   linewidth=1.3, marker="*", markersize=11,
-                                                   markeredgecolor="black",
+                                                   linewidth=1.3, marker="*" if star else None,
+                                                   markersize=11, markeredgecolor="black",
                                                    markeredgewidth=0.6))
             _axes(ax, panel, spec, MaxNLocator, drawn_values)
         for ax in list(axes.flat)[len(spec.panels):]:
