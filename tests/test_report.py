@@ -275,3 +275,20 @@ def test_samples_show_the_first_and_last_completion_escaped(tmp_path):
     page = (run_dir / "report" / "report.html").read_text()
     assert "&lt;b&gt;Q0&lt;/b&gt; &amp; co" in page and "<b>Q0" not in page
     assert "policy at step 0" in page and "answer 2 at 5" in page and "answer 3" not in page
+
+
+def test_a_failure_midway_leaves_the_previous_report_as_it_was(tmp_path, monkeypatch):
+    run_dir = write_run(tmp_path / "run", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}])
+    assert cli("report", str(run_dir)).exit_code == 0
+    report = run_dir / "report"
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+
+    def broken(spec, runs, labels, path):
+        path.write_bytes(b"half a figure")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(figures, "draw", broken)
+    result = cli("report", str(run_dir))
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "report", "run.json"]

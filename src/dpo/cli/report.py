@@ -37,12 +37,12 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     @one_line_errors
     def report_command(
         runs: Annotated[list[Path], typer.Argument(help="Run directories (each holds run.json), or a sweep directory (its runs are the subdirectories that hold one).", show_default=False)],
-        output: Annotated[Optional[Path], typer.Option("--output", help="Where to write the report. [default: report/ in the first run's directory]")] = None,
+        output: Annotated[Optional[Path], typer.Option("--output", help="Where to write the report (default: report/ in the first run's directory).")] = None,
     ) -> None:
         """Plot runs against the step (loss, rewards, log-probs, gradient norm, learning rate,
         throughput, memory; evaluations and downstream scores beside training; the early-stop
         and best steps marked), print their settings and metrics side by side, and write PNGs,
-        report.json and one self-contained report.html. Needs dpo-trainer[report]."""
+        report.json and one self-contained report.html. Needs the report extra (matplotlib)."""
         from rich.console import Console
 
         from dpo.report import PAGE, make_report

@@ -251,9 +251,18 @@ def draw(spec: FigureSpec, runs: list[Run], labels: dict[int, str], path: Path) 
         handles += list(used.values())
         names += list(used)
         # Below the axes, never over the data: the runs first, then what each line style means.
-        fig.legend(handles, names, loc="outside lower center",
-                   ncols=len(names) if len(handles) <= 5 and len(runs) == 1 else 2)
+        _legend(fig, handles, names)
         fig.savefig(path, dpi=DPI)
+
+
+def _legend(fig: Any, handles: list[Any], names: list[str]) -> None:
+    """The legend below the axes in as few rows as fit the figure's width, measured."""
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(len(names), 0, -1):
+        legend = fig.legend(handles, names, loc="outside lower center", ncols=ncols)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= 0.97 * fig.bbox.width:
+            return
+        legend.remove()
 
 
 def _axes(ax: Any, panel: Panel, spec: FigureSpec, locator: Any, values: list[float]) -> None:
