@@ -292,3 +292,19 @@ def test_a_failure_midway_leaves_the_previous_report_as_it_was(tmp_path, monkeyp
     assert result.exit_code == 1 and "No space left on device" in result.output
     assert {p.name: p.read_bytes() for p in report.iterdir()} == before
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "report", "run.json"]
+
+
+def test_the_users_matplotlib_state_is_left_alone(tmp_path):
+    """No pyplot, no backend switch, no style setting left behind."""
+    import matplotlib
+
+    run_dir = write_run(tmp_path / "run", [{"step": 1, "loss": 0.7}])
+    def settings():  # dict's own items: rcParams["backend"] would resolve (import pyplot)
+        return dict(dict.items(matplotlib.rcParams))
+
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    before = settings()
+    assert cli("report", str(run_dir)).exit_code == 0
+    assert settings() == before
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+    assert png_size(run_dir / "report" / "loss.png") == SINGLE

@@ -208,7 +208,8 @@ def draw(spec: FigureSpec, runs: list[Run], labels: dict[int, str], path: Path) 
                 drawn_values += s.values
                 c = colour[id(s.run)]
                 if s.kind == "train":
-                    ax.plot(s.steps, s.values, color=c, linewidth=1.3, alpha=faint)
+                    ax.plot(s.steps, s.values, color=c, linewidth=1.3, alpha=faint,
+                            marker="o" if len(s.steps) == 1 else None)  # one step: a dot
                     used.setdefault("train", Line2D([], [], color=GREY, linewidth=1.3,
                                                     alpha=faint))
                 else:
@@ -220,7 +221,7 @@ def draw(spec: FigureSpec, runs: list[Run], labels: dict[int, str], path: Path) 
                                     fmt="none", ecolor=c, elinewidth=1, capsize=3)
                     used.setdefault("eval", Line2D([], [], color=GREY, linewidth=1.8,
                                                    marker="o", markersize=5.5))
-            drawn = {id(s.run) for s in panel_series(runs, panel)}
+            drawn = {id(s.run) for s in series}
             for m in marks:
                 if id(m.run) not in drawn:
                     continue
