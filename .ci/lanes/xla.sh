@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "$0")/../lib.sh"
 cd "$CI_ROOT"
-timed install lane_venv xla "torch==2.9.0" "torch-xla==2.9.0" -e ".[test,lora]"
+timed install lane_venv xla "torch==2.9.0" "torch-xla==2.9.0" -e ".[test,lora,report]"
 
 export PJRT_DEVICE=CPU
 # Optimisation level 0 compiles a graph in about 2 s instead of 7-12 s on this CPU, with the same

@@ -18,6 +18,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
     """The root app: built-in commands, then every plugin's ``dpo_register_commands``."""
     from dpo.cli import backends, demo, evaluate, merge, paths, plugins, precompute, run, sample
     from dpo.cli import sweep
+    from dpo.cli import report
 
     app = typer.Typer(
         name="dpo",
@@ -39,6 +40,7 @@ def make_app(pm: DpoPluginManager) -> typer.Typer:
     backends.register(app, catalog)
     paths.register(app, catalog)
     sweep.register(app, catalog)
+    report.register(app, catalog)
     for impl in hook_impls(pm, "dpo_register_commands"):
         before = len(app.registered_commands)
         try:
