@@ -261,3 +261,25 @@ def test_without_data_the_run_uses_the_demo_and_its_preset(tmp_path, invoke, mon
     assert other.exit_code == 0, other.output
     config = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
     assert (config["lr"], config["batch_size"]) == (1e-6, 4)  # no preset for other data
+
+
+def test_the_demo_holds_out_its_own_questions_for_stopping_and_samples(tmp_path, invoke,
+                                                                       monkeypatch):
+    """``--data demo`` without --eval-data or --eval-fraction evaluates on the demo's 64
+    held-out questions, so a policy watching an eval metric (early stopping on
+    eval/rewards/accuracies) and --sample-prompts are accepted, as they are refused for a
+    file with nothing held out."""
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    result = invoke("--model", "tiny", "--backend", "cpu", "--data", "demo", "--max-steps", "2",
+                    "--eval-steps", "1", "--stop", "early-stopping", "--sample-prompts", "1",
+                    "--sample-max-new-tokens", "2", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in
+               (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/rewards/accuracies" in r] == [0, 1, 2]
+
+    refused = invoke("--model", "tiny", "--backend", "cpu", "--max-steps", "1",
+                     "--data", str(write_pairs(tmp_path / "pairs.jsonl")),
+                     "--stop", "early-stopping", "--output", str(tmp_path / "b"))
+    assert refused.exit_code == 2 and "needs held-out pairs" in refused.output
+    assert not (tmp_path / "b").exists()

@@ -68,7 +68,6 @@ from dpo.core.training.samples import (RunSamples, SampleSettings, no_held_out, 
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
 from dpo.core.training.tasks import TaskRunner, TaskSuite, split_tasks
 from dpo.core.training.setup import (
-    DEMO_DATA,
     check_compile,
     check_options,
     check_paths,
@@ -79,6 +78,7 @@ from dpo.core.training.setup import (
     describe_reference,
     first_batches,
     first_check_pairs,
+    holds_out,
     make_sampler,
     precompute_reference,
     resolve_backend,
@@ -250,14 +250,13 @@ class Recipe:
                 raise UsageError(f"--stop {name} watches {unknown[0]}, which dpo sft does not "
                                  f"report (its evaluations: {', '.join(SftObjective.EVAL_METRICS)}"
                                  f"); set -o {name}.metric=eval/loss (with mode=min)")
-        if watched and not (config.eval_data or config.eval_fraction):
+        if watched and not holds_out(config):
             raise UsageError(f"stopping on {watched[0]} needs held-out {self.noun}: give "
                              "--eval-data or --eval-fraction")
         if config.ref_model and not self.requires_reference:
             raise UsageError(f"--ref-model given, but loss {config.loss!r} uses no reference "
                              "model")
-        if config.sample_prompts and not (config.eval_data or config.eval_fraction
-                                          or config.data == DEMO_DATA):
+        if config.sample_prompts and not holds_out(config):
             raise no_held_out(config.sample_prompts)
         if config.compile:
             check_compile(self.device)

@@ -98,6 +98,12 @@ def examples_of(objective: str) -> tuple[str, Callable[..., Any], Callable[..., 
     return "pairs", load_pairs, tokenize_pairs
 
 
+def holds_out(config: RunConfig) -> bool:
+    """Whether the run has held-out examples: --eval-data, --eval-fraction, or the demo's own
+    held-out split (``--data demo`` without either)."""
+    return bool(config.eval_data or config.eval_fraction or config.data == DEMO_DATA)
+
+
 def tokenized_data(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Reporter
                    ) -> tuple[list[Any], list[Any], DataStats, DataStats | None]:
     """The run's training and held-out examples, tokenised: pairs, or demonstrations for
