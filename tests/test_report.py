@@ -19,7 +19,7 @@ from dpo.core.interfaces.plugins import get_plugin_manager
 from dpo.report import figures, legend_labels
 from dpo.report.output import MANIFEST
 from dpo.report.page import sample_rows
-from dpo.report.runs import read_runs
+from dpo.report.runs import format_value, read_runs, settings
 from dpo.report.summary import rows
 from dpo.testing import write_arithmetic_pairs as write_pairs
 
@@ -222,6 +222,10 @@ def test_a_sweep_directory_is_its_runs_compared(tmp_path):
     assert [r.name for r in runs] == ["beta-0.1", "beta-0.5"]
     labels = legend_labels(runs)
     assert [labels[id(r)] for r in runs] == ["beta-0.1 (beta=0.1)", "beta-0.5 (beta=0.5)"]
+    for run in runs:  # named as dpo sweep names its points: the name says it all
+        run.name = f"beta={format_value(settings(run)['beta'])}"
+    labels = legend_labels(runs)
+    assert [labels[id(r)] for r in runs] == ["beta=0.1", "beta=0.5"]
     table = {(r.group, r.name): r.values for r in rows(runs)}
     assert table["setting", "beta"] == [0.1, 0.5] and table["setting", "lr"] == [1e-6, 1e-6]
     assert table["last eval", "eval/rewards/accuracies"] == [0.5, 0.75]

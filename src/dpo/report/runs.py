@@ -245,6 +245,9 @@ def label(run: Run, keys: list[str]) -> str:
     ``beta-0.5 (beta=0.5, lr=1e-06)``."""
     values = settings(run)
     shown = [f"{k}={format_value(values.get(k))}" for k in keys if k in values]
+    # A sweep's point is named after its settings (``lr=5e-05,beta=0.5``): not twice.
+    named = set(run.name.split(","))
+    shown = [s for s in shown if s not in named]
     return f"{run.name} ({', '.join(shown)})" if shown else run.name
 
 
