@@ -361,8 +361,9 @@ def _shown(value: Any) -> str:
 
 
 def show(summary: dict[str, Any], record: dict[str, Any]) -> None:
-    """The summary as a table on stdout: a row per point (its settings, status, steps, final
-    and best held-out metrics), the best point marked."""
+    """The summary as a table on stdout: a row per point (its settings, status without its
+    reason (summary.json keeps it), steps, final and best held-out metrics), the best point
+    marked."""
     keys = [axis["key"] for axis in record["grid"]]
     metrics = sw.shown_metrics(summary)
     console = log_console(stderr=False)
@@ -383,7 +384,7 @@ def show(summary: dict[str, Any], record: dict[str, Any]) -> None:
         final, best = row["final"] or {}, row["best"] or {}
         table.add_row("*" if row["name"] == summary["best"] else "",
                       *(escape(_shown(row["settings"].get(k))) for k in keys),
-                      escape(str(row["status"])), _shown(row["steps"]),
+                      escape(str(row["status"]).split(":")[0]), _shown(row["steps"]),
                       *(_shown(final.get(m)) for m in metrics),
                       *(_shown(best.get(m)) for m in metrics), _shown(best.get("step")))
     console.print(table)
