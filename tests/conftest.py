@@ -4,6 +4,7 @@ way a plugin author would enable it."""
 pytest_plugins = ["dpo.testing"]
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,21 @@ def bos_tok():
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
     assert tokenizer("ab").input_ids == [tokenizer.bos_token_id, 97, 98]
     return tokenizer
+
+
+@pytest.fixture
+def invoke(monkeypatch, tmp_path):
+    """The command line with the ``crash-at`` test policy installed, in a cache of its own
+    (a module that means another command line by ``invoke`` defines its own)."""
+    from dpo.testing import CrashAt, command_line, plugin_of
+
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
+    return command_line(plugin_of(CrashAt))
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    """The arithmetic preference pairs of ``dpo.testing``, as a JSONL file."""
+    from dpo.testing import write_arithmetic_pairs
+
+    return write_arithmetic_pairs(tmp_path / "pairs.jsonl")

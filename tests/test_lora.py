@@ -18,22 +18,11 @@ from dpo.core.model import lora
 from dpo.core.model.loading import load_model
 from dpo.core.model.tiny import build_tiny_model, build_tiny_tokenizer
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.testing import CrashAt, command_line, plugin_of, write_arithmetic_pairs
+from dpo.testing import CrashAt
 
 peft = pytest.importorskip("peft", reason="the lora extra (peft) is not installed")
 
 SEED = 42  # RunConfig's default seed: the tiny model's weights are drawn from it
-
-
-@pytest.fixture
-def invoke(monkeypatch, tmp_path):
-    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
-    return command_line(plugin_of(CrashAt))
-
-
-@pytest.fixture
-def pairs(tmp_path) -> Path:
-    return write_arithmetic_pairs(tmp_path / "pairs.jsonl")
 
 
 def common(data: Path, out: Path, steps: int = 6) -> list[str]:

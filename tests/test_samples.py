@@ -24,17 +24,6 @@ CPU = torch.device("cpu")
 SEED = 42  # RunConfig's default seed: the tiny model's weights are drawn from it
 
 
-@pytest.fixture
-def invoke(monkeypatch, tmp_path):
-    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / "cache"))
-    return command_line(plugin_of(CrashAt))
-
-
-@pytest.fixture
-def pairs(tmp_path) -> Path:
-    return write_arithmetic_pairs(tmp_path / "pairs.jsonl")
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer()

@@ -115,16 +115,22 @@ def clear_run(path: Path) -> list[Path]:
     return removed
 
 
+def read_json_record(path: Path, kind: str, damaged: str) -> Any:
+    """The JSON in ``path`` (a ``kind`` directory's record), or a one-line error: missing, or
+    damaged with ``damaged`` saying what to do."""
+    if not path.is_file():
+        raise UsageError(f"{path.parent}: no {path.name}; is this a dpo {kind} directory?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: damaged ({exc}); {damaged}") from None
+
+
 def read_record(output: Path) -> dict[str, Any]:
     """``output/run.json``, or a one-line error saying what is wrong with it."""
     path = output / RUN_FILE
-    if not path.is_file():
-        raise UsageError(f"{output}: no {RUN_FILE}; is this a dpo run directory?")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: damaged ({exc}); it is rebuilt from the newest checkpoint "
-                         "on --resume when there is one") from None
+    record = read_json_record(path, "run", "it is rebuilt from the newest checkpoint on --resume "
+                              "when there is one")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise UsageError(f"{path}: not a run record (no config); is this a dpo run directory?")
     return record

@@ -218,13 +218,8 @@ def differences(recorded: dict[str, Any], given: dict[str, Any]) -> list[str]:
 def read_sweep(directory: Path) -> dict[str, Any]:
     """``directory/sweep.json``, or a one-line error."""
     path = directory / SWEEP_FILE
-    if not path.is_file():
-        raise UsageError(f"{directory}: no {SWEEP_FILE}; is this a dpo sweep directory?")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: damaged ({exc}); restore it, or start the sweep in a new "
-                         "--output") from None
+    record = rundir.read_json_record(path, "sweep",
+                                     "restore it, or start the sweep in a new --output")
     if not isinstance(record, dict) or record.get("kind") != KIND:
         raise UsageError(f"{path}: not a dpo sweep record")
     return record
