@@ -37,6 +37,7 @@ import torch
 
 from dpo.core.data.tokenization import TokenizedExample, TokenizedPair
 from dpo.core.interfaces.errors import UsageError
+from dpo.core.training.checkpoint import write_text_atomic
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import SAMPLES_FILE
 from dpo.core.training.report import read_metrics, truncate_metrics
@@ -254,14 +255,8 @@ def truncate_samples(path: Path, last_step: int) -> None:
 
 def write_samples_file(path: Path, samples: list[Sample]) -> None:
     """``samples`` as a new JSONL file, atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(s.as_dict(), ensure_ascii=False) + "\n"
-                               for s in samples), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(s.as_dict(), ensure_ascii=False) + "\n"
+                                    for s in samples))
 
 
 # -- during a run -------------------------------------------------------------------------------

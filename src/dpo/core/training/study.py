@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,6 +36,7 @@ from dpo.core.model.dropout import disable_dropout
 from dpo.core.model.loading import load_model, resolve_source, transformers_bars_off
 from dpo.core.model.logps import batch_logps
 from dpo.core.training import demo, rundir
+from dpo.core.training.checkpoint import write_text_atomic
 from dpo.core.training.config import RunConfig, resolve_config, with_preset
 from dpo.core.training.run import run
 from dpo.core.training.setup import resolve_backend
@@ -211,9 +211,7 @@ def compare(models: list[tuple[str, str]], n: int, catalog: Catalog, device: tor
 
 
 def write_comparison(path: Path, comparison: Comparison) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(comparison.as_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(comparison.as_dict(), indent=2) + "\n")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.training import rundir
-from dpo.core.training.checkpoint import latest_checkpoint, write_json_atomic
+from dpo.core.training.checkpoint import latest_checkpoint, write_json_atomic, write_text_atomic
 from dpo.core.training.config import RunConfig
 from dpo.core.training.layout import METRICS_FILE
 from dpo.core.training.report import read_metrics
@@ -334,8 +334,5 @@ def summary_csv(summary: dict[str, Any], keys: list[str]) -> str:
 def write_summary(directory: Path, summary: dict[str, Any], keys: list[str]) -> None:
     """``summary.json`` and ``summary.csv`` in the sweep directory, each atomically."""
     write_json_atomic(directory / SUMMARY_JSON, summary)
-    path = directory / SUMMARY_CSV
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(summary_csv(summary, keys))
-    tmp.replace(path)
+    write_text_atomic(directory / SUMMARY_CSV, summary_csv(summary, keys))
 
