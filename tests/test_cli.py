@@ -49,7 +49,7 @@ def test_help_lists_the_commands(app):
 
 @pytest.mark.parametrize("flag, value, kind, installed", [
     ("--backend", "tpu9", "backend", "cpu, cuda, rocm, xla, xpu"),
-    ("--loss", "nope", "loss", "cdpo, dpo, ipo"),
+    ("--loss", "nope", "loss", "cdpo, dpo, dpop"),
     ("--stop", "never", "stopping policy", "nan-guard"),
     ("--format", "csv", "data format", "preference"),
 ])
@@ -190,7 +190,7 @@ def test_plugins_json_shows_provenance_and_registrations(app):
     by_name = {p["name"]: p for p in report["plugins"]}
     entry = by_name["dpo.plugins.losses.dpo"]
     assert entry["distribution"] == "dpo-trainer" and entry["version"] == dpo.__version__
-    assert entry["hooks"] == {"dpo_register_losses": ["dpo", "cdpo"]}
+    assert entry["hooks"] == {"dpo_register_losses": ["dpo", "cdpo", "robust"]}
     assert report["failed"] == [] and report["conflicts"] == []
     table = invoke(app, "plugins")
     assert table.exit_code == 0 and "dpo.plugins.stopping.nan_guard" in table.output

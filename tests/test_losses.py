@@ -208,7 +208,8 @@ def test_modules_register_their_losses():
     catalog = collect(pm)
     assert not pm.failures
     assert {"dpo", "cdpo", "ipo"} <= set(catalog.losses.names())
-    assert catalog.registrations["dpo.plugins.losses.dpo"]["dpo_register_losses"] == ["dpo", "cdpo"]
+    assert catalog.registrations["dpo.plugins.losses.dpo"]["dpo_register_losses"] == [
+        "dpo", "cdpo", "robust"]
     assert catalog.registrations["dpo.plugins.losses.ipo"]["dpo_register_losses"] == ["ipo"]
     assert catalog.losses.get("dpo") is DPOLoss
     assert catalog.losses.get("cdpo") is ConservativeDPOLoss

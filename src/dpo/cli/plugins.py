@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from dpo.core.interfaces.plugins import REGISTRATION_HOOKS, Catalog, DpoPluginManager
 from dpo.core.training.report import log_console
+
+
+REQUIRED = "<required>"
+
+
+def option_defaults(cls: type) -> dict[str, Any]:
+    """``-o`` key -> default of a registered class's options (``REQUIRED`` where it has none)."""
+    options = getattr(cls, "Options", None)
+    fields = getattr(options, "model_fields", {})
+    return {key: (REQUIRED if field.is_required() else field.get_default(call_default_factory=True))
+            for key, field in fields.items()}
+
+
+def _registered_options(catalog: Catalog, plugin_name: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """hook -> registered name -> option defaults, for the classes ``plugin_name`` registered."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for hook_name, names in catalog.registrations.get(plugin_name, {}).items():
+        claims = catalog.registry(hook_name).claims
+        for name in names:
+            cls = next((c.cls for c in claims.get(name, []) if c.provider == plugin_name), None)
+            if cls is not None and (defaults := option_defaults(cls)):
+                out.setdefault(hook_name, {})[name] = defaults
+    return out
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
 def plugin_report(pm: DpoPluginManager, catalog: Catalog, commands: dict[str, list[str]]) -> dict:
@@ -21,7 +48,8 @@ def plugin_report(pm: DpoPluginManager, catalog: Catalog, commands: dict[str, li
         if name in commands:
             hooks["dpo_register_commands"] = commands[name]
         loaded.append({"name": name, "distribution": source.distribution, "version": source.version,
-                       "builtin": source.builtin, "hooks": hooks})
+                       "builtin": source.builtin, "hooks": hooks,
+                       "options": _registered_options(catalog, name)})
     failed = [{"name": f.name, "distribution": f.distribution, "version": f.version,
                "error": f.error} for f in pm.failures]
     conflicts = [str(c) for c in catalog.conflicts]
@@ -34,10 +62,11 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
     def plugins(
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ) -> None:
-        """List plugins: distribution and version, what each registers, and any that failed."""
+        """List plugins: distribution and version, what each registers (with its -o options and
+        their defaults), and any that failed."""
         report = plugin_report(pm, catalog, commands)
         if as_json:
-            typer.echo(json.dumps(report, indent=2))
+            typer.echo(json.dumps(report, indent=2, default=str))
             return
         console = log_console(stderr=False)
         table = Table(title="plugins")
@@ -47,7 +76,14 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
         short = {h: h.removeprefix("dpo_register_").replace("_", " ") for h in
                  [*REGISTRATION_HOOKS, "dpo_register_commands"]}
         for p in report["plugins"]:
-            registers = "; ".join(f"{short[h]}: {', '.join(names)}" for h, names in p["hooks"].items())
+            def named(hook: str, name: str, _options: dict = p["options"]) -> str:
+                defaults = _options.get(hook, {}).get(name)
+                if not defaults:
+                    return name
+                return f"{name} ({', '.join(f'{k}={_shown(v)}' for k, v in defaults.items())})"
+
+            registers = "; ".join(f"{short[h]}: {', '.join(named(h, n) for n in names)}"
+                                  for h, names in p["hooks"].items())
             table.add_row(p["name"], f"{p['distribution']} {p['version']}", registers or "-")
         console.print(table)
         for f in report["failed"]:

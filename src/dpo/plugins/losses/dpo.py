@@ -1,4 +1,5 @@
-"""The DPO family: DPO's sigmoid loss and conservative DPO (label smoothing)."""
+"""The DPO family: DPO's sigmoid loss, conservative DPO (label smoothing) and robust DPO
+(an unbiased loss under label noise)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ def cdpo_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
     """
     z = beta * h
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)  # Mitchell 2023, Eq. 3
+
+
+def robust_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
+    """Per-pair robust DPO loss [-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps),
+    i.e. [(1-eps) L_DPO(w, l) - eps L_DPO(l, w)] / (1 - 2 eps): an unbiased estimate of the clean
+    DPO loss when each label is flipped with probability eps. It can be negative.
+
+    Args:
+        h: [B] log-ratio margins r_w - r_l.
+        beta: inverse temperature, > 0.
+        eps: label-flip rate in (0, 0.5).
+    Returns:
+        [B] losses.
+    """
+    z = beta * h
+    # Chowdhury et al. 2024, arXiv:2403.00409: the unbiased (rDPO) loss.
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
 class DPOLoss(Loss):
@@ -79,7 +97,34 @@ class ConservativeDPOLoss(Loss):
         return reward_output(cdpo_loss(r_w - r_l, beta, self.options.eps), r_w, r_l, beta)
 
 
+class RobustDPOLoss(Loss):
+    """Robust DPO (Chowdhury et al. 2024, "Provably robust DPO", arXiv:2403.00409): the DPO loss
+    debiased for labels flipped with known probability eps. Unlike cDPO, which moves the optimum
+    to sigma(beta h) = 1 - eps, its expectation over noisy labels is the clean DPO loss, so its
+    gradient keeps pushing the margin up; the price is a loss that can be negative (a large
+    margin is rewarded by the -eps L_DPO(l, w) term). Same as TRL's ``loss_type="robust"``
+    with ``label_smoothing=eps``."""
+
+    name = "robust"
+    requires_reference = True
+
+    class Options(BetaOptions):
+        eps: float = Field(
+            0.1, gt=0, lt=0.5,
+            description="assumed probability that a preference label is flipped, in (0, 0.5); "
+                        "the loss is divided by 1 - 2 eps",
+        )
+
+    options: Options
+
+    def __call__(self, logps: PairLogps) -> LossOutput:
+        r_w, r_l = log_ratios(logps, self.name)
+        beta = self.options.beta
+        return reward_output(robust_loss(r_w - r_l, beta, self.options.eps), r_w, r_l, beta)
+
+
 @hookimpl
 def dpo_register_losses(register):
     register(DPOLoss)
     register(ConservativeDPOLoss)
+    register(RobustDPOLoss)
