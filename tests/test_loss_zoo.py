@@ -333,6 +333,21 @@ def test_bad_options_are_one_line_errors(cls, values, message):
         cls.parse_options(values)
 
 
+@pytest.mark.parametrize("loss, option, message", [
+    ("dpop", "lambda=5", "error: loss 'dpop': unknown option 'lambda' (valid: beta, dpop_lambda)"),
+    ("exo", "eps=0.5", "error: loss 'exo': option eps=0.5: Input should be less than 0.5"),
+    ("rpo", "alpha=x", "error: loss 'rpo': option alpha=x:"),
+])
+def test_a_bad_option_on_the_command_line_is_one_line_and_writes_nothing(loss, option, message,
+                                                                          invoke, pairs, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("run", "--model", "tiny", "--data", str(pairs), "--loss", loss, "-o", option,
+                    "--output", str(out))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(message), result.output
+    assert not out.exists()
+
+
 def test_every_new_loss_is_registered_by_its_module_and_needs_a_reference():
     pm = get_plugin_manager(load_entrypoints=False)
     catalog = collect(pm)

@@ -43,14 +43,15 @@ class RPOLoss(Loss):
     """RPO (Pang et al. 2024, "Iterative reasoning preference optimization", arXiv:2404.19733):
     DPO plus alpha times the length-normalised NLL of the chosen completion, which keeps the
     chosen likelihood rising where DPO alone lets it fall. The paper writes
-    NLL + alpha' * DPO with alpha' = 1; this is DPO + alpha * NLL (TRL's placement, where
-    ``rpo_alpha`` weighted the NLL), the same loss at the default alpha = 1 and for other values
+    NLL + alpha' * DPO with alpha' = 1; this is DPO + alpha * NLL (where earlier TRL versions'
+    ``rpo_alpha`` put the weight), the same loss at the default alpha = 1 and for other values
     alpha = 1/alpha' up to an overall scale. The NLL is a mean over the chosen completion's
     tokens (prompt masked), per pair. TRL 1.16 spells RPO ``loss_type=["sigmoid", "sft"]`` with
     ``loss_weights=[1, alpha]``; its "sft" term is a token mean over the whole batch, so pairs
     with longer chosen completions weigh more there, and equally here.
 
-    Metrics: ``nll_loss`` (the per-token NLL, TRL's name for it) and ``dpo_loss`` (the DPO part)."""
+    Metrics: ``nll_loss`` (the per-token NLL, under the name earlier TRL versions logged it) and
+    ``dpo_loss`` (the DPO part)."""
 
     name = "rpo"
     requires_reference = True
