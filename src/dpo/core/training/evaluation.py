@@ -87,6 +87,8 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     options = dict(run.get("options", {}).get(loss_name, {})) if not request.loss else {}
     options.update(request.options)
     loss = loss_cls(loss_cls.parse_options(options))
+    if request.ref and not loss.requires_reference:
+        raise UsageError(f"--ref given, but loss {loss.name!r} uses no reference model; drop it")
     ref = request.ref or run.get("ref_model") or run.get("model")
     if loss.requires_reference and not ref:
         raise UsageError(f"loss {loss.name!r} compares against a reference: give --ref (the "

@@ -256,6 +256,9 @@ class Recipe:
         if config.ref_model and not self.requires_reference:
             raise UsageError(f"--ref-model given, but loss {config.loss!r} uses no reference "
                              "model")
+        if config.ref_logps and not self.sft and not self.requires_reference:
+            raise UsageError(f"--ref-logps given, but loss {config.loss!r} uses no reference "
+                             "log-probs; drop it")
         if config.sample_prompts and not holds_out(config):
             raise no_held_out(config.sample_prompts)
         if config.compile:
@@ -558,6 +561,8 @@ class Recipe:
         }
         self.taken.write(self.record)
         what = "sft" if self.sft else f"loss {self.loss.name}"
+        if not self.sft and not self.requires_reference:
+            what += " (reference-free: no reference model, no reference log-probs)"
         self.reporter.info(f"training {config.model} on {backend.describe()} ({self.dtype}), "
                            f"{what}, {self.steps} steps, "
                            f"{sum(p.numel() for p in self.model.parameters()):,} parameters")

@@ -254,7 +254,8 @@ def check_paths(model: torch.nn.Module, paths: Paths, pairs: list[Any],
 def describe_reference(config: RunConfig, requires: bool, ref_path: Path | None) -> str:
     """run.json's one line on where the reference log-probs come from."""
     if not requires:
-        return "none (reference-free loss)"
+        return ("none (reference-free loss: no reference model or log-probs; rewards/* come "
+                "from the policy's own log-probs, see the loss's description)")
     model = f"--ref-model {config.ref_model}" if config.ref_model else "the initial --model"
     if config.lora and not config.ref_model:
         model = "the base model (--model, the LoRA adapter disabled)"
