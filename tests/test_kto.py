@@ -344,3 +344,32 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, invoke):
                           "--output", str(tmp_path / "e")), 2, "u.jsonl:1:",
                    "dpo run --loss kto")
     assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_dpo_eval_scores_unpaired_examples(catalog):
+    """``dpo eval --loss kto`` on the example file, the policy its own reference: r = 0 and
+    z_ref = 0 on every example, so the loss is lambda_y / 2 = 0.5 for all 20, with zero rewards
+    and KL."""
+    from dpo.core.training.evaluation import EvalRequest, evaluate_request
+
+    result = evaluate_request(EvalRequest(model="tiny", ref="tiny", data=str(EXAMPLE),
+                                          loss="kto", backend="cpu", batch_size=4), catalog)
+    assert result["examples"] == 20 and "pairs" not in result
+    metrics = result["metrics"]
+    assert metrics["loss"] == pytest.approx(0.5) and metrics["kl"] == 0
+    assert metrics["rewards/chosen"] == 0 and metrics["fraction/chosen"] == 0.5
+    assert math.isfinite(metrics["logps/chosen"]) and math.isfinite(metrics["logps/rejected"])
+
+
+@pytest.mark.parametrize("flags, reference", [
+    (["--ref-model", "tiny"], "--ref-model tiny, frozen, in memory"),
+    (["--lora"], "the policy itself with its adapter switched off"),
+])
+def test_the_reference_may_be_another_model_or_the_lora_base(tmp_path, invoke, flags,
+                                                             reference):
+    data = write_unpaired(tmp_path / "u.jsonl", 8)
+    result = invoke("run", *common(data, tmp_path / "out", 1), *flags)
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert reference in run["resolved"]["reference"]
+    assert math.isfinite(records(tmp_path / "out")[-1]["loss"])

@@ -396,6 +396,8 @@ class Recipe:
             self.ref_paths = resolve_paths(config, self.backend, self.reference, dist)
         elif self.ref_source is not None and self.ref_source is not model:
             self.ref_paths = resolve_paths(config, self.backend, self.ref_source, dist)
+        if self.unpaired and self.ref_paths is not None:
+            self.ref_paths = sft_paths(self.ref_paths)
 
     @property
     def precompute_ref(self) -> bool:
@@ -463,7 +465,7 @@ class Recipe:
             scorer = self.reference if self.reference is not None else self.ref_source
             self.ref_paths, self.ref_checked = check_paths(scorer, self.ref_paths, check, backend,
                                                            device, pad, dist, self.reporter,
-                                                           "reference")
+                                                           "reference", rows)
         # A reference that is the policy itself, in one process, scores after the backend's
         # last pass over the policy (e.g. ipex.optimize, in build_optimizer), so that step 1
         # runs the very same kernels; a separate reference (or one about to be sharded)
