@@ -27,11 +27,12 @@ def kto_loss(ratios: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor, beta:
     Returns:
         [B] losses, each in [0, lambda_y].
     """
-    z_ref = kl.detach().clamp(min=0).to(ratios.dtype)  # arXiv:2402.01306, Eq. 7: z_0 >= 0
+    # The reference point z_0 of the paper, max(0, KL estimate); a constant for the gradient.
+    z_ref = kl.detach().clamp(min=0).to(ratios.dtype)
     labels = labels.to(device=ratios.device, dtype=torch.bool)
     weight = torch.where(labels, torch.full_like(ratios, desirable_weight),
                          torch.full_like(ratios, undesirable_weight))
-    # Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7 (v) and Eq. 8 (L = E[lambda_y - v]).
+    # Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7-8: L = E[lambda_y - v(x, y)].
     value = weight * torch.sigmoid(beta * torch.where(labels, ratios - z_ref, z_ref - ratios))
     return weight - value
 
