@@ -373,3 +373,15 @@ def test_the_reference_may_be_another_model_or_the_lora_base(tmp_path, invoke, f
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert reference in run["resolved"]["reference"]
     assert math.isfinite(records(tmp_path / "out")[-1]["loss"])
+
+
+def test_a_loss_saying_it_trains_on_something_else_is_refused():
+    from dpo.core.interfaces.registry import Registry
+
+    class Odd(KTOLoss):
+        name = "odd"
+        examples = "triples"
+
+    registry = Registry("loss", Loss)
+    with pytest.raises(TypeError, match="examples must be 'pairs' or 'unpaired', got 'triples'"):
+        registry.add(Odd, provider="tests")

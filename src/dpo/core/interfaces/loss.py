@@ -98,6 +98,13 @@ class Loss(Configurable, ABC):
     requires_reference: ClassVar[bool] = True
     examples: ClassVar[str] = "pairs"
 
+    @classmethod
+    def registration_problem(cls) -> str | None:
+        """Why this class cannot be registered as a loss (``None``: it can)."""
+        if cls.examples not in ("pairs", "unpaired"):
+            return f"examples must be 'pairs' or 'unpaired', got {cls.examples!r}"
+        return None
+
     @abstractmethod
     def __call__(self, logps: PairLogps) -> LossOutput:
         """Per-pair (or, for an unpaired loss, per-example) losses and rewards for one
