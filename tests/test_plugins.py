@@ -65,7 +65,8 @@ def test_builtins_are_registered_from_default_plugins_like_third_parties():
     assert {"cpu", "cuda", "rocm", "xpu", "xla"} <= set(catalog.backends.names())
     assert {"dpo", "cdpo", "ipo"} <= set(catalog.losses.names())
     assert "nan-guard" in catalog.stopping.names()
-    assert catalog.formats.names() == ["chat", "hh", "messages", "preference", "prompt-completion"]
+    assert catalog.formats.names() == ["chat", "hh", "messages", "preference", "prompt-completion",
+                                      "unpaired"]
 
 
 def test_each_call_returns_a_fresh_manager():

@@ -327,8 +327,8 @@ def test_a_format_returning_something_else_is_named_as_a_plugin_bug(tmp_path):
         with pytest.raises(DataError) as info:
             load(path, registry)
         assert str(info.value) == (f"{path}:1: odd format: parse() returned tuple, not a "
-                                   "PreferencePair or a Demonstration; a bug in the data format "
-                                   "plugin")
+                                   "PreferencePair, a Demonstration or a LabeledCompletion; a bug "
+                                   "in the data format plugin")
 
 
 def test_stats_count_one_unit_each():

@@ -100,7 +100,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
 def show_preference(result: dict[str, Any]) -> None:
     ref_text = f" against {result['ref']}" if result["ref"] else ""
     # Paths are text, not markup: "model[v2]" keeps its brackets.
-    count = (f"{result['examples']} examples" if result["objective"] == "sft"
+    count = (f"{result['examples']} examples" if "examples" in result
              else f"{result['pairs']} pairs")
     table = Table(title=escape(f"{result['model']}{ref_text}, {count}"))
     table.add_column("metric")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from dpo.core.interfaces.data_format import (
-    DataFormat, Demonstration, PreferencePair, Record, UnusableRecord)
+    DataFormat, Demonstration, LabeledCompletion, PreferencePair, Record, UnusableRecord)
 from dpo.core.interfaces.errors import DataError, UsageError, first_line
 from dpo.core.interfaces.registry import Registry
 from dpo.core.data.stats import STRICT_HINT, DataStats
@@ -43,6 +43,15 @@ class SourcedDemonstration:
     """A demonstration (or a pair's chosen side) and where it came from, like ``SourcedPair``."""
 
     demonstration: Demonstration
+    path: str
+    line: int
+
+
+@dataclass(frozen=True)
+class SourcedUnpaired:
+    """An unpaired example (a completion labelled desirable or not) and where it came from."""
+
+    example: LabeledCompletion
     path: str
     line: int
 
@@ -238,7 +247,44 @@ def load_demonstrations(path: str | Path, formats: Registry[DataFormat],
                  _as_demonstration)
 
 
+def load_unpaired(path: str | Path, formats: Registry[DataFormat],
+                  format_name: str | None = None, options: dict[str, Any] | None = None, *,
+                  strict: bool = False, stats: DataStats | None = None,
+                  options_by_format: Mapping[str, dict[str, Any]] | None = None
+                  ) -> list[SourcedUnpaired]:
+    """Every usable record of ``path`` as unpaired examples, for a loss over unpaired data
+    (KTO). Read, detected, dropped and refused exactly as by ``load_pairs``.
+
+    A ``LabeledCompletion`` is one example. A ``PreferencePair`` becomes two, in this order: its
+    chosen completion labelled desirable, then its rejected one labelled undesirable (how
+    preference data is usually unpaired). A ``Demonstration`` has no label and is refused.
+    ``stats`` counts examples (``DataStats.counting``); hand it to ``tokenize_unpaired``.
+    """
+    counts = None if stats is None else stats.counting("examples")
+    nested = _load(path, formats, format_name, options, strict, counts, options_by_format,
+                   _as_unpaired)
+    return [example for group in nested for example in group]
+
+
+def _as_unpaired(record: Record, fmt: DataFormat, path: str, line: int
+                 ) -> list[SourcedUnpaired]:
+    if isinstance(record, PreferencePair):
+        return [SourcedUnpaired(LabeledCompletion(record.prompt, record.chosen, True), path, line),
+                SourcedUnpaired(LabeledCompletion(record.prompt, record.rejected, False), path,
+                                line)]
+    if isinstance(record, Demonstration):
+        raise DataError(f"{fmt.name} format: this record is a demonstration (a prompt and one "
+                        "completion) without a label; an unpaired loss needs each completion "
+                        'labelled: add "label": true (desirable) or false (undesirable)',
+                        path, line)
+    return [SourcedUnpaired(record, path, line)]
+
+
 def _as_pair(record: Record, fmt: DataFormat, path: str, line: int) -> SourcedPair:
+    if isinstance(record, LabeledCompletion):
+        raise DataError(f"{fmt.name} format: this record is an unpaired example (one completion "
+                        "labelled desirable or not), not a preference pair; train on unpaired "
+                        "data with --loss kto", path, line)
     if isinstance(record, Demonstration):
         raise DataError(f"{fmt.name} format: this record is a demonstration (a prompt and one "
                         "completion), not a preference pair: it has no rejected completion, and "
@@ -250,6 +296,10 @@ def _as_demonstration(record: Record, fmt: DataFormat, path: str,
                       line: int) -> SourcedDemonstration:
     if isinstance(record, PreferencePair):
         record = Demonstration(record.prompt, record.chosen)
+    elif isinstance(record, LabeledCompletion):
+        raise DataError(f"{fmt.name} format: this record is an unpaired example (one completion "
+                        "labelled desirable or not), not a demonstration; train on it with "
+                        "`dpo run --loss kto`", path, line)
     return SourcedDemonstration(record, path, line)
 
 
@@ -289,9 +339,10 @@ def _load(path: str | Path, formats: Registry[DataFormat], format_name: str | No
             raise DataError(f"{fmt.name} format raised {type(exc).__name__} ({detail}); fix "
                             "the format plugin, or pick another with --format",
                             shown, line) from None
-        if not isinstance(parsed, (PreferencePair, Demonstration)):
+        if not isinstance(parsed, (PreferencePair, Demonstration, LabeledCompletion)):
             raise DataError(f"{fmt.name} format: parse() returned {type(parsed).__name__}, not a "
-                            "PreferencePair or a Demonstration; a bug in the data format plugin",
+                            "PreferencePair, a Demonstration or a LabeledCompletion; a bug in the "
+                            "data format plugin",
                             shown, line)
         kept.append(keep(parsed, fmt, shown, line))
     drops = dropped.drops()

@@ -40,8 +40,22 @@ class Demonstration:
     completion: Text
 
 
+@dataclass(frozen=True)
+class LabeledCompletion:
+    """One unpaired example: a prompt, one completion and whether it is desirable (``label``
+    true) or undesirable (false), for losses over unpaired data such as KTO.
+
+    ``prompt`` and ``completion`` are plain text or lists of chat messages, as in a
+    ``Demonstration``.
+    """
+
+    prompt: Text
+    completion: Text
+    label: bool
+
+
 #: What ``DataFormat.parse`` returns.
-Record = Union[PreferencePair, Demonstration]
+Record = Union[PreferencePair, Demonstration, LabeledCompletion]
 
 
 class UnusableRecord(ValueError):
@@ -70,8 +84,9 @@ class DataFormat(Configurable, ABC):
     """A data format plugin: recognises and parses one kind of record, and may read files.
 
     ``parse`` turns a record into a ``PreferencePair`` (two completions, one preferred: what
-    ``dpo run`` trains on) or a ``Demonstration`` (one completion to imitate: what ``dpo sft``
-    trains on). Supervised fine-tuning also takes pairs, training on their chosen side;
+    ``dpo run`` trains on), a ``Demonstration`` (one completion to imitate: what ``dpo sft``
+    trains on) or a ``LabeledCompletion`` (one completion labelled desirable or not: what
+    ``dpo run --loss kto`` trains on). Supervised fine-tuning also takes pairs, training on their chosen side;
     preference training refuses demonstrations, which have no rejected completion.
 
     Records are dicts. By default they come from JSONL files (one JSON object per line, ``.gz``
@@ -110,7 +125,7 @@ class DataFormat(Configurable, ABC):
 
     @abstractmethod
     def parse(self, record: dict[str, Any]) -> Record:
-        """Turn a record into a PreferencePair or a Demonstration."""
+        """Turn a record into a PreferencePair, a Demonstration or a LabeledCompletion."""
 
     @classmethod
     def registration_problem(cls) -> str | None:

@@ -39,6 +39,30 @@ class PairLogps:
 
 
 @dataclass
+class UnpairedLogps:
+    """Per-example inputs of a loss over unpaired data (``Loss.examples == "unpaired"``, e.g.
+    KTO). Tensors have shape [B] (B examples) unless said otherwise.
+
+    ``policy`` and ``reference`` are the completion's summed log-probabilities under the policy
+    (with graph) and the reference (``None`` for a reference-free loss); ``tokens`` the
+    completion token counts; ``labels`` is True for a desirable example, False for an
+    undesirable one. ``kl`` is a detached scalar: the mean over the step's mismatched rows (a
+    prompt with another example's completion) of policy minus reference summed log-probs,
+    averaged over every process; 0 when there were no mismatched rows.
+    """
+
+    policy: torch.Tensor
+    labels: torch.Tensor
+    tokens: torch.Tensor
+    kl: torch.Tensor
+    reference: torch.Tensor | None = None
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None
+
+
+@dataclass
 class LossOutput:
     """What a loss returns. ``losses``, ``chosen_rewards`` and ``rejected_rewards`` have shape [B].
 
@@ -62,11 +86,26 @@ class Loss(Configurable, ABC):
 
     Subclasses set ``name`` (the ``--loss`` value), ``requires_reference`` and a nested
     ``Options`` model (a :class:`dpo.core.interfaces.options.PluginOptions`), and implement ``__call__``.
+
+    ``examples`` says what the loss trains on: ``"pairs"`` (the default: preference pairs, and
+    ``__call__`` gets a ``PairLogps``) or ``"unpaired"`` (single completions labelled desirable
+    or not, and ``__call__`` gets an ``UnpairedLogps``; its ``LossOutput`` then has per-example
+    ``losses``, and ``chosen_rewards`` / ``rejected_rewards`` hold every example's reward, read
+    on the desirable / undesirable examples respectively).
     """
 
     kind: ClassVar[str] = "loss"
     requires_reference: ClassVar[bool] = True
+    examples: ClassVar[str] = "pairs"
+
+    @classmethod
+    def registration_problem(cls) -> str | None:
+        """Why this class cannot be registered as a loss (``None``: it can)."""
+        if cls.examples not in ("pairs", "unpaired"):
+            return f"examples must be 'pairs' or 'unpaired', got {cls.examples!r}"
+        return None
 
     @abstractmethod
     def __call__(self, logps: PairLogps) -> LossOutput:
-        """Per-pair losses and rewards for one micro-batch."""
+        """Per-pair (or, for an unpaired loss, per-example) losses and rewards for one
+        micro-batch."""

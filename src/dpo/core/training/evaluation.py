@@ -21,7 +21,7 @@ from dpo.core.interfaces.errors import UsageError
 from dpo.core.model import lora
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.training.loop import objective_metrics
-from dpo.core.training.objectives import DpoObjective, SftObjective, sft_paths
+from dpo.core.training.objectives import DpoObjective, Objective, SftObjective, sft_paths
 from dpo.core.training.setup import (check_same_tokenizer, examples_of, resolve_backend,
                                      resolve_dtype)
 from dpo.core.model.loading import load_model, resolve_source
@@ -29,6 +29,7 @@ from dpo.core.model.pathcheck import CHECK_PAIRS, check
 from dpo.core.model.paths import resolve
 from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training.rundir import RUN_FILE, read_record
+from dpo.core.training.unpaired import KtoObjective
 from dpo.core.training.tasks import (TaskSuite, harness_lm, results_document, results_file_of,
                                      write_results)
 
@@ -103,7 +104,8 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
 
     trust = request.trust_remote_code
     policy, tokenizer = load_model(policy_spec, seed, trust_remote_code=trust)
-    pairs, stats = held_out(request, run, catalog, tokenizer, "dpo")
+    unpaired = getattr(loss, "examples", "pairs") == "unpaired"  # KTO: unpaired examples
+    pairs, stats = held_out(request, run, catalog, tokenizer, "dpo", unpaired)
     reference = None
     if loss.requires_reference:
         reference, ref_tokenizer = load_model(ref, seed, trust_remote_code=trust)
@@ -114,18 +116,29 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
             disable_dropout(m)
             m.requires_grad_(False).eval().to(device)
     # The same speed paths and check as a run's, for each model.
-    check_batch = collate(pairs[:CHECK_PAIRS], tokenizer.pad_token_id,
-                          pad_length=backend.padded_length).to(device)
+    if unpaired:
+        check_batch = collate_examples([e.example for e in pairs[:CHECK_PAIRS]],
+                                       tokenizer.pad_token_id,
+                                       pad_length=backend.padded_length).to(device)
+    else:
+        check_batch = collate(pairs[:CHECK_PAIRS], tokenizer.pad_token_id,
+                              pad_length=backend.padded_length).to(device)
     found, checks = {}, {}
     for label, model in (("policy", policy), ("reference", reference)):
         if model is not None:
             paths = resolve(model, static_shapes=backend.static_shapes,
                             share_prompt_default=backend.share_prompt_default,
                             backend_name=backend.name)
+            if unpaired:
+                paths = sft_paths(paths)
             found[label], report = check(model, check_batch, paths, training=False)
             checks[label] = report.record()
-    objective = DpoObjective(backend, dtype, tokenizer.pad_token_id, loss, found["policy"],
-                             reference, found.get("reference"))
+    if unpaired:
+        objective: Objective = KtoObjective(backend, dtype, tokenizer.pad_token_id, loss,
+                                            found["policy"], reference, found.get("reference"))
+    else:
+        objective = DpoObjective(backend, dtype, tokenizer.pad_token_id, loss, found["policy"],
+                                 reference, found.get("reference"))
     metrics = objective_metrics(objective, policy, pairs, request.batch_size, device)
     return {
         "objective": "dpo",
@@ -134,7 +147,7 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         "loss": loss.name,
         "options": loss.options.model_dump(mode="json"),
         "data": request.data,
-        "pairs": len(pairs),
+        ("examples" if unpaired else "pairs"): len(pairs),
         "data_stats": stats.as_dict(),
         "backend": backend.name,
         "dtype": str(dtype).removeprefix("torch."),
@@ -145,10 +158,11 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
 
 
 def held_out(request: EvalRequest, run: dict[str, Any], catalog: Catalog, tokenizer: Any,
-             objective: str) -> tuple[list[Any], DataStats]:
-    """The request's data, read and tokenised for ``objective`` (pairs, or demonstrations),
-    with the run's length limits unless the request sets its own."""
-    noun, read, tokenize = examples_of(objective)
+             objective: str, unpaired: bool = False) -> tuple[list[Any], DataStats]:
+    """The request's data, read and tokenised for ``objective`` (pairs, demonstrations, or
+    unpaired examples for an unpaired loss), with the run's length limits unless the request
+    sets its own."""
+    noun, read, tokenize = examples_of(objective, unpaired)
     max_length = request.max_length or run.get("max_length", 512)
     max_prompt_length = request.max_prompt_length or run.get("max_prompt_length", 256)
     stats = DataStats()

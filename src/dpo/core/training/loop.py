@@ -471,6 +471,7 @@ class Loop:
         metrics = _averages(sums, work.weight, t.dist, t.backend)
         stop_now = metrics.pop("stop_requested", 0.0) > 0
         self.watch.judge_metrics(metrics)
+        metrics = t.objective.step_metrics(metrics)
         lr = t.scheduler.get_last_lr()[0]
         # Decided on the host from the values just read, so skipping costs no extra sync.
         if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):

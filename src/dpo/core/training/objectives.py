@@ -87,6 +87,10 @@ class Objective(ABC):
         """Metrics computed from an evaluation's averages (none by default)."""
         return metrics
 
+    def step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A training step's metrics from its averages (as they are by default)."""
+        return metrics
+
 
 def model_logps(model: torch.nn.Module, batch: Batch, paths: Paths
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,7 @@ from dpo.core.training.report import Reporter, last_reported_step, truncate_metr
 from dpo.core.training.samples import (RunSamples, SampleSettings, no_held_out, sample_prompts,
                                        truncate_samples)
 from dpo.core.training.schedule import build_scheduler, set_peak_lr
+from dpo.core.training.unpaired import KtoObjective
 from dpo.core.training.tasks import TaskRunner, TaskSuite, split_tasks
 from dpo.core.training.setup import (
     check_compile,
@@ -187,6 +188,7 @@ class Recipe:
         self.loggers: list[Logger] = []
         self.logged_through = 0  # the last step earlier attempts reported (resumed runs)
         self.base_reference = False  # the reference is the policy with its adapter disabled
+        self.unpaired = False  # the loss trains on unpaired examples (KTO)
 
     def train(self, on_save: Callable[[Path], None] | None = None) -> Outcome:
         self.resolve()
@@ -232,6 +234,7 @@ class Recipe:
             cls = catalog.losses.get(config.loss, asked="loss" in named)
             self.loss = plugin_call(cls, "__init__", cls,
                                     cls.parse_options(config.plugin_options(config.loss)))
+            self.resolve_unpaired()
         for name in config.stop:
             cls = catalog.stopping.get(name, asked="stop" in named)
             self.policies[name] = plugin_call(cls, "__init__", cls,
@@ -281,6 +284,31 @@ class Recipe:
             self.sources["ref_model"] = resolve_source(config.ref_model).describe()
         if config.ref_logps and self.requires_reference and config.precompute_ref:
             check_ref_logps(config.ref_logps)
+
+    def resolve_unpaired(self) -> None:
+        """A loss over unpaired examples (``Loss.examples == "unpaired"``, KTO): its data,
+        its objective and its reference, a model in memory (precomputed reference log-probs
+        are stored per pair)."""
+        config = self.config
+        self.unpaired = getattr(self.loss, "examples", "pairs") == "unpaired"
+        if not self.unpaired:
+            return
+        from dpo.core.data.unpaired import unpaired_length
+
+        self.noun, self.length = "examples", unpaired_length
+        if config.ref_logps:
+            raise UsageError(f"--ref-logps: loss {config.loss!r} trains on unpaired examples, "
+                             "whose reference log-probs are scored in each step, not read from a "
+                             "file; drop --ref-logps")
+        if config.batch_size < 2:
+            raise UsageError(f"--batch-size {config.batch_size}: loss {config.loss!r} estimates "
+                             "its KL term from the other examples of a micro-batch; use "
+                             "--batch-size 2 or more")
+        if self.requires_reference and config.precompute_ref and "precompute_ref" in (
+                config.model_fields_set):
+            self.reporter.info(f"loss {config.loss!r}: the reference scores each batch in "
+                               "memory; precomputed reference log-probs are per pair, so "
+                               "--precompute-ref does not apply to unpaired examples")
 
     # 2. The output directory and the checkpoint to resume from.
     def claim_output(self) -> None:
@@ -336,7 +364,7 @@ class Recipe:
         if self.lora is not None:
             lora.add_adapter(model, self.lora, base_record(config.model, config.seed, trust))
         self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
-            config, self.catalog, self.tokenizer, self.reporter)
+            config, self.catalog, self.tokenizer, self.reporter, self.unpaired)
         if config.sample_prompts and not self.eval_examples:
             raise no_held_out(config.sample_prompts)
         if self.requires_reference and config.ref_model:
@@ -344,14 +372,14 @@ class Recipe:
                                                        trust_remote_code=trust)
             check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
             self.reference.requires_grad_(False).eval()
-        elif self.requires_reference and not config.precompute_ref and self.lora is not None:
+        elif self.requires_reference and not self.precompute_ref and self.lora is not None:
             self.base_reference = True  # no copy: the policy with its adapter disabled
-        elif self.requires_reference and not config.precompute_ref:
+        elif self.requires_reference and not self.precompute_ref:
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
         # With precomputed reference log-probs, the reference scores every pair once and is
         # then dropped; without --ref-model it is the policy itself before any update (on
         # resume, the weights loaded from --model here, before the checkpoint's replace them).
-        if self.requires_reference and config.precompute_ref:
+        if self.requires_reference and self.precompute_ref:
             self.ref_source = self.reference if self.reference is not None else model
             self.reference = None
         if self.checkpoint is not None:
@@ -360,7 +388,7 @@ class Recipe:
             strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
         self.model = model
         self.paths = resolve_paths(config, self.backend, model, dist)
-        if self.sft:
+        if self.sft or self.unpaired:
             self.paths = sft_paths(self.paths)
         if (config.gradient_checkpointing and not self.paths.layer_checkpointing
                 and not getattr(model, "supports_gradient_checkpointing", False)):
@@ -371,6 +399,14 @@ class Recipe:
             self.ref_paths = resolve_paths(config, self.backend, self.reference, dist)
         elif self.ref_source is not None and self.ref_source is not model:
             self.ref_paths = resolve_paths(config, self.backend, self.ref_source, dist)
+        if self.unpaired and self.ref_paths is not None:
+            self.ref_paths = sft_paths(self.ref_paths)
+
+    @property
+    def precompute_ref(self) -> bool:
+        """Whether the reference scores every pair once, before training (never for unpaired
+        examples: see ``resolve_unpaired``)."""
+        return self.config.precompute_ref and not self.unpaired
 
     def resumed_weights(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model with the checkpoint's weights: its adapter (LoRA; the base stays the one
@@ -424,13 +460,15 @@ class Recipe:
         self.sampler = make_sampler(self.train_examples, config, dist, self.length)
         check = first_check_pairs(self.train_examples, config, dist, self.length)
         pad, rows = self.tokenizer.pad_token_id, collate_examples if self.sft else collate
+        if self.unpaired:
+            rows = _unpaired_rows
         self.paths, self.checked = check_paths(self.model, self.paths, check, backend, device,
                                                pad, dist, self.reporter, "policy", rows)
         if self.ref_paths is not None:
             scorer = self.reference if self.reference is not None else self.ref_source
             self.ref_paths, self.ref_checked = check_paths(scorer, self.ref_paths, check, backend,
                                                            device, pad, dist, self.reporter,
-                                                           "reference")
+                                                           "reference", rows)
         # A reference that is the policy itself, in one process, scores after the backend's
         # last pass over the policy (e.g. ipex.optimize, in build_optimizer), so that step 1
         # runs the very same kernels; a separate reference (or one about to be sharded)
@@ -583,6 +621,9 @@ class Recipe:
         pad = self.tokenizer.pad_token_id
         if self.sft:
             return SftObjective(self.backend, self.dtype, pad, self.paths)
+        if self.unpaired:
+            return KtoObjective(self.backend, self.dtype, pad, self.loss, self.paths,
+                                self.reference, self.ref_paths, self.base_reference)
         # Measured on the vs-TRL batches: group by group lowers the peak without checkpointing
         # (4.23 -> 4.09 GiB) but raises it with it (2.98 -> 3.34 GiB: the checkpoints are
         # small, and interleaving the groups' passes spreads the heap), so only without.
@@ -606,7 +647,9 @@ class Recipe:
         config = self.config
         if not config.sample_prompts:
             return None
-        prompts = sample_prompts(self.eval_examples, self.tokenizer, config.sample_prompts)
+        held_out = ([e.example for e in self.eval_examples] if self.unpaired
+                    else self.eval_examples)
+        prompts = sample_prompts(held_out, self.tokenizer, config.sample_prompts)
         if len(prompts) < config.sample_prompts:
             self.reporter.info(f"--sample-prompts {config.sample_prompts}: the run holds out "
                                f"{len(prompts)} {self.noun}; sampling all of them")
@@ -674,6 +717,11 @@ class Recipe:
                            "transformers model)")
 
 
+def _unpaired_rows(examples: list[Any], pad_token_id: int, **kwargs: Any) -> Any:
+    """The rows the speed-path check scores for unpaired examples: the examples themselves."""
+    return collate_examples([e.example for e in examples], pad_token_id, **kwargs)
+
+
 def recorded_config(output: Path) -> dict[str, Any]:
     """The configuration a run in ``output`` was started with: from ``run.json``, or, when that
     is damaged, from its newest checkpoint (each one keeps a copy)."""
@@ -701,6 +749,9 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
     loss_cls = catalog.losses.get(config.loss, asked="loss" in config.model_fields_set)
+    if getattr(loss_cls, "examples", "pairs") == "unpaired":
+        raise UsageError(f"loss {config.loss!r} trains on unpaired examples, whose reference "
+                         "log-probs are scored during the run: nothing to precompute")
     if not loss_cls.requires_reference:
         raise UsageError(f"loss {config.loss!r} uses no reference model: nothing to precompute")
     if config.ref_logps:

@@ -90,9 +90,15 @@ def check_options(config: RunConfig, catalog: Catalog) -> None:
             cls.parse_options(config.plugin_options(name))
 
 
-def examples_of(objective: str) -> tuple[str, Callable[..., Any], Callable[..., Any]]:
+def examples_of(objective: str, unpaired: bool = False
+                ) -> tuple[str, Callable[..., Any], Callable[..., Any]]:
     """What a run of ``objective`` trains on: its examples' name, the reader and the
-    tokeniser (``dpo.core.data``)."""
+    tokeniser (``dpo.core.data``); ``unpaired``: a loss over unpaired examples (KTO)."""
+    if unpaired:
+        from dpo.core.data.reading import load_unpaired
+        from dpo.core.data.unpaired import tokenize_unpaired
+
+        return "examples", load_unpaired, tokenize_unpaired
     if objective == "sft":
         return "examples", load_demonstrations, tokenize_demonstrations
     return "pairs", load_pairs, tokenize_pairs
@@ -104,10 +110,12 @@ def holds_out(config: RunConfig) -> bool:
     return bool(config.eval_data or config.eval_fraction or config.data == DEMO_DATA)
 
 
-def tokenized_data(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Reporter
+def tokenized_data(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter: Reporter,
+                   unpaired: bool = False
                    ) -> tuple[list[Any], list[Any], DataStats, DataStats | None]:
-    """The run's training and held-out examples, tokenised: pairs, or demonstrations for
-    SFT; with their counts of what was kept, cut and dropped."""
+    """The run's training and held-out examples, tokenised: pairs, demonstrations for SFT, or
+    unpaired examples for an unpaired loss (``unpaired``); with their counts of what was kept,
+    cut and dropped."""
     if not config.data:
         raise UsageError("--data is required: a JSONL file of prompt/chosen/rejected pairs")
     data, eval_data = config.data, config.eval_data
@@ -117,7 +125,7 @@ def tokenized_data(config: RunConfig, catalog: Catalog, tokenizer: Any, reporter
         data, demo_eval = (str(p) for p in demo_files())
         if not eval_data and not config.eval_fraction:
             eval_data = str(demo_eval)
-    noun, read, tokenize = examples_of(config.objective)
+    noun, read, tokenize = examples_of(config.objective, unpaired)
     load = dict(strict=config.strict, **format_options(config, catalog))
     stats, eval_stats = DataStats(), DataStats()
     records = read(data, catalog.formats, config.format, stats=stats, **load)

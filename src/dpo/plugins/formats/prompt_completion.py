@@ -26,8 +26,10 @@ class PromptCompletionFormat(DataFormat):
 
     @classmethod
     def detect(cls, record: dict[str, Any]) -> bool:
-        # A completion and no preference: pairs have chosen and rejected instead.
-        return "completion" in record and "chosen" not in record and "rejected" not in record
+        # A completion and no preference: pairs have chosen and rejected instead, and unpaired
+        # examples (the ``unpaired`` format) a label.
+        return ("completion" in record and "chosen" not in record and "rejected" not in record
+                and "label" not in record)
 
     def parse(self, record: dict[str, Any]) -> Demonstration:
         prompt = side(record, "prompt", "user", NEEDS)
