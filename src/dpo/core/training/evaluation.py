@@ -20,6 +20,8 @@ from dpo.core.data.stats import DataStats
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.model import lora
 from dpo.core.model.dropout import disable_dropout
+from dpo.core.training.combination import loss_names, options_record, resolve_loss
+from dpo.core.training.config import split_options
 from dpo.core.training.loop import objective_metrics
 from dpo.core.training.objectives import DpoObjective, SftObjective, sft_paths
 from dpo.core.training.setup import (check_same_tokenizer, examples_of, resolve_backend,
@@ -83,10 +85,15 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     if objective == "sft":
         return evaluate_demonstrations(request, run, catalog)
     loss_name = request.loss or run.get("loss", "dpo")
-    loss_cls = catalog.losses.get(loss_name, asked=bool(request.loss))
-    options = dict(run.get("options", {}).get(loss_name, {})) if not request.loss else {}
-    options.update(request.options)
-    loss = loss_cls(loss_cls.parse_options(options))
+    # The run's options of its loss (of each part and the weights, for a combination).
+    options = {plugin: dict(values) for plugin, values in run.get("options", {}).items()
+               if plugin == loss_name or plugin in loss_names(loss_name)} if not request.loss else {}
+    for plugin, values in split_options(request.options, loss_name).items():
+        if plugin != loss_name and plugin not in loss_names(loss_name):
+            raise UsageError(f"-o {plugin}.{next(iter(values))}=...: {plugin!r} is not the "
+                             f"loss ({loss_name}) nor one of its parts")
+        options.setdefault(plugin, {}).update(values)
+    loss = resolve_loss(loss_name, options, catalog, asked=bool(request.loss))
     ref = request.ref or run.get("ref_model") or run.get("model")
     if loss.requires_reference and not ref:
         raise UsageError(f"loss {loss.name!r} compares against a reference: give --ref (the "
@@ -130,7 +137,8 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         "model": policy_spec,
         "ref": ref if loss.requires_reference else None,
         "loss": loss.name,
-        "options": loss.options.model_dump(mode="json"),
+        "options": (loss.options.model_dump(mode="json") if len(loss_names(loss.name)) == 1
+                    else options_record(loss)),
         "data": request.data,
         "pairs": len(pairs),
         "data_stats": stats.as_dict(),

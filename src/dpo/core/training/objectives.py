@@ -87,6 +87,13 @@ class Objective(ABC):
         """Metrics computed from an evaluation's averages (none by default)."""
         return metrics
 
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After each optimizer step, with its averaged metrics (a loss with state updates)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the objective (its loss's state); none by default."""
+        return {}
+
 
 def model_logps(model: torch.nn.Module, batch: Batch, paths: Paths
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +196,12 @@ class DpoObjective(Objective):
 
     def models(self) -> list[torch.nn.Module]:
         return [self.reference] if self.reference is not None else []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        plugin_call(self.loss, "on_step()", self.loss.on_step, step, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return plugin_call(self.loss, "state_dict()", self.loss.state_dict)
 
     def flops(self, counter: FlopCounter, batch: Batch) -> float:
         return counter.train_step(

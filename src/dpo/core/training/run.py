@@ -53,6 +53,7 @@ from dpo.core.training.checkpoint import (
     resumable_checkpoint,
     write_json_atomic,
 )
+from dpo.core.training.combination import loss_label, options_record, resolve_loss
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE, SAMPLES_FILE
@@ -229,9 +230,8 @@ class Recipe:
                 raise UsageError(f"--{given[0].replace('_', '-')}: dpo sft trains no preference "
                                  "loss, so it takes no reference; drop it")
         else:
-            cls = catalog.losses.get(config.loss, asked="loss" in named)
-            self.loss = plugin_call(cls, "__init__", cls,
-                                    cls.parse_options(config.plugin_options(config.loss)))
+            self.loss = resolve_loss(config.loss, config.options, catalog,
+                                     asked="loss" in named)
         for name in config.stop:
             cls = catalog.stopping.get(name, asked="stop" in named)
             self.policies[name] = plugin_call(cls, "__init__", cls,
@@ -516,6 +516,9 @@ class Recipe:
         for name, policy in self.policies.items():
             plugin_call(policy, "load_state_dict()", policy.load_state_dict,
                         saved["policies"].get(name, {}))
+        if self.loss is not None:  # a loss with state (checkpoints before it had none)
+            plugin_call(self.loss, "load_state_dict()", self.loss.load_state_dict,
+                        saved.get("loss", {}))
         self.backend.set_rng_state(restore_rng_states(tensors["rng"]))
         if self.dist.is_main:
             truncate_metrics(self.output / METRICS_FILE, state.step)
@@ -527,7 +530,7 @@ class Recipe:
         config, dist, backend = self.config, self.dist, self.backend
         options = {n: p.options.model_dump(mode="json") for n, p in self.policies.items()}
         if self.loss is not None:
-            options = {self.loss.name: self.loss.options.model_dump(mode="json"), **options}
+            options = {**options_record(self.loss), **options}
         reference = ("none (supervised fine-tuning)" if self.sft else
                      describe_reference(config, self.requires_reference, self.ref_path))
         adapter = lora.describe(self.model) if self.lora is not None else None
@@ -557,7 +560,7 @@ class Recipe:
             "resumed_from": str(self.checkpoint) if self.checkpoint else None,
         }
         self.taken.write(self.record)
-        what = "sft" if self.sft else f"loss {self.loss.name}"
+        what = "sft" if self.sft else f"loss {loss_label(self.loss)}"
         self.reporter.info(f"training {config.model} on {backend.describe()} ({self.dtype}), "
                            f"{what}, {self.steps} steps, "
                            f"{sum(p.numel() for p in self.model.parameters()):,} parameters")
@@ -695,8 +698,9 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     device = backend.device(0)
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
-    loss_cls = catalog.losses.get(config.loss, asked="loss" in config.model_fields_set)
-    if not loss_cls.requires_reference:
+    loss = resolve_loss(config.loss, config.options, catalog,
+                        asked="loss" in config.model_fields_set)
+    if not loss.requires_reference:
         raise UsageError(f"loss {config.loss!r} uses no reference model: nothing to precompute")
     if config.ref_logps:
         check_ref_logps(config.ref_logps)
