@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.backends.xla",
     "dpo.plugins.losses.dpo",
     "dpo.plugins.losses.ipo",
+    "dpo.plugins.losses.bco",
     "dpo.plugins.stopping.nan_guard",
     "dpo.plugins.stopping.early_stopping",
     "dpo.plugins.stopping.target",
