@@ -160,6 +160,19 @@ def test_a_run_logs_delta_as_the_mean_of_earlier_steps_and_resumes_exactly(tmp_p
     assert state["loss"]["steps"] == 6
     assert deterministic(records(tmp_path / "resumed")) == deterministic(rows)
 
+    # `dpo eval` of the run evaluates with the delta the run ended with (its last checkpoint's):
+    # the mean of all six steps' mean rewards; asked for another loss, it starts from none.
+    evaluated = invoke("eval", "--model", str(tmp_path / "straight"), "--data", str(pairs),
+                       "--backend", "cpu", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    shown = json.loads(evaluated.output[evaluated.output.index("{"):])
+    assert shown["loss_state_from"].endswith("checkpoint-6")
+    final_delta = sum(s["bco/rewards"] for s in steps) / len(steps)
+    assert shown["metrics"]["bco/delta"] == pytest.approx(final_delta, rel=1e-5)
+    fresh = invoke("eval", "--model", str(tmp_path / "straight"), "--data", str(pairs),
+                   "--backend", "cpu", "--json", "--loss", "bco", "-o", "beta=0.5")
+    assert json.loads(fresh.output[fresh.output.index("{"):])["metrics"]["bco/delta"] == 0.0
+
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
