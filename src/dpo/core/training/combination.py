@@ -160,8 +160,9 @@ def resolve_loss(loss: str, options: Mapping[str, Mapping[str, Any]], catalog: C
                          "--loss ipo)")
     twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if twice is not None:
-        raise UsageError(f"--loss {twice} is given twice ({loss}); name each loss once, and "
-                         f"set its share with -o weights=...")
+        raise UsageError(f"loss {twice!r} is named twice ({loss}; --loss, or the config "
+                         "file's loss list); name each loss once, and set its share with -o "
+                         "weights=...")
     classes = {name: catalog.losses.get(name, asked=asked) for name in names}
     shared = dict(options.get(loss, {}))
     weights = parse_weights(shared.pop(WEIGHTS), names, loss) if WEIGHTS in shared else None
