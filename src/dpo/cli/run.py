@@ -95,8 +95,9 @@ def train(command: str, catalog: Catalog, ctx: typer.Context, values: dict[str, 
 def flags_of(command: str, values: dict[str, Any]) -> dict[str, Any]:
     """The RunConfig layer that ``command``'s flags (``values``) make: the fields they set, and
     their plugin options (``-o``) by key."""
-    flags: dict[str, Any] = {option.name: values[option.name] for option in options_of(command)
-                             if option.is_field}
+    # A repeatable option given no value is unset: Typer says None, click (a sweep's parse) ().
+    flags: dict[str, Any] = {option.name: None if values[option.name] == () else values[option.name]
+                             for option in options_of(command) if option.is_field}
     flags["options"] = parse_assignments(values["option"] or [])
     if OBJECTIVE_OF[command] == "sft" and (plain := _loss_keys(flags["options"])):
         raise UsageError(f"-o {plain[0]}={flags['options'][plain[0]]}: `dpo sft` has no loss to "

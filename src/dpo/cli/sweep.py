@@ -26,6 +26,7 @@ from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training import rundir
 from dpo.core.training import strategy as strat
 from dpo.core.training import sweep as sw
+from dpo.core.training.combination import options_record, resolve_loss
 from dpo.core.training.config import RunConfig, read_config_file
 from dpo.core.training.report import log_console
 from dpo.core.training.setup import check_options
@@ -164,8 +165,9 @@ def check_point(config: RunConfig, catalog: Catalog) -> dict[str, dict[str, Any]
     plugin's options, validated and typed."""
     check_options(config, catalog)
     typed: dict[str, dict[str, Any]] = {}
-    plugins = [(catalog.losses, config.loss)] if config.objective == "dpo" else []
-    plugins += [(catalog.stopping, name) for name in config.stop]
+    if config.objective == "dpo":
+        typed.update(options_record(resolve_loss(config.loss, config.options, catalog)))
+    plugins = [(catalog.stopping, name) for name in config.stop]
     for registry, name in plugins:
         cls = registry.get(name)
         typed[name] = cls.parse_options(config.plugin_options(name)).model_dump(mode="json")
@@ -189,7 +191,7 @@ def make_plan(ctx: typer.Context, catalog: Catalog, command: str | None, config:
     given = parse_values(ctx, command, base, f"dpo {command} {shlex.join(base)}")
     options = parse_assignments(given["option"] or [])
     for axis in axes:
-        if (given.get(axis.key) not in (None, []) if axis.field else axis.key in options):
+        if (given.get(axis.key) not in (None, [], ()) if axis.field else axis.key in options):
             shown = f"--{axis.key.replace('_', '-')}" if axis.field else f"-o {axis.key}"
             raise UsageError(f"{shown} is given to every run and is an axis of the grid (--grid "
                              f"{axis.key}=...); give it in one place")

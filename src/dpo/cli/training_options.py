@@ -148,7 +148,7 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
     TrainingOption("strategy", Optional[str], {RUN: "With several processes: ddp (a replica per process) or fsdp (FSDP2: policy and reference sharded).",
                                                SFT: "With several processes: ddp (a replica per process) or fsdp (FSDP2: the model sharded)."}, SCALE),
     TrainingOption("dtype", Optional[str], "auto, float32, bfloat16 or float16."),
-    TrainingOption("loss", Optional[str], "Preference loss (see `dpo plugins`).", commands=(RUN,)),
+    TrainingOption("loss", Optional[list[str]], "Preference loss (see `dpo plugins`); repeat it to train on a weighted sum, e.g. --loss dpo --loss ipo -o weights=1.0,0.2 (plain -o keys go to every loss that takes them, dpo.beta=... to one).", commands=(RUN,)),
     TrainingOption("option", Optional[list[str]], {RUN: "Plugin option key=value; plain keys go to the loss, plugin.key=value to another plugin (e.g. -o beta=0.1).",
                                                    SFT: "Plugin option plugin.key=value, for a stopping policy or a data format (e.g. -o nan-guard.check_grad_norm=false)."},
                    flags=("--option", "-o")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -103,9 +103,28 @@ class Loss(Configurable, ABC):
         """Why this class cannot be registered as a loss (``None``: it can)."""
         if cls.examples not in ("pairs", "unpaired"):
             return f"examples must be 'pairs' or 'unpaired', got {cls.examples!r}"
+        if "+" in cls.name:  # "+" joins the names of losses trained together (dpo+sft)
+            return f"its name {cls.name!r} holds '+', which joins combined losses; rename it"
         return None
 
     @abstractmethod
     def __call__(self, logps: PairLogps) -> LossOutput:
         """Per-pair (or, for an unpaired loss, per-example) losses and rewards for one
         micro-batch."""
+
+    # Losses with state (e.g. a running mean of the rewards), mirroring ``StoppingPolicy``:
+    # the loop calls ``on_step`` after every optimizer step with that step's averaged metrics
+    # (the dict stopping policies get: averaged over micro-batches and processes, so the same
+    # on every process; read it, do not change it), never after an evaluation; the state goes
+    # into each checkpoint, so that a resumed run computes the same losses.
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After optimizer step ``step`` (1-based), with its averaged metrics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state for checkpoints; none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")

@@ -57,6 +57,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.plugins.losses.orpo",
     "dpo.plugins.losses.sft",
     "dpo.plugins.losses.kto",
+    "dpo.plugins.losses.bco",
     "dpo.plugins.stopping.nan_guard",
     "dpo.plugins.stopping.early_stopping",
     "dpo.plugins.stopping.target",

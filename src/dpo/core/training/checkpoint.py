@@ -5,7 +5,7 @@ Layout of ``OUTPUT/checkpoint-<step>/``::
     config.json, model.safetensors, tokenizer files   (a normal Hugging Face directory)
         (with --lora: adapter_config.json, adapter_model.safetensors, dpo_adapter.json:
         the adapter, in PEFT's format; ``dpo.core.model.lora``)
-    trainer_state.json   step, data position, stopping-policy state (human-readable)
+    trainer_state.json   step, data position, stopping-policy and loss state (human-readable)
     trainer_state.pt     optimizer, scheduler and random generator states
 
     dpo_manifest.json    every other file's size and SHA-256, written last

@@ -65,7 +65,8 @@ class RunConfig(BaseModel):
     objective: Literal["dpo", "sft"] = Field("dpo", description="what the run trains: dpo "
                                              "(`dpo run`: preference pairs, a loss plugin) or "
                                              "sft (`dpo sft`: the completions' token-mean NLL)")
-    loss: str = "dpo"
+    loss: str = Field("dpo", description="the preference loss; several trained together are "
+                      "their names joined by '+' (dpo+sft), from a repeated --loss or a list")
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-plugin options, keyed by plugin name"
     )
@@ -114,6 +115,11 @@ class RunConfig(BaseModel):
     log_to: list[str] = Field(default_factory=lambda: ["jsonl"], description="where metrics go "
                               "besides metrics.jsonl (always written): tensorboard, wandb, "
                               "mlflow or another installed logger")
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _join_losses(cls, value: Any) -> Any:
+        return joined_loss(value)
 
     @field_validator("log_to", mode="before")
     @classmethod
@@ -170,6 +176,16 @@ class RunConfig(BaseModel):
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         return dict(self.options.get(name, {}))
+
+
+def joined_loss(value: Any) -> Any:
+    """Losses trained together as one string: a repeated ``--loss`` or a config file's
+    ``loss = ["dpo", "sft"]`` is ``"dpo+sft"`` (``dpo.core.training.combination``); a string,
+    or a one-item list, stays one name. One string keeps records, sweeps and ``dpo eval``
+    reading a run's loss as they did."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and value:
+        return "+".join(v.strip() for v in value)
+    return value
 
 
 def _normalise_keys(table: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +303,7 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
                 raw_options.append(value)
             elif value is not None:
                 merged[key], origin[key] = value, layer
-    loss = merged.get("loss", RunConfig.model_fields["loss"].default)
+    loss = joined_loss(merged.get("loss", RunConfig.model_fields["loss"].default))
     options: dict[str, dict[str, Any]] = {}
     for layer_options in raw_options:
         for plugin, values in split_options(layer_options, loss).items():

@@ -20,8 +20,13 @@ from dpo.core.data.stats import DataStats
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.model import lora
 from dpo.core.model.dropout import disable_dropout
+from dpo.core.training.checkpoint import latest_checkpoint, load_checkpoint_state
+from dpo.core.training.combination import loss_names, options_record, resolve_loss
+from dpo.core.training.config import split_options
+from dpo.core.training.layout import FINAL, PREFIX
 from dpo.core.training.loop import objective_metrics
 from dpo.core.training.objectives import DpoObjective, Objective, SftObjective, sft_paths
+from dpo.core.training.plugin_calls import plugin_call
 from dpo.core.training.setup import (check_same_tokenizer, examples_of, resolve_backend,
                                      resolve_dtype)
 from dpo.core.model.loading import load_model, resolve_source
@@ -65,6 +70,29 @@ def find_run_config(model: str) -> dict[str, Any] | None:
     return None
 
 
+def loss_state_of(model: str) -> tuple[dict[str, Any], str | None]:
+    """The state a loss with state (BCO's running mean) had where ``model`` was written, and
+    the checkpoint it comes from: a checkpoint's own; for a run directory or its ``final/``,
+    the newest checkpoint's if it is of the run's last step. Else none: such a loss then
+    evaluates from its initial state."""
+    path = Path(model)
+    checkpoint: Path | None = path
+    try:
+        if not (path / "trainer_state.json").is_file():
+            run_dir = path if (path / RUN_FILE).is_file() else path.parent
+            if not (run_dir / RUN_FILE).is_file() or path not in (run_dir, run_dir / FINAL):
+                return {}, None
+            checkpoint = latest_checkpoint(run_dir)
+            steps = read_record(run_dir).get("steps")
+            if checkpoint is None or checkpoint.name != f"{PREFIX}{steps}":
+                return {}, None
+        saved, _ = load_checkpoint_state(checkpoint, tensors=False)
+    except UsageError:  # a damaged record or checkpoint: no state rather than no evaluation
+        return {}, None
+    state = saved.get("loss") or {}
+    return state, str(checkpoint) if state else None
+
+
 def model_dir(model: str) -> str:
     """A run directory stands for its final model (a full one, or a LoRA adapter)."""
     path = Path(model)
@@ -84,10 +112,18 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
     if objective == "sft":
         return evaluate_demonstrations(request, run, catalog)
     loss_name = request.loss or run.get("loss", "dpo")
-    loss_cls = catalog.losses.get(loss_name, asked=bool(request.loss))
-    options = dict(run.get("options", {}).get(loss_name, {})) if not request.loss else {}
-    options.update(request.options)
-    loss = loss_cls(loss_cls.parse_options(options))
+    # The run's options of its loss (of each part and the weights, for a combination).
+    options = {plugin: dict(values) for plugin, values in run.get("options", {}).items()
+               if plugin == loss_name or plugin in loss_names(loss_name)} if not request.loss else {}
+    for plugin, values in split_options(request.options, loss_name).items():
+        if plugin != loss_name and plugin not in loss_names(loss_name):
+            raise UsageError(f"-o {plugin}.{next(iter(values))}=...: {plugin!r} is not the "
+                             f"loss ({loss_name}) nor one of its parts")
+        options.setdefault(plugin, {}).update(values)
+    loss = resolve_loss(loss_name, options, catalog, asked=bool(request.loss))
+    state, state_from = ({}, None) if request.loss else loss_state_of(request.model)
+    if state:  # e.g. BCO's running mean, as the run left it
+        plugin_call(loss, "load_state_dict()", loss.load_state_dict, state)
     if request.ref and not loss.requires_reference:
         raise UsageError(f"--ref given, but loss {loss.name!r} uses no reference model; drop it")
     ref = request.ref or run.get("ref_model") or run.get("model")
@@ -145,7 +181,9 @@ def evaluate_request(request: EvalRequest, catalog: Catalog) -> dict[str, Any]:
         "model": policy_spec,
         "ref": ref if loss.requires_reference else None,
         "loss": loss.name,
-        "options": loss.options.model_dump(mode="json"),
+        "options": (loss.options.model_dump(mode="json") if len(loss_names(loss.name)) == 1
+                    else options_record(loss)),
+        "loss_state_from": state_from,
         "data": request.data,
         ("examples" if unpaired else "pairs"): len(pairs),
         "data_stats": stats.as_dict(),

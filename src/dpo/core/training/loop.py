@@ -420,6 +420,7 @@ class Loop:
         metrics, stop_now = self.update(work)
         t.backend.synchronize()
         self.record_step(metrics, work, time.perf_counter() - started)
+        t.objective.on_step(state.step, metrics)  # a loss with state (BCO's running mean)
         self.stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
         if keep_best:
             self.watch.settle()
@@ -613,6 +614,7 @@ class Loop:
         trainer_state = {"train": state.to_dict(),
                          "policies": {n: plugin_call(p, "state_dict()", p.state_dict)
                                       for n, p in t.policies.items()},
+                         "loss": t.objective.state_dict(),
                          "distributed": {"world_size": t.dist.world_size,
                                          "strategy": t.strategy},
                          "config": self.settings.config}

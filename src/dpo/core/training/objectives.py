@@ -90,6 +90,12 @@ class Objective(ABC):
     def step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """A training step's metrics from its averages (as they are by default)."""
         return metrics
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After each optimizer step, with its averaged metrics (a loss with state updates)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the objective (its loss's state); none by default."""
+        return {}
 
 
 def model_logps(model: torch.nn.Module, batch: Batch, paths: Paths
@@ -193,6 +199,12 @@ class DpoObjective(Objective):
 
     def models(self) -> list[torch.nn.Module]:
         return [self.reference] if self.reference is not None else []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        plugin_call(self.loss, "on_step()", self.loss.on_step, step, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return plugin_call(self.loss, "state_dict()", self.loss.state_dict)
 
     def flops(self, counter: FlopCounter, batch: Batch) -> float:
         return counter.train_step(

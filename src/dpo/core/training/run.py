@@ -53,6 +53,7 @@ from dpo.core.training.checkpoint import (
     resumable_checkpoint,
     write_json_atomic,
 )
+from dpo.core.training.combination import loss_label, options_record, resolve_loss
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import FINAL, MERGED, METRICS_FILE, RUN_FILE, SAMPLES_FILE
@@ -231,9 +232,8 @@ class Recipe:
                 raise UsageError(f"--{given[0].replace('_', '-')}: dpo sft trains no preference "
                                  "loss, so it takes no reference; drop it")
         else:
-            cls = catalog.losses.get(config.loss, asked="loss" in named)
-            self.loss = plugin_call(cls, "__init__", cls,
-                                    cls.parse_options(config.plugin_options(config.loss)))
+            self.loss = resolve_loss(config.loss, config.options, catalog,
+                                     asked="loss" in named)
             self.resolve_unpaired()
         for name in config.stop:
             cls = catalog.stopping.get(name, asked="stop" in named)
@@ -557,6 +557,9 @@ class Recipe:
         for name, policy in self.policies.items():
             plugin_call(policy, "load_state_dict()", policy.load_state_dict,
                         saved["policies"].get(name, {}))
+        if self.loss is not None:  # a loss with state (checkpoints before it had none)
+            plugin_call(self.loss, "load_state_dict()", self.loss.load_state_dict,
+                        saved.get("loss", {}))
         self.backend.set_rng_state(restore_rng_states(tensors["rng"]))
         if self.dist.is_main:
             truncate_metrics(self.output / METRICS_FILE, state.step)
@@ -568,7 +571,7 @@ class Recipe:
         config, dist, backend = self.config, self.dist, self.backend
         options = {n: p.options.model_dump(mode="json") for n, p in self.policies.items()}
         if self.loss is not None:
-            options = {self.loss.name: self.loss.options.model_dump(mode="json"), **options}
+            options = {**options_record(self.loss), **options}
         reference = ("none (supervised fine-tuning)" if self.sft else
                      describe_reference(config, self.requires_reference, self.ref_path))
         adapter = lora.describe(self.model) if self.lora is not None else None
@@ -598,7 +601,7 @@ class Recipe:
             "resumed_from": str(self.checkpoint) if self.checkpoint else None,
         }
         self.taken.write(self.record)
-        what = "sft" if self.sft else f"loss {self.loss.name}"
+        what = "sft" if self.sft else f"loss {loss_label(self.loss)}"
         if not self.sft and not self.requires_reference:
             what += " (reference-free: no reference model, no reference log-probs)"
         self.reporter.info(f"training {config.model} on {backend.describe()} ({self.dtype}), "
@@ -748,11 +751,12 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     device = backend.device(0)
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
-    loss_cls = catalog.losses.get(config.loss, asked="loss" in config.model_fields_set)
-    if getattr(loss_cls, "examples", "pairs") == "unpaired":
+    loss = resolve_loss(config.loss, config.options, catalog,
+                        asked="loss" in config.model_fields_set)
+    if getattr(loss, "examples", "pairs") == "unpaired":
         raise UsageError(f"loss {config.loss!r} trains on unpaired examples, whose reference "
                          "log-probs are scored during the run: nothing to precompute")
-    if not loss_cls.requires_reference:
+    if not loss.requires_reference:
         raise UsageError(f"loss {config.loss!r} uses no reference model: nothing to precompute")
     if config.ref_logps:
         check_ref_logps(config.ref_logps)

@@ -29,6 +29,7 @@ from dpo.core.model.paths import Paths
 from dpo.core.training import refcache, rundir
 from dpo.core.training import strategy as strat
 from dpo.core.training.checkpoint import load_checkpoint_state
+from dpo.core.training.combination import loss_names
 from dpo.core.training.config import RunConfig
 from dpo.core.training.distributed import DistInfo
 from dpo.core.training.loop import eval_batches
@@ -69,6 +70,8 @@ def check_options(config: RunConfig, catalog: Catalog) -> None:
     or a data format (the forced one, or any installed one when the format is detected)."""
     formats = [config.format] if config.format else catalog.formats.names()
     losses = [config.loss] if config.objective == "dpo" else []  # SFT takes no loss plugin
+    if losses and len(loss_names(config.loss)) > 1:  # a combination's parts take their own
+        losses += loss_names(config.loss)
     selected = {*losses, *config.stop, *formats, *config.log_to}
     for plugin in config.options:
         if plugin == lora.OPTIONS_KEY:
