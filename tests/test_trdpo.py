@@ -151,6 +151,14 @@ def test_hard_update_makes_the_reference_the_policy_of_step_n(cli, pairs, tmp_pa
     assert refupdate.REFERENCE_WEIGHTS in listed and verify(out / "checkpoint-2") is None
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["precompute_ref"] is False  # turned off, not asked for
+    # Extended without TR-DPO, its updated reference cannot be replaced by precomputed
+    # log-probs (of the initial model): refused before anything changes.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    extended = cli("run", "--resume", str(out), "--max-steps", "4", "--ref-update-steps", "0",
+                   "--precompute-ref")
+    assert_one_line_error(extended, 2, "checkpoint-3 holds the reference model that TR-DPO "
+                          "updated (reference.safetensors)", "resume with --no-precompute-ref")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert record["resolved"]["reference_update"]["every_steps"] == 2
     assert record["resolved"]["reference"].startswith(
         "a copy of --model, in memory, updated every 2 steps (TR-DPO, alpha 1)")
@@ -247,3 +255,32 @@ def test_the_config_turns_precomputation_off_only_where_not_asked_for():
 
         refupdate.same_architecture(build_tiny_model(tokenizer),
                                     AutoModelForCausalLM.from_config(config), "a", "b")
+
+
+# -- several processes -------------------------------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_update_their_reference_like_one_process(tmp_path, strategy):
+    """Soft updates after every step on 2 ranks (DDP: each its replica; FSDP2: each its local
+    shards) against one process with the same global batch: each step's metrics within
+    test_distributed's tolerances, and checkpoint-3's reference weights within its weight
+    tolerance (summation order only differs)."""
+    from test_distributed import (COMMON, WEIGHT_TOL, assert_metrics_close, dpo_run,
+                                  write_pairs)
+
+    write_pairs(tmp_path / "pairs.jsonl")
+    trdpo = [*COMMON, "--data", "pairs.jsonl", "--ref-update-steps", "1",
+             "--ref-update-alpha", "0.5"]
+    one = dpo_run(*trdpo, "--batch-size", "4", "--output", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = dpo_run(*trdpo, "--batch-size", "2", "--nproc", "2", "--strategy", strategy,
+                  "--output", "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_metrics_close(tmp_path / "one", tmp_path / "two")
+    a, b = (load_file(tmp_path / run / "checkpoint-3" / refupdate.REFERENCE_WEIGHTS)
+            for run in ("one", "two"))
+    initial = build_tiny_model(build_tiny_tokenizer(), seed=42).state_dict()
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_TOL
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # the updates happened

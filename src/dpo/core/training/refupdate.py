@@ -23,6 +23,7 @@ from its local shard of the policy's. A checkpoint keeps the reference's weights
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 from dpo.core.interfaces.errors import UsageError
@@ -103,6 +104,15 @@ def check(requires_reference: bool, loss: str) -> None:
         raise UsageError(f"--ref-update-steps: loss {loss!r} uses no reference model, so there "
                          "is none to update; drop --ref-update-steps, or choose a loss with a "
                          "reference (e.g. dpo, ipo)")
+
+
+def check_resume(checkpoint: Path, precompute_ref: bool) -> None:
+    """A checkpoint that holds an updated reference resumes with the reference in memory (then
+    the run goes on from that reference, updated or, with ``--ref-update-steps 0``, frozen)."""
+    if precompute_ref and (checkpoint / REFERENCE_WEIGHTS).is_file():
+        raise UsageError(f"{checkpoint} holds the reference model that TR-DPO updated "
+                         f"({REFERENCE_WEIGHTS}), which precomputed log-probs cannot stand "
+                         "for: resume with --no-precompute-ref")
 
 
 def describe(every: int, alpha: float, model: str) -> str:

@@ -325,6 +325,8 @@ class Recipe:
             reporter.info(f"{checkpoint.name} has no manifest (written by an earlier version): "
                           "its files load, but their contents cannot be verified")
         check_resume_world(checkpoint, self.dist, config.strategy)
+        if self.requires_reference:
+            refupdate.check_resume(checkpoint, config.precompute_ref)
         self.checkpoint = checkpoint
 
     # 3. Model, data and reference (always re-loaded from --model, never from a checkpoint).
@@ -360,10 +362,6 @@ class Recipe:
             self.reference = None
         if self.checkpoint is not None:
             model = self.resumed_weights(model)
-            if (self.checkpoint / refupdate.REFERENCE_WEIGHTS).is_file() and self.reference is None:
-                raise UsageError(f"{self.checkpoint} holds the reference model that TR-DPO "
-                                 f"updated ({refupdate.REFERENCE_WEIGHTS}), which needs the "
-                                 "reference in memory: resume with --no-precompute-ref")
         if dist.world_size > 1 and config.strategy == "fsdp":
             strat.decoder_layers(model)  # a model FSDP cannot shard is refused before any write
         self.model = model
