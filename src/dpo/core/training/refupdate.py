@@ -18,6 +18,11 @@ policy (both the same on every rank, so they stay the same); under FSDP2 both ar
 (the same model, the same units), so each rank updates its local shard of each reference weight
 from its local shard of the policy's. A checkpoint keeps the reference's weights
 (``REFERENCE_WEIGHTS``), and a resumed run restores them.
+
+Evaluations during training score against the reference as it is at that step (as TRL's does):
+right after a hard update the policy is its reference, so the held-out rewards are 0 and
+``eval/loss`` is ln 2 there. Stopping on, or picking the best of, ``eval/`` metrics therefore means
+less under TR-DPO; ``dpo eval`` scores a run's models against the initial reference.
 """
 
 from __future__ import annotations
