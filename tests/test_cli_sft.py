@@ -21,7 +21,8 @@ from dpo.core.interfaces.plugins import get_plugin_manager
 from dpo.core.training.config import RunConfig, resolve_config, with_preset
 from test_cli import assert_one_line_error
 
-PREFERENCE_ONLY = {"ref_model", "precompute_ref", "ref_logps", "loss", "share_prompt"}
+PREFERENCE_ONLY = {"ref_model", "precompute_ref", "ref_logps", "loss", "share_prompt",
+                   "ref_update_steps", "ref_update_alpha"}
 SFT_OPTIONS = [
     "model", "trust_remote_code", "data", "format", "eval_data", "eval_fraction", "max_length",
     "max_prompt_length", "strict", "backend", "nproc", "strategy", "dtype", "option", "stop",

@@ -387,13 +387,21 @@ def save_checkpoint(
     keep: int,
     state_dict: dict[str, torch.Tensor] | None = None,
     warn: Callable[[str], None] | None = None,
+    weight_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``output/checkpoint-<step>`` and prune all but the newest ``keep`` checkpoints
-    (``prune``; ``warn``: where its warnings go, standard error by default)."""
+    (``prune``; ``warn``: where its warnings go, standard error by default). ``weight_files``:
+    more weights to keep beside the model's, file name -> tensors, written as safetensors
+    (e.g. TR-DPO's reference, ``dpo.core.training.refupdate``); the manifest covers them."""
     path = output / f"{PREFIX}{step}"
 
     def write(tmp: Path) -> None:
         _write_model(tmp, model, tokenizer, state_dict)
+        if weight_files:
+            from safetensors.torch import save_file
+
+            for name, weights in weight_files.items():
+                save_file(weights, str(tmp / name))
         torch.save(tensors, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from dpo.core.interfaces.errors import UsageError
 
@@ -40,6 +40,11 @@ class RunConfig(BaseModel):
     model: str = Field("SmolLM2-135M-Instruct", description="the default model, a .gguf file, a local "
                        "Hugging Face directory, a hub id, or 'tiny'")
     ref_model: str | None = Field(None, description="reference model; default: a frozen copy of --model")
+    # TR-DPO (dpo.core.training.refupdate); before precompute_ref, whose validator reads it
+    ref_update_steps: int = Field(0, ge=0, description="TR-DPO: every N optimizer steps the "
+                                  "reference model moves toward the policy; 0: a frozen reference")
+    ref_update_alpha: float = Field(1.0, gt=0, le=1, description="TR-DPO: the policy's weight in "
+                                    "each reference update (1: a copy, the hard update)")
     trust_remote_code: bool = Field(False, description="run the modelling code a model directory "
                                     "or hub repository ships (e.g. BTLM); off by default")
     precompute_ref: bool = Field(True, description="score every pair with the reference once "
@@ -156,6 +161,17 @@ class RunConfig(BaseModel):
             raise ValueError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest value)")
         return value
 
+    @field_validator("precompute_ref")
+    @classmethod
+    def _nothing_precomputed_to_update(cls, value: bool, info: ValidationInfo) -> bool:
+        # Runs only for a value given (a flag, a config file, a resumed run's record); where
+        # precompute_ref is left to its default, _check turns it off for TR-DPO instead.
+        if value and info.data.get("ref_update_steps"):
+            raise ValueError("TR-DPO (--ref-update-steps) updates the reference model during "
+                             "training, so its log-probs cannot be computed before it; drop "
+                             "precompute_ref (or give --no-precompute-ref)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.max_prompt_length >= self.max_length:
@@ -169,6 +185,17 @@ class RunConfig(BaseModel):
             if getattr(self, name) and not self.eval_tasks:
                 raise ValueError(f"--{name.replace('_', '-')} sets how --eval-tasks runs: "
                                  "give --eval-tasks too (eval_tasks in a config file)")
+        if self.ref_update_steps:
+            if self.ref_logps:
+                raise ValueError("--ref-logps reads reference log-probs computed before "
+                                 "training, and --ref-update-steps (TR-DPO) changes the reference "
+                                 "during it: give one of them")
+            if self.lora:
+                raise ValueError("--ref-update-steps with --lora: a LoRA run's reference is "
+                                 "its base model (the adapter disabled), which has no weights "
+                                 "of its own to update; train every weight for TR-DPO (drop "
+                                 "--lora)")
+            self.precompute_ref = False  # a reference to update stays in memory
         if self.merge and not self.lora:
             raise ValueError("merge writes a LoRA adapter merged into its base model: it needs "
                              "lora (--lora)")

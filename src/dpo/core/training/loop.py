@@ -40,6 +40,7 @@ from dpo.core.training.distributed import DistInfo
 from dpo.core.training.layout import BEST, BEST_RECORD, FINAL, PREFIX
 from dpo.core.training.objectives import Objective
 from dpo.core.training.plugin_calls import plugin_call
+from dpo.core.training.refupdate import REFERENCE_WEIGHTS
 from dpo.core.training.report import Reporter
 from dpo.core.training.rundir import resume_hint
 
@@ -101,6 +102,9 @@ class Trainee:
     # ``--sample-prompts``: after each evaluation, the policy's generations into samples.jsonl
     samples: Callable[[torch.nn.Module, int], list[Any]] | None = None
     tasks: Any = None  # --eval-tasks: a tasks.TaskRunner, scoring the policy on benchmarks
+    # TR-DPO (--ref-update-steps): a refupdate.ReferenceUpdate, moving the reference toward
+    # the policy after every N-th optimizer step, its weights kept in each checkpoint
+    reference_update: Any = None
 
 
 @dataclass
@@ -418,6 +422,8 @@ class Loop:
         t.backend.reset_peak_memory()
         work = self.accumulate(self.next_steps(self.settings.grad_accum))
         metrics, stop_now = self.update(work)
+        if t.reference_update is not None:  # TR-DPO: the next step scores against it
+            t.reference_update.after_step(t.policy, state.step)
         t.backend.synchronize()
         self.record_step(metrics, work, time.perf_counter() - started)
         t.objective.on_step(state.step, metrics)  # a loss with state (BCO's running mean)
@@ -609,6 +615,8 @@ class Loop:
         # Every rank gathers (FSDP's full state is collective); rank 0 alone writes.
         weights = strat.full_state_dict(t.policy, t.dist)
         optimizer_state = strat.optimizer_state(t.policy, t.optimizer, t.dist)
+        reference = (None if t.reference_update is None
+                     else t.reference_update.state_dict(t.dist))  # collective under FSDP too
         if not t.dist.is_main:
             return
         trainer_state = {"train": state.to_dict(),
@@ -621,7 +629,9 @@ class Loop:
         tensors = {"optimizer": optimizer_state, "scheduler": t.scheduler.state_dict(),
                    "rng": rng_states(t.backend.rng_state())}
         path = save_checkpoint(t.output, state.step, strat.unwrap(t.policy), t.tokenizer,
-                               trainer_state, tensors, self.settings.save_total_limit, weights)
+                               trainer_state, tensors, self.settings.save_total_limit, weights,
+                               weight_files=None if reference is None else
+                               {REFERENCE_WEIGHTS: reference})
         self.checkpointed.append(path)
         if self.on_save:
             self.on_save(path)

@@ -41,7 +41,7 @@ from dpo.core.model import lora
 from dpo.core.model.loading import (base_record, causal_lm, load_model, resolve_source,
                                      transformers_bars_off)
 from dpo.core.model.paths import Paths
-from dpo.core.training import rundir
+from dpo.core.training import refupdate, rundir
 from dpo.core.training import strategy as strat
 from dpo.core.training.checkpoint import (
     has_manifest,
@@ -93,7 +93,7 @@ from dpo.core.training.setup import (
 
 # Options that only mean something for preference training: a run of another objective that
 # sets them is refused rather than silently ignoring them.
-PREFERENCE_ONLY = ("ref_model", "ref_logps", "share_prompt")
+PREFERENCE_ONLY = ("ref_model", "ref_logps", "share_prompt", "ref_update_steps")
 
 
 def run(config: RunConfig, catalog: Catalog, *, resume: bool = False, overwrite: bool = False,
@@ -190,6 +190,7 @@ class Recipe:
         self.logged_through = 0  # the last step earlier attempts reported (resumed runs)
         self.base_reference = False  # the reference is the policy with its adapter disabled
         self.unpaired = False  # the loss trains on unpaired examples (KTO)
+        self.reference_update: refupdate.ReferenceUpdate | None = None  # TR-DPO
 
     def train(self, on_save: Callable[[Path], None] | None = None) -> Outcome:
         self.resolve()
@@ -262,6 +263,8 @@ class Recipe:
         if config.ref_logps and not self.sft and not self.requires_reference:
             raise UsageError(f"--ref-logps given, but loss {config.loss!r} uses no reference "
                              "log-probs; drop it")
+        if config.ref_update_steps:
+            refupdate.check(self.requires_reference, config.loss)
         if config.sample_prompts and not holds_out(config):
             raise no_held_out(config.sample_prompts)
         if config.compile:
@@ -353,6 +356,8 @@ class Recipe:
             reporter.info(f"{checkpoint.name} has no manifest (written by an earlier version): "
                           "its files load, but their contents cannot be verified")
         check_resume_world(checkpoint, self.dist, config.strategy)
+        if self.requires_reference:
+            refupdate.check_resume(checkpoint, config.precompute_ref)
         self.checkpoint = checkpoint
 
     # 3. Model, data and reference (always re-loaded from --model, never from a checkpoint).
@@ -363,18 +368,22 @@ class Recipe:
         model, self.tokenizer = load_model(config.model, config.seed, trust_remote_code=trust)
         if self.lora is not None:
             lora.add_adapter(model, self.lora, base_record(config.model, config.seed, trust))
+        if self.requires_reference and config.ref_model:  # its checks before the data's log
+            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed,
+                                                       trust_remote_code=trust)
+            check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
+            if config.ref_update_steps:
+                refupdate.same_architecture(model, self.reference, config.model, config.ref_model)
+            self.reference.requires_grad_(False).eval()
         self.train_examples, self.eval_examples, self.stats, self.eval_stats = tokenized_data(
             config, self.catalog, self.tokenizer, self.reporter, self.unpaired)
         if config.sample_prompts and not self.eval_examples:
             raise no_held_out(config.sample_prompts)
-        if self.requires_reference and config.ref_model:
-            self.reference, ref_tokenizer = load_model(config.ref_model, config.seed,
-                                                       trust_remote_code=trust)
-            check_same_tokenizer(self.tokenizer, ref_tokenizer, config.model, config.ref_model)
-            self.reference.requires_grad_(False).eval()
-        elif self.requires_reference and not self.precompute_ref and self.lora is not None:
+        if not self.requires_reference or config.ref_model or self.precompute_ref:
+            pass  # no reference, the --ref-model loaded above, or log-probs computed once
+        elif self.lora is not None:
             self.base_reference = True  # no copy: the policy with its adapter disabled
-        elif self.requires_reference and not self.precompute_ref:
+        else:
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
         # With precomputed reference log-probs, the reference scores every pair once and is
         # then dropped; without --ref-model it is the policy itself before any update (on
@@ -518,6 +527,9 @@ class Recipe:
             trained = strat.wrap_policy(model, config.strategy, dist, self.device, self.paths)
         else:
             trained = model
+        if config.ref_update_steps:
+            self.reference_update = refupdate.ReferenceUpdate(
+                self.reference, config.ref_update_steps, config.ref_update_alpha)
         trained_params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter
         decay = [p for p in trained_params if p.ndim >= 2]
         no_decay = [p for p in trained_params if p.ndim < 2]
@@ -561,6 +573,13 @@ class Recipe:
             plugin_call(self.loss, "load_state_dict()", self.loss.load_state_dict,
                         saved.get("loss", {}))
         self.backend.set_rng_state(restore_rng_states(tensors["rng"]))
+        updated = self.checkpoint / refupdate.REFERENCE_WEIGHTS
+        if self.reference is not None and updated.is_file():  # TR-DPO's, at that step
+            refupdate.load_reference(self.reference, updated)
+            reporter.info(f"reference weights (TR-DPO) restored from {updated}")
+        elif self.reference_update is not None:
+            reporter.info(f"{self.checkpoint.name} holds no updated reference (its run did not "
+                          "update one): the reference is the one loaded")
         if self.dist.is_main:
             truncate_metrics(self.output / METRICS_FILE, state.step)
             truncate_samples(self.output / SAMPLES_FILE, state.step)
@@ -574,6 +593,14 @@ class Recipe:
             options = {**options_record(self.loss), **options}
         reference = ("none (supervised fine-tuning)" if self.sft else
                      describe_reference(config, self.requires_reference, self.ref_path))
+        update = None
+        if self.reference_update is not None:
+            start = (f"--ref-model {config.ref_model}" if config.ref_model
+                     else "a copy of --model")
+            reference = refupdate.describe(config.ref_update_steps, config.ref_update_alpha,
+                                           start)
+            update = {"every_steps": config.ref_update_steps, "alpha": config.ref_update_alpha,
+                      "method": "TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656)"}
         adapter = lora.describe(self.model) if self.lora is not None else None
         self.record = {
             "status": "running",
@@ -584,6 +611,7 @@ class Recipe:
                          "world_size": dist.world_size,
                          "strategy": config.strategy if dist.world_size > 1 else None,
                          "options": options, "models": self.sources, "reference": reference,
+                         "reference_update": update,
                          "reference_logps": self.ref_record,
                          "share_prompt": self.paths.shared_prompt,
                          "packed_rows": self.paths.packed_rows,
@@ -614,6 +642,10 @@ class Recipe:
                 f"layers ({', '.join(adapter['targets'])}): {adapter['trainable_parameters']:,} "
                 f"trainable parameters ({share:.2%} of the base); the reference is the base "
                 "model (the adapter disabled)")
+        if update is not None:
+            self.reporter.info(f"TR-DPO: the reference is updated from the policy every "
+                               f"{update['every_steps']} steps (alpha {update['alpha']:g}); it "
+                               "stays in memory, its log-probs are not precomputed")
         if self.memory_note:
             self.reporter.info(f"memory: {self.memory_note}")
         self.reporter.attach(self.loggers, RunInfo(
@@ -643,7 +675,8 @@ class Recipe:
                        sampler=self.sampler, output=self.output, dist=self.dist,
                        strategy=self.config.strategy, flops=FlopCounter.of(self.model),
                        trust_remote_code=self.config.trust_remote_code,
-                       samples=self.samples(), tasks=self.tasks)
+                       samples=self.samples(), tasks=self.tasks,
+                       reference_update=self.reference_update)
 
     def samples(self) -> RunSamples | None:
         """``--sample-prompts``: the first N held-out prompts' completions at each evaluation."""
