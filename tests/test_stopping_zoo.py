@@ -153,6 +153,9 @@ def test_budget_bad_options_are_one_line_errors():
         Budget.parse_options({})
     with pytest.raises(UsageError, match="duration such as 90s"):
         Budget.parse_options({"max_time": "2 hours"})
+    with pytest.raises(UsageError, match="max_time is measured per process"):
+        Budget(max_time="2h", max_epochs=1).prepare(RunContext(world_size=2))
+    Budget(max_epochs=1).prepare(RunContext(world_size=2))  # the same on every process
 
 
 def test_budget_counts_pairs_tokens_and_epochs_over_the_run():

@@ -40,6 +40,7 @@ class RunContext:
     holds_out: bool = False  # evaluations report ``eval/...`` metrics
     loss: str | None = None  # the loss plugin's name (None for sft)
     loss_options: dict[str, Any] = field(default_factory=dict)  # its resolved options (beta, ...)
+    world_size: int = 1  # processes: each one's policies must decide alike (on reduced metrics)
 
 
 class StoppingPolicy(Configurable, ABC):

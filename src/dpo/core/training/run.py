@@ -239,7 +239,8 @@ class Recipe:
         context = RunContext(objective=config.objective, holds_out=holds_out(config),
                              loss=None if self.loss is None else self.loss.name,
                              loss_options=({} if self.loss is None
-                                           else self.loss.options.model_dump(mode="json")))
+                                           else self.loss.options.model_dump(mode="json")),
+                             world_size=dist.world_size)
         for policy in self.policies.values():
             plugin_call(policy, "prepare()", policy.prepare, context)
         if config.format:

@@ -13,9 +13,10 @@ from typing import Any, Callable
 
 from pydantic import Field, field_validator, model_validator
 
+from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.hookspecs import hookimpl
 from dpo.core.interfaces.options import PluginOptions
-from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
+from dpo.core.interfaces.stopping import CONTINUE, Decision, RunContext, StoppingPolicy
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
@@ -48,6 +49,9 @@ class Budget(StoppingPolicy):
       complete, with its final model. Tokens are those of the step's rows without padding
       (prompts and completions, both sides of a pair); they and the pairs are read back from
       the step's ``tokens_per_second`` and ``samples_per_second`` times its ``step_time``.
+
+    These counts and the clock are each process's own, so under several processes (``--nproc``)
+    only ``max_epochs`` is accepted: the others could stop the processes at different steps.
     """
 
     name = "budget"
@@ -84,6 +88,16 @@ class Budget(StoppingPolicy):
         self.longest = 0.0  # the longest gap between two steps in this invocation
         self.tokens = 0
         self.pairs = 0
+
+    def prepare(self, run: RunContext) -> None:
+        # Each process's clock, tokens and examples are its own: under several processes their
+        # policies could disagree on the step to stop at, and one would wait on the others.
+        local = [f"max_{k}" for k in ("time", "tokens", "pairs")
+                 if getattr(self.options, f"max_{k}") is not None]
+        if run.world_size > 1 and local:
+            raise UsageError(f"--stop budget: {local[0]} is measured per process, so "
+                             f"{run.world_size} processes could stop at different steps; use "
+                             "max_epochs (or --max-steps) with --nproc")
 
     def on_step(self, step: int, metrics: dict[str, float]) -> Decision:
         now = self.clock()
