@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.hookspecs import hookimpl
@@ -74,8 +75,9 @@ class Budget(StoppingPolicy):
         def _some_limit(self) -> "Budget.Options":
             if all(v is None for v in (self.max_time, self.max_tokens, self.max_pairs,
                                        self.max_epochs)):
-                raise ValueError("give at least one limit: max_time, max_tokens, max_pairs or "
-                                 "max_epochs (e.g. -o budget.max_time=2h)")
+                raise PydanticCustomError("limits", "give at least one limit: max_time, "
+                                          "max_tokens, max_pairs or max_epochs (e.g. -o "
+                                          "budget.max_time=2h)")
             return self
 
     options: Options

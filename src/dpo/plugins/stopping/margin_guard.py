@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.hookspecs import hookimpl
@@ -54,8 +55,8 @@ class MarginGuard(StoppingPolicy):
         @model_validator(mode="after")
         def _some_limit(self) -> "MarginGuard.Options":
             if self.max_margin is None and self.max_kl is None:
-                raise ValueError("give max_margin, max_kl or both (e.g. -o "
-                                 "margin-guard.max_margin=5)")
+                raise PydanticCustomError("limits", "give max_margin, max_kl or both (e.g. -o "
+                                          "margin-guard.max_margin=5)")
             return self
 
     options: Options
