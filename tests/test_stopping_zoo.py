@@ -377,6 +377,14 @@ def test_budget_time_pauses_and_resume_goes_on_as_if_uninterrupted(tmp_path, inv
     assert records(out) == records(tmp_path / "straight")
 
 
+def test_budget_time_at_the_last_step_is_the_run_s_end(tmp_path, invoke):
+    """A pause asked for at the last step changes nothing: the run is complete."""
+    out = tmp_path / "out"
+    result = invoke(*run_args(out, 1, "--stop", "budget", "-o", "budget.max_time=0.001"))
+    assert result.exit_code == 0, result.output
+    assert run_record(out)["status"] == "completed" and (out / "final").is_dir()
+
+
 def test_margin_guard_run_stops_on_the_kl_proxy(tmp_path, invoke):
     """max_kl 25 nats with the dpo loss's default beta 0.1, patience 2, lr 5e-2: the stop step
     is the first one that ends two steps in a row over 25, worked out again here from

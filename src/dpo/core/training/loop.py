@@ -427,8 +427,7 @@ class Loop:
         self.record_step(metrics, work, time.perf_counter() - started)
         self.stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics),
                                           self.reporter.warn)
-        if self.paused() and state.step >= self.settings.total_steps:
-            self.stopped = None  # a pause at the last step: the run simply ends
+        self.drop_late_pause()
         if keep_best:
             self.watch.settle()
             save_best(t, state.step, metrics)
@@ -580,6 +579,7 @@ class Loop:
                 stopped, keep_best = _decide(
                     t.policies, lambda p: p.on_eval(step, self.eval_metrics), self.reporter.warn)
                 self.stopped = stopped or self.stopped
+                self.drop_late_pause()
                 if keep_best:
                     self.watch.settle()
                     save_best(t, step, self.eval_metrics)
@@ -599,6 +599,11 @@ class Loop:
     def paused(self) -> bool:
         """Whether a policy paused the run (``Decision.resumable``) rather than ending it."""
         return self.stopped is not None and self.stopped[1].resumable
+
+    def drop_late_pause(self) -> None:
+        """A pause at the last step is simply the run's end."""
+        if self.paused() and self.state.step >= self.settings.total_steps:
+            self.stopped = None
 
     def score_tasks(self, step: int) -> None:
         """``--eval-tasks``: the policy's scores on the lm-eval harness's tasks, as their own
