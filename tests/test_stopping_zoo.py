@@ -43,6 +43,24 @@ def test_the_four_are_default_plugins():
 
 # -- likelihood-guard ------------------------------------------------------------------------
 
+def test_chosen_log_prob_per_token_is_summed_per_pair_then_averaged_by_the_loop():
+    """Two pairs: chosen log-probs -4 over 2 tokens and -9 over 3: -2 and -3 per token, a
+    batch sum of -5 (the loop divides by the step's 2 pairs: -2.5). logps/chosen stays the
+    summed -13."""
+    import torch
+
+    from dpo.core.interfaces.loss import LossOutput, PairLogps
+    from dpo.core.training.objectives import metric_sums
+
+    logps = PairLogps(policy_chosen=torch.tensor([-4.0, -9.0]),
+                      policy_rejected=torch.tensor([-5.0, -5.0]),
+                      chosen_tokens=torch.tensor([2, 3]), rejected_tokens=torch.tensor([1, 1]))
+    zeros = torch.zeros(2)
+    sums = metric_sums(LossOutput(zeros, zeros, zeros), logps)
+    assert sums["logps/chosen_per_token"].item() == pytest.approx(-5.0)
+    assert sums["logps/chosen"].item() == pytest.approx(-13.0)
+
+
 def lg_metrics(logp: float, margin: float, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}logps/chosen_per_token": logp, f"{prefix}rewards/margins": margin}
 

@@ -31,7 +31,8 @@ class Plateau(StoppingPolicy):
         mode: Mode = Field("max", description="max: higher is better; min: lower is better")
         window: int = Field(10, ge=1, description="steps in the moving mean")
         patience: int = Field(50, ge=1, description="steps without improvement before stopping")
-        min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as improvement")
+        min_delta: float = Field(0.0, ge=0.0, description=(
+            "smallest change that counts as improvement"))
 
         @field_validator("metric")
         @classmethod
