@@ -22,7 +22,7 @@ from dpo.core.interfaces.hookspecs import hookimpl  # noqa: E402
 from dpo.core.interfaces.logger import Logger, RunInfo  # noqa: E402
 from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps  # noqa: E402
 from dpo.core.interfaces.options import PluginOptions  # noqa: E402
-from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy  # noqa: E402
+from dpo.core.interfaces.stopping import CONTINUE, Decision, RunContext, StoppingPolicy  # noqa: E402
 
 __all__ = [
     "Backend",
@@ -39,6 +39,7 @@ __all__ = [
     "PairLogps",
     "PluginOptions",
     "PreferencePair",
+    "RunContext",
     "RunInfo",
     "StoppingPolicy",
     "UnusableRecord",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from rich.table import Table
@@ -56,15 +56,42 @@ def plugin_report(pm: DpoPluginManager, catalog: Catalog, commands: dict[str, li
     return {"plugins": loaded, "failed": failed, "conflicts": conflicts}
 
 
+def option_rows(catalog: Catalog) -> list[dict]:
+    """Every option of every loss, stopping policy, data format and logger: what ``-o`` takes."""
+    rows = []
+    for kind, registry in (("loss", catalog.losses), ("stopping policy", catalog.stopping),
+                           ("data format", catalog.formats), ("logger", catalog.loggers)):
+        for name, cls in registry:
+            for key, field in cls.Options.model_fields.items():
+                required = field.is_required()
+                rows.append({"kind": kind, "name": name, "option": key,
+                             "type": type_name(field.annotation), "required": required,
+                             "default": (None if required else
+                                         field.get_default(call_default_factory=True)),
+                             "description": field.description or ""})
+    return rows
+
+
+def type_name(annotation: Any) -> str:
+    """``float | None``, ``stop|warn`` (a Literal's choices), ``int``."""
+    if get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+
+
 def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
              commands: dict[str, list[str]]) -> None:
     @app.command("plugins")
     def plugins(
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+        options: Annotated[bool, typer.Option(
+            "--options", help="Also list each option's type and description (-o NAME.KEY=VALUE).")] = False,
     ) -> None:
         """List plugins: distribution and version, what each registers (with its -o options and
         their defaults), and any that failed."""
         report = plugin_report(pm, catalog, commands)
+        if options:
+            report["options"] = option_rows(catalog)
         if as_json:
             typer.echo(json.dumps(report, indent=2, default=str))
             return
@@ -93,3 +120,16 @@ def register(app: typer.Typer, pm: DpoPluginManager, catalog: Catalog,
                           soft_wrap=True)
         for c in report["conflicts"]:
             console.print(f"conflict: {c}", markup=False, highlight=False, soft_wrap=True)
+        if options:
+            console.print(options_table(report["options"]))
+
+
+def options_table(rows: list[dict]) -> Table:
+    table = Table(title="options")
+    for column in ("kind", "name", "option", "type", "default", "description"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("name", "option"))
+    for row in rows:
+        default = "(required)" if row["required"] else str(row["default"])
+        table.add_row(row["kind"], row["name"], row["option"], row["type"], default,
+                      row["description"])
+    return table

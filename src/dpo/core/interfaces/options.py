@@ -45,6 +45,8 @@ class Configurable:
             return cls.Options.model_validate(values)
         except ValidationError as exc:
             err = exc.errors()[0]
+            if not err["loc"]:  # a check of several options together (a model validator)
+                raise UsageError(f"{cls.kind} {cls.name!r}: {err['msg']}") from None
             key = ".".join(str(p) for p in err["loc"]) or "options"
             given = values.get(err["loc"][0]) if err["loc"] else None
             shown = f"={given}" if given is not None else ""

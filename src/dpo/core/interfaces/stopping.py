@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from dpo.core.interfaces.options import Configurable
@@ -14,15 +14,33 @@ class Decision:
     """A policy's verdict. ``save=False`` asks the loop not to write a final checkpoint (e.g. the
     weights are not trustworthy), which leaves the last good checkpoint as the newest one.
     ``best=True`` (from ``on_eval``) says this evaluation is the best so far by the policy's
-    measure: the loop keeps a copy of these weights in the run's ``best/`` directory."""
+    measure: the loop keeps a copy of these weights in the run's ``best/`` directory.
+    ``resumable=True`` (with ``stop``) pauses the run rather than ending it: the step is
+    checkpointed as a normal ``checkpoint-N``, no ``final/`` is written, the run's status reads
+    "paused by NAME: REASON", and ``--resume`` continues it (a pause at the last step is
+    simply the run's end). ``warn`` is a line the run's reporter shows as a warning, whether or
+    not the policy stops."""
 
     stop: bool = False
     reason: str = ""
     save: bool = True
     best: bool = False
+    resumable: bool = False
+    warn: str = ""
 
 
 CONTINUE = Decision()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a policy may know of its run before the first step (``StoppingPolicy.prepare``)."""
+
+    objective: str = "dpo"  # "dpo" (preference pairs, a loss plugin) or "sft"
+    holds_out: bool = False  # evaluations report ``eval/...`` metrics
+    loss: str | None = None  # the loss plugin's name (None for sft)
+    loss_options: dict[str, Any] = field(default_factory=dict)  # its resolved options (beta, ...)
+    world_size: int = 1  # processes: each one's policies must decide alike (on reduced metrics)
 
 
 class StoppingPolicy(Configurable, ABC):
@@ -32,10 +50,16 @@ class StoppingPolicy(Configurable, ABC):
     (``loss``, ``rewards/accuracies``, ``grad_norm``, ...) and ``on_eval`` after every evaluation
     with ``eval/...`` metrics. Any policy returning ``Decision(stop=True)`` ends the run.
     Policies that keep state implement ``state_dict``/``load_state_dict`` so that a resumed run
-    decides exactly as an uninterrupted one.
+    decides exactly as an uninterrupted one. ``prepare`` is called once, before ``watches`` and
+    before any state is loaded, with what the run is (``RunContext``): a policy that depends on
+    it (held-out data or not, the loss's ``beta``) settles it there, and raises ``UsageError``
+    for a run it cannot watch. See ``Decision`` for pausing a run (``resumable``) and warning.
     """
 
     kind: ClassVar[str] = "stopping policy"
+
+    def prepare(self, run: RunContext) -> None:
+        """Called once before training with what the run is; nothing by default."""
 
     def watches(self) -> list[str]:
         """Metric names this policy decides on. A name starting with ``eval/`` makes the run

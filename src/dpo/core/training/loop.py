@@ -117,6 +117,7 @@ class Outcome:
     saved: bool
     initial_eval: dict[str, float] = field(default_factory=dict)  # at step 0, before training
     restored_step: int | None = None  # final weights are those of this step's evaluation
+    paused: bool = False  # a policy paused the run (``Decision.resumable``): no final/
 
 
 def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
@@ -226,13 +227,17 @@ def objective_metrics(objective: Objective, policy: torch.nn.Module, examples: l
 
 # -- the loop ----------------------------------------------------------------------------------
 
-def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy], Decision]
+def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy], Decision],
+            warn: Callable[[str], None] | None = None
             ) -> tuple[tuple[str, Decision] | None, bool]:
     """Every policy sees the metrics (so each one's state stays exact); the first one to stop
-    wins. Also says whether a policy that restores its best weights marked these as best."""
+    wins. Also says whether a policy that restores its best weights marked these as best.
+    A policy's ``warn`` line goes to ``warn``, under its name."""
     stopped, keep_best = None, False
     for name, policy in policies.items():
         decision = plugin_call(policy, "deciding", ask, policy)
+        if decision.warn and warn is not None:
+            warn(f"{name}: {decision.warn}")
         keep_best = keep_best or (decision.best and policy.restores_best())
         if decision.stop and stopped is None:
             stopped = (name, decision)
@@ -427,7 +432,9 @@ class Loop:
         t.backend.synchronize()
         self.record_step(metrics, work, time.perf_counter() - started)
         t.objective.on_step(state.step, metrics)  # a loss with state (BCO's running mean)
-        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics))
+        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics),
+                                          self.reporter.warn)
+        self.drop_late_pause()
         if keep_best:
             self.watch.settle()
             save_best(t, state.step, metrics)
@@ -536,7 +543,8 @@ class Loop:
         self.initial_eval = self.eval_metrics = evaluate(t, self.settings)
         self.reporter.record({"step": 0, **self.initial_eval})
         self.write_samples(0)
-        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, self.initial_eval))
+        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, self.initial_eval),
+                                          self.reporter.warn)
         if keep_best:
             save_best(t, 0, self.initial_eval)
         if self.stopped and self.stopped[1].save:
@@ -564,16 +572,22 @@ class Loop:
         """Evaluation, the stopping policies' say and checkpoints after a step; whether the
         loop ends here."""
         t, settings, step = self.t, self.settings, self.state.step
-        last = self.stopped is not None or step >= settings.total_steps
-        if not self.stopped and (last or (settings.eval_steps and step % settings.eval_steps == 0)):
+        # A paused run evaluates when due, as it would have gone on, so that its resumed
+        # records are those of an uninterrupted run.
+        paused = self.paused()
+        last = (self.stopped is not None and not paused) or step >= settings.total_steps
+        due = last or (settings.eval_steps and step % settings.eval_steps == 0)
+        if (not self.stopped or paused) and due:
             self.eval_metrics = evaluate(t, settings)
             if not all(math.isfinite(v) for v in self.eval_metrics.values()):
                 self.watch.settle()  # a poisoned update says so, rather than its evaluation
             if self.eval_metrics:
                 self.reporter.record({"step": step, **self.eval_metrics})
                 self.write_samples(step)
-                self.stopped, keep_best = _decide(
-                    t.policies, lambda p: p.on_eval(step, self.eval_metrics))
+                stopped, keep_best = _decide(
+                    t.policies, lambda p: p.on_eval(step, self.eval_metrics), self.reporter.warn)
+                self.stopped = stopped or self.stopped
+                self.drop_late_pause()
                 if keep_best:
                     self.watch.settle()
                     save_best(t, step, self.eval_metrics)
@@ -589,6 +603,15 @@ class Loop:
         if stop_now and not (self.stopped or last):
             raise Interrupted(_interrupted(t, step, self.checkpointed))
         return self.stopped is not None
+
+    def paused(self) -> bool:
+        """Whether a policy paused the run (``Decision.resumable``) rather than ending it."""
+        return self.stopped is not None and self.stopped[1].resumable
+
+    def drop_late_pause(self) -> None:
+        """A pause at the last step is simply the run's end."""
+        if self.paused() and self.state.step >= self.settings.total_steps:
+            self.stopped = None
 
     def score_tasks(self, step: int) -> None:
         """``--eval-tasks``: the policy's scores on the lm-eval harness's tasks, as their own
@@ -641,9 +664,13 @@ class Loop:
     def finish(self) -> Outcome:
         """The final model (the best evaluation's weights where a policy keeps them), unless a
         policy distrusts the weights."""
-        t, stopped = self.t, self.stopped
+        t, stopped, paused = self.t, self.stopped, self.paused()
         saved = not (stopped and not stopped[1].save)
         restored_step = None
+        if paused:  # the checkpoint of this step is where --resume goes on
+            name, decision = stopped
+            return Outcome(self.state.step, name, decision.reason, self.train_metrics,
+                           self.eval_metrics, saved, self.initial_eval, paused=True)
         if saved and any(p.restores_best() for p in t.policies.values()):
             best = restore_best(t)
             if best is not None:

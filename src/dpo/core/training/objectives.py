@@ -148,6 +148,9 @@ def metric_sums(out: LossOutput, logps: PairLogps) -> dict[str, torch.Tensor]:
         "rewards/margins": (chosen - rejected).sum(),
         "logps/chosen": logps.policy_chosen.detach().sum(),
         "logps/rejected": logps.policy_rejected.detach().sum(),
+        # Per token: a summed log-prob also moves with the completion's length.
+        "logps/chosen_per_token": (logps.policy_chosen.detach()
+                                   / logps.chosen_tokens.clamp(min=1)).sum(),
     }
     n = out.losses.shape[0]
     for key, value in out.metrics.items():

@@ -33,7 +33,7 @@ from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
 from dpo.core.interfaces.logger import Logger, RunInfo
 from dpo.core.interfaces.loss import Loss
 from dpo.core.interfaces.plugins import Catalog
-from dpo.core.interfaces.stopping import StoppingPolicy
+from dpo.core.interfaces.stopping import RunContext, StoppingPolicy
 from dpo.core.model.activations import checkpoint_layers
 from dpo.core.model.dropout import disable_dropout
 from dpo.core.model.flops import FlopCounter
@@ -240,6 +240,13 @@ class Recipe:
             cls = catalog.stopping.get(name, asked="stop" in named)
             self.policies[name] = plugin_call(cls, "__init__", cls,
                                               cls.parse_options(config.plugin_options(name)))
+        context = RunContext(objective=config.objective, holds_out=holds_out(config),
+                             loss=None if self.loss is None else self.loss.name,
+                             loss_options=({} if self.loss is None
+                                           else self.loss.options.model_dump(mode="json")),
+                             world_size=dist.world_size)
+        for policy in self.policies.values():
+            plugin_call(policy, "prepare()", policy.prepare, context)
         if config.format:
             catalog.formats.get(config.format)
         self.loggers = resolve_loggers(config.log_to, catalog, config.plugin_options,
@@ -705,15 +712,15 @@ class Recipe:
 
     def finish(self, outcome: Outcome) -> Outcome:
         output, reporter, record = self.output, self.reporter, self.record
-        status = (f"stopped by {outcome.stopped_by}: {outcome.reason}" if outcome.stopped_by
-                  else "completed")
+        status = (f"{'paused' if outcome.paused else 'stopped'} by {outcome.stopped_by}: "
+                  f"{outcome.reason}" if outcome.stopped_by else "completed")
         record.update({"status": status, "steps": outcome.step, "final": outcome.train_metrics,
                        "final_eval": outcome.eval_metrics,
                        "initial_eval": outcome.initial_eval or None,
                        "restored_best_from_step": outcome.restored_step,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         self.taken.write(record)
-        if outcome.saved and self.dist.is_main:
+        if outcome.saved and not outcome.paused and self.dist.is_main:
             if self.config.keep_checkpoints:
                 kept = list_checkpoints(output)[-1:]
                 if kept:
@@ -727,9 +734,12 @@ class Recipe:
                 if removed:
                     reporter.info(f"removed {', '.join(p.name for p in removed)}: the run is "
                                   f"complete and its model is in {output / 'final'}")
-        if self.config.merge and outcome.saved and self.dist.is_main:
+        if self.config.merge and outcome.saved and not outcome.paused and self.dist.is_main:
             self.write_merged(record)
-        if outcome.stopped_by:
+        if outcome.paused:
+            reporter.warn(f"paused by {outcome.stopped_by} at step {outcome.step}: "
+                          f"{outcome.reason}; continue with --resume {output}")
+        elif outcome.stopped_by:
             reporter.warn(f"stopped by {outcome.stopped_by} at step {outcome.step}: "
                           f"{outcome.reason}")
         final_label = (f"eval (best, step {outcome.restored_step})"

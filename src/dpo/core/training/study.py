@@ -325,7 +325,7 @@ def run_study(request: StudyRequest, catalog: Catalog,
         announce(f"stage {number}/3: {name} from {config.model}, {config.max_steps} steps, "
                  f"into {config.output}")
         outcome = run(config, catalog, overwrite=request.overwrite)
-        if not outcome.saved:
+        if not outcome.saved or outcome.paused:
             raise StageFailed(f"the {name} stage stopped without a model ({outcome.reason}); "
                               f"see {config.output}/metrics.jsonl")
     announce(f"stage 3/3: the three models on {study.held_out} held-out questions")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from dpo.core.interfaces.errors import DpoError
+from dpo.core.interfaces.errors import DpoError, UsageError
 
 Mode = Literal["max", "min"]
 
@@ -20,3 +20,24 @@ def read_metric(policy: str, metric: str, metrics: dict[str, float]) -> float:
 
 def is_eval_metric(metric: str) -> bool:
     return metric.startswith("eval/")
+
+
+Source = Literal["auto", "eval", "train"]
+
+
+def resolve_source(policy: str, source: Source, holds_out: bool) -> str:
+    """The metric prefix a policy reads: ``"eval/"`` (its evaluations) or ``""`` (its training
+    steps). ``auto`` takes the evaluations when the run holds out data, else the steps."""
+    if source == "auto":
+        return "eval/" if holds_out else ""
+    if source == "eval" and not holds_out:
+        raise UsageError(f"--stop {policy} with metric_source=eval needs held-out data: give "
+                         f"--eval-data or --eval-fraction, or set -o {policy}.metric_source=train")
+    return "eval/" if source == "eval" else ""
+
+
+def preference_only(policy: str, objective: str) -> None:
+    """A one-line error for a policy on preference metrics in a run that reports none."""
+    if objective != "dpo":
+        raise UsageError(f"--stop {policy} watches preference metrics (rewards/..., logps/...), "
+                         f"which dpo {objective} does not report; drop --stop {policy}")
