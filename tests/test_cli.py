@@ -49,7 +49,7 @@ def test_help_lists_the_commands(app):
 
 @pytest.mark.parametrize("flag, value, kind, installed", [
     ("--backend", "tpu9", "backend", "cpu, cuda, rocm, xla, xpu"),
-    ("--loss", "nope", "loss", "cdpo, dpo, dpop"),
+    ("--loss", "nope", "loss", "cdpo, cpo, dpo, dpop"),
     ("--stop", "never", "stopping policy", "nan-guard"),
     ("--format", "csv", "data format", "preference"),
 ])

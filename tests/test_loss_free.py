@@ -11,12 +11,14 @@ import torch
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.loss import PairLogps
 from dpo.core.interfaces.plugins import DEFAULT_PLUGINS, collect, get_plugin_manager
+from dpo.plugins.losses.cpo import CPOLoss, cpo_loss
 from dpo.plugins.losses.orpo import ORPOLoss, log1mexp, log_odds, orpo_loss
 from dpo.plugins.losses.sft import SFTLoss, sft_loss
 from dpo.plugins.losses.simpo import SimPOLoss, simpo_loss
 
 LN2 = 0.6931471805599453
-MODULES = ("dpo.plugins.losses.simpo", "dpo.plugins.losses.orpo", "dpo.plugins.losses.sft")
+MODULES = ("dpo.plugins.losses.simpo", "dpo.plugins.losses.orpo", "dpo.plugins.losses.sft",
+           "dpo.plugins.losses.cpo")
 
 
 def pairs(chosen: list[float], rejected: list[float], chosen_tokens: list[int],
@@ -178,9 +180,47 @@ def test_sft_is_the_chosen_per_token_nll_and_ignores_the_rejected():
     assert sft_loss(torch.tensor([-1.5])).tolist() == [1.5]
 
 
-# -- all three --------------------------------------------------------------------------------
+# -- CPO --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", [SimPOLoss, ORPOLoss, SFTLoss], ids=["simpo", "orpo", "sft"])
+def test_cpo_at_equal_summed_log_probs_is_ln2_plus_the_nll():
+    """l_w = l_l = -6 (the chosen over 4 tokens): the preference term is -log sigma(0) = ln 2
+    whatever beta; the NLL is 6/4 = 1.5. alpha = 1: 0.6931471805599453 + 1.5 =
+    2.1931471805599454; alpha = 0.5: ln 2 + 0.75 = 1.4431471805599454; alpha = 0: ln 2.
+    Rewards are beta * l = 0.1 * -6 = -0.6 on both sides (summed log-probs, no reference)."""
+    logps = pairs([-6.0], [-6.0], [4], [2])
+    out = CPOLoss()(logps)
+    assert out.losses.item() == pytest.approx(2.1931471805599454, abs=1e-12)
+    assert out.metrics["cpo_loss"].item() == pytest.approx(LN2, abs=1e-12)
+    assert out.metrics["nll_loss"].item() == pytest.approx(1.5, abs=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([-0.6]) == out.rejected_rewards.tolist()
+    assert CPOLoss(alpha=0.5)(logps).losses.item() == pytest.approx(1.4431471805599454, abs=1e-12)
+    assert CPOLoss(alpha=0.0)(logps).losses.item() == pytest.approx(LN2, abs=1e-12)
+
+
+def test_cpo_at_a_known_point_and_its_gradient():
+    """beta = 0.5, alpha = 1; l_w = -2 over 2 tokens, l_l = -4.
+    z = 0.5 (-2 - (-4)) = 1; preference = log(1 + e^-1) = 0.31326168751822286;
+    NLL = 2/2 = 1; loss = 1.3132616875182228.
+    dL/dl_w = -beta sigma(-z) - alpha/n_w = -0.5 * 0.2689414213699951 - 0.5
+            = -0.6344707106849976 (pushed up); dL/dl_l = +beta sigma(-z) = 0.13447071068499755
+    (pushed down). With one pair the batch mean is the pair's loss."""
+    logps = pairs([-2.0], [-4.0], [2], [3])
+    out = CPOLoss(beta=0.5, alpha=1.0)(logps)
+    assert out.losses.item() == pytest.approx(1.3132616875182228, abs=1e-12)
+    out.loss.backward()
+    assert logps.policy_chosen.grad.item() == pytest.approx(-0.6344707106849976, abs=1e-12)
+    assert logps.policy_rejected.grad.item() == pytest.approx(0.13447071068499755, abs=1e-12)
+    losses, prefer, nll = cpo_loss(torch.tensor([-2.0], dtype=torch.float64),
+                                   torch.tensor([-4.0], dtype=torch.float64),
+                                   torch.tensor([-1.0], dtype=torch.float64), 0.5, 1.0)
+    assert (losses.item(), prefer.item(), nll.item()) == pytest.approx(
+        (1.3132616875182228, 0.31326168751822286, 1.0), abs=1e-12)
+
+
+# -- all four ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [SimPOLoss, ORPOLoss, SFTLoss, CPOLoss],
+                         ids=["simpo", "orpo", "sft", "cpo"])
 def test_reference_free_losses_ignore_a_reference_and_keep_the_graph(cls):
     """No reference needed; one given changes nothing (the loss never reads it). Only the
     losses carry the graph."""
@@ -202,6 +242,7 @@ def test_options_defaults_and_bad_values():
     assert SimPOLoss().options.model_dump() == {"beta": 2.0, "gamma": 0.5}
     assert ORPOLoss().options.model_dump() == {"beta": 0.1}
     assert SFTLoss().options.model_dump() == {}
+    assert CPOLoss().options.model_dump() == {"beta": 0.1, "alpha": 1.0}
     assert SimPOLoss.parse_options({"gamma": "1.25", "beta": "2.5"}).gamma == 1.25
     for cls, values, key in [(SimPOLoss, {"gamma": "-0.1"}, "gamma"),
                              (SimPOLoss, {"beta": "0"}, "beta"),
@@ -222,5 +263,6 @@ def test_built_in_modules_register_the_reference_free_losses():
     assert catalog.losses.get("simpo") is SimPOLoss
     assert catalog.losses.get("orpo") is ORPOLoss
     assert catalog.losses.get("sft") is SFTLoss
-    for module, name in zip(MODULES, ("simpo", "orpo", "sft")):
+    assert catalog.losses.get("cpo") is CPOLoss
+    for module, name in zip(MODULES, ("simpo", "orpo", "sft", "cpo")):
         assert catalog.registrations[module]["dpo_register_losses"] == [name]

@@ -1,4 +1,4 @@
-"""Reference-free losses (simpo, orpo, sft) run end to end with no reference at all: no second
+"""Reference-free losses (simpo, orpo, sft, cpo) run end to end with no reference at all: no second
 model in memory, no reference forward pass, no reference log-prob file; the run says so, flags
 that only mean something with a reference are refused, and ``dpo eval`` of such a run works."""
 
@@ -17,7 +17,7 @@ import dpo.core.training.refcache as refcache
 import dpo.core.training.run as run_module
 from dpo.core.model.flops import FlopCounter
 
-FREE = ("simpo", "orpo", "sft")
+FREE = ("simpo", "orpo", "sft", "cpo")
 EXAMPLE_PAIRS = Path(__file__).resolve().parent.parent / "examples" / "pairs.jsonl"
 
 

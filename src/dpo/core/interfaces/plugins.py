@@ -54,6 +54,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "dpo.plugins.losses.dpop",
     "dpo.plugins.losses.rpo",
     "dpo.plugins.losses.simpo",
+    "dpo.plugins.losses.cpo",
     "dpo.plugins.losses.orpo",
     "dpo.plugins.losses.sft",
     "dpo.plugins.losses.kto",
