@@ -16,11 +16,12 @@ The public API for plugin authors::
 __version__ = "0.1.0"
 
 from dpo.core.interfaces.backend import Backend, MemoryStats  # noqa: E402
-from dpo.core.interfaces.data_format import DataFormat, Demonstration, PreferencePair, UnusableRecord  # noqa: E402
+from dpo.core.interfaces.data_format import (DataFormat, Demonstration, LabeledCompletion,  # noqa: E402
+                                             PreferencePair, UnusableRecord)
 from dpo.core.interfaces.errors import DataError, DpoError, UsageError  # noqa: E402
 from dpo.core.interfaces.hookspecs import hookimpl  # noqa: E402
 from dpo.core.interfaces.logger import Logger, RunInfo  # noqa: E402
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps  # noqa: E402
+from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps, UnpairedLogps  # noqa: E402
 from dpo.core.interfaces.options import PluginOptions  # noqa: E402
 from dpo.core.interfaces.stopping import CONTINUE, Decision, RunContext, StoppingPolicy  # noqa: E402
 
@@ -32,6 +33,7 @@ __all__ = [
     "Decision",
     "Demonstration",
     "DpoError",
+    "LabeledCompletion",
     "Logger",
     "Loss",
     "LossOutput",
@@ -42,6 +44,7 @@ __all__ = [
     "RunContext",
     "RunInfo",
     "StoppingPolicy",
+    "UnpairedLogps",
     "UnusableRecord",
     "UsageError",
     "__version__",
