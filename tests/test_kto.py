@@ -25,7 +25,7 @@ from dpo.core.model.loading import load_model
 from dpo.core.model.logps import batch_logps
 from dpo.core.model.paths import PLAIN
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.core.training.unpaired import KtoObjective, per_label
+from dpo.core.training.unpaired import KtoObjective, kl_estimate, per_label
 from dpo.plugins.losses.kto import KTOLoss, kto_loss
 from dpo.plugins.formats.unpaired import UnpairedFormat
 from dpo.testing import CrashAt
@@ -243,6 +243,21 @@ def test_the_kl_estimate_comes_from_the_mismatched_rows_detached():
         matched = (logps.policy - logps.reference).mean().item()
     assert logps.kl.item() == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert abs(matched - want) > 1e-3
+
+
+def test_the_kl_estimate_keeps_float64_and_raises_half_precision_to_float32():
+    """kl_estimate is the mean of policy - reference over the mismatched rows: for policy
+    [-1.1, -2.2, -0.4] and reference [-1.2, -2.4, -0.8] the differences are 0.1, 0.2, 0.4 and
+    the mean 0.7 / 3. Float64 inputs keep float64 (as exact as the mean itself); bfloat16 is
+    raised to float32 before the sum; no row is 0."""
+    policy = torch.tensor([-1.1, -2.2, -0.4], dtype=torch.float64)
+    reference = torch.tensor([-1.2, -2.4, -0.8], dtype=torch.float64)
+    kl = kl_estimate(policy, reference)
+    assert kl.dtype == torch.float64
+    assert kl.item() == pytest.approx(0.7 / 3, rel=1e-15)
+    half = kl_estimate(policy.bfloat16(), reference.bfloat16())
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(0.7 / 3, rel=2e-2)
+    assert kl_estimate(policy[:0], reference[:0]).item() == 0.0
 
 
 # -- dpo run --loss kto ------------------------------------------------------------------------
