@@ -325,6 +325,39 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, invoke):
             == deterministic(records(tmp_path / "straight")))
 
 
+def test_samples_of_unpaired_examples_record_their_label(tmp_path, invoke):
+    """--sample-prompts with KTO: each held-out example's one completion is its desirable
+    (``chosen``) or undesirable (``rejected``) answer, by its label, and the line says the
+    label. The held-out file's first two examples are "What is 1 plus 2? " answered "3."
+    (right: desirable) and "What is 2 plus 3? " answered "6." (wrong: undesirable).
+    ``dpo sample`` of the run's model writes the run's last lines."""
+    data = write_unpaired(tmp_path / "u.jsonl")
+    held = write_unpaired(tmp_path / "held.jsonl", 4)
+    out = tmp_path / "out"
+    done = invoke("run", *common(data, out, 2), "--eval-data", str(held),
+                  "--sample-prompts", "2", "--sample-max-new-tokens", "3")
+    assert done.exit_code == 0, done.output
+    got = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["index"]) for r in got] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    for r in got:
+        assert set(r) == {"step", "index", "prompt", "chosen", "rejected", "completion",
+                          "label"}
+        assert isinstance(r["completion"], str)
+    assert got[0]["prompt"].startswith("What is 1 plus 2?")
+    assert (got[0]["label"], got[0]["chosen"], got[0]["rejected"]) == (True, "3.", None)
+    assert got[1]["prompt"].startswith("What is 2 plus 3?")
+    assert (got[1]["label"], got[1]["chosen"], got[1]["rejected"]) == (False, None, "6.")
+    again = invoke("sample", "--model", str(out), "--data", str(held), "-n", "2",
+                   "--max-new-tokens", "3", "--json")
+    assert again.exit_code == 0, again.output
+    assert [json.loads(line) for line in again.stdout.splitlines()] == got[2:]
+    shown = invoke("sample", "--model", str(out), "--data", str(held), "-n", "2",
+                   "--max-new-tokens", "3")
+    assert shown.exit_code == 0, shown.output
+    assert "desirable:" in shown.stdout and "undesirable:" in shown.stdout
+    assert "chosen:" not in shown.stdout
+
+
 def test_kto_trains_on_pairs_unpaired(tmp_path, invoke, pairs):
     """Preference pairs are unpaired as they are read: the 24 arithmetic pairs are 48
     examples, 24 of each label."""
