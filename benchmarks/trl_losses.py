@@ -31,6 +31,21 @@ which imports torch and trl only). For each pair it calls
   odds; the NLL beside it is the chosen completion's per-token mean, which TRL's ORPO takes
   over prompt and completion tokens (ours: completion only), so the total is compared with
   NLL = -l_w/n_w.
+- ``KTOTrainer._compute_loss`` (``trl.KTOTrainer``, stable since 1.16) for KTO, batch by batch
+  (the KL estimate is a batch quantity): random micro-batches of unpaired examples, each with
+  its summed policy and reference log-probs, its label and the summed log-probs of its
+  mismatched row (its prompt with another example's completion). Called unbound on a namespace
+  with ``calculate_KL``, precomputed ``ref_logps``/``ref_KL_logps``, the weights and beta, TRL's
+  own ``_compute_kl_logps``, an identity accelerator, and a stand-in model whose ``log_probs``
+  hold each row's sum at one position (the KL rows are told apart by their input ids). Its
+  return is the batch mean; each example's own loss is TRL's value for a batch of that example
+  alone with the same mismatched rows (so the same KL: TRL's KL rows need not match its
+  examples one to one). Its ``kl`` and per-label ``rewards/*``, ``logps/*`` metrics are
+  compared too. Ours: ``kl_estimate`` of ``dpo.core.training.unpaired`` on the mismatched rows,
+  the plugin on the examples, and the run's per-label metric means. On one process the two KL
+  estimates are one formula; over several, TRL averages each process's mean and ours divides
+  the sum over all mismatched rows by their count (the same when micro-batches are equal). A
+  micro-batch of one example: TRL refuses it, ours uses no mismatched row (KL 0); not compared.
 
 Our side loads every loss through the plugin manager (``--loss NAME`` as a run would) and
 skips, saying so, a name in ``CASES`` that is not registered here, so that the table checks
@@ -56,7 +71,8 @@ TORCH_VERSION = "2.13.0"
 TOLERANCE = 1e-9  # float64 on both sides; relative to max(1, |value|)
 
 # Our loss name -> how TRL 1.16 computes the same thing. ``trainer``: dpo (DPOTrainer loss
-# types), cpo (CPOTrainer.cpo_loss), orpo (ORPOTrainer.odds_ratio_loss). ``on_purpose``: why
+# types), cpo (CPOTrainer.cpo_loss), orpo (ORPOTrainer.odds_ratio_loss), kto
+# (KTOTrainer._compute_loss, on unpaired micro-batches). ``on_purpose``: why
 # ours differs, where it does.
 CASES: list[dict] = [
     {"loss": "dpo", "options": {"beta": 0.1}, "trainer": "dpo", "loss_type": ["sigmoid"],
@@ -94,6 +110,14 @@ CASES: list[dict] = [
     # precision.
     {"loss": "orpo", "options": {"beta": 0.1}, "trainer": "orpo", "trl": {"beta": 0.1},
      "tolerance": 1e-6},
+    # Unpaired examples in micro-batches of 2-8 (``random_batches``), compared per example
+    # and per batch (its mean loss, the KL estimate and the per-label metrics).
+    {"loss": "kto", "options": {"beta": 0.1}, "trainer": "kto", "loss_type": "kto",
+     "trl": {"beta": 0.1}},
+    {"loss": "kto", "options": {"beta": 0.5, "desirable_weight": 1.33,
+                                "undesirable_weight": 0.8},
+     "trainer": "kto", "loss_type": "kto",
+     "trl": {"beta": 0.5, "desirable_weight": 1.33, "undesirable_weight": 0.8}},
     {"loss": "dpop", "options": {}, "trainer": None,
      "none": "TRL 1.16 has no DPO-Positive loss"},
 ]
@@ -119,6 +143,41 @@ def random_pairs(n: int, seed: int) -> list[dict]:
         pairs.append({"policy_chosen": pw, "policy_rejected": pl, "ref_chosen": rw,
                       "ref_rejected": rl, "chosen_tokens": nw, "rejected_tokens": nl})
     return pairs
+
+
+def random_batches(n: int, seed: int) -> list[list[dict]]:
+    """``n`` (at least 2) unpaired examples in micro-batches of 2 to 9. Per example: summed
+    policy and reference log-probs of its completion, its label (True: desirable), and the
+    summed policy and reference log-probs of its mismatched row. The first batches are edge
+    cases: policy == reference everywhere (the loss is lambda_y / 2), all desirable, all
+    undesirable, and a negative KL estimate (clamped at 0)."""
+    rng = random.Random(seed)
+    batches: list[list[dict]] = []
+    left = max(n, 2)
+    while left > 0:
+        size = min(left, rng.randint(2, 8))
+        if left - size == 1:  # no micro-batch of one: it has no mismatched row
+            size += 1
+        batch = []
+        for _ in range(size):
+            tokens = rng.randint(1, 40)
+            policy = -rng.uniform(0.01, 4.0) * tokens
+            mismatched = -rng.uniform(0.5, 6.0) * rng.randint(1, 40)
+            batch.append({"policy": policy, "reference": policy + rng.gauss(0, 3),
+                          "label": rng.random() < 0.5, "tokens": tokens,
+                          "policy_kl": mismatched + rng.gauss(0.5, 2),
+                          "reference_kl": mismatched})
+        b = len(batches)
+        for e in batch:
+            if b == 0:
+                e["reference"], e["reference_kl"] = e["policy"], e["policy_kl"]
+            elif b in (1, 2):
+                e["label"] = b == 1
+            elif b == 3:
+                e["policy_kl"] = e["reference_kl"] - 0.1 - abs(rng.gauss(1, 1))
+        batches.append(batch)
+        left -= size
+    return batches
 
 
 # -- TRL's side (runs in the TRL venv: torch and trl only) -----------------------------------
@@ -194,6 +253,53 @@ def trl_side(in_path: str, out_path: str) -> None:
         return {"loss": -chosen - float(losses[0]), "log_odds_ratio": float(ratio),
                 "log_odds_chosen": float(log_odds)}
 
+    def kto_values(case: dict, batch: list[dict]) -> list[dict]:
+        """Each example's loss (TRL on that example alone, with the batch's mismatched rows),
+        then the batch's mean loss and metrics."""
+        from trl import KTOTrainer
+
+        def call(examples: list[dict]) -> tuple[float, dict]:
+            b, m = len(examples), len(batch)
+
+            def model(input_ids, **kwargs):
+                # KL rows carry input ids 1, the examples' rows 0; each row's sum at position 0.
+                rows = batch if int(input_ids[0, 0]) == 1 else examples
+                key = "policy_kl" if int(input_ids[0, 0]) == 1 else "policy"
+                log_probs = torch.zeros(len(rows), 1)
+                log_probs[:, 0] = torch.tensor([e[key] for e in rows])
+                return SimpleNamespace(log_probs=log_probs, entropy=torch.zeros(len(rows), 1),
+                                       mean_logits=torch.zeros(len(rows), 1), aux_loss=None)
+
+            inputs = {"input_ids": torch.zeros(b, 2, dtype=torch.long),
+                      "attention_mask": torch.ones(b, 2, dtype=torch.long),
+                      "completion_mask": torch.ones(b, 2, dtype=torch.long),
+                      "KL_input_ids": torch.ones(m, 2, dtype=torch.long),
+                      "KL_attention_mask": torch.ones(m, 2, dtype=torch.long),
+                      "KL_completion_mask": torch.ones(m, 2, dtype=torch.long),
+                      "label": torch.tensor([e["label"] for e in examples]),
+                      "ref_logps": torch.tensor([e["reference"] for e in examples]),
+                      "ref_KL_logps": torch.tensor([e["reference_kl"] for e in batch])}
+            this = SimpleNamespace(
+                model=SimpleNamespace(training=True), accelerator=accelerator,
+                aux_loss_enabled=False, calculate_KL=True, precompute_ref_logps=True,
+                loss_type=case["loss_type"], beta=case["trl"]["beta"],
+                desirable_weight=case["trl"].get("desirable_weight", 1.0),
+                undesirable_weight=case["trl"].get("undesirable_weight", 1.0),
+                _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0,
+                _tp_size=1, ref_model=None)
+            this._compute_kl_logps = lambda m_, b_: KTOTrainer._compute_kl_logps(this, m_, b_)
+            loss = KTOTrainer._compute_loss(this, model, inputs, False)
+            return float(loss), {k: v[-1] for k, v in this._metrics["train"].items()}
+
+        values = [{"loss": call([e])[0]} for e in batch]
+        mean, metrics = call(batch)
+        summary = {"batch_loss": mean}
+        for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                     "logps/chosen", "logps/rejected"):
+            if name in metrics:
+                summary[name] = float(metrics[name])
+        return values + [summary]
+
     results = {}
     for key, case in cases.items():
         if case["trainer"] == "dpo":
@@ -202,6 +308,8 @@ def trl_side(in_path: str, out_path: str) -> None:
             results[key] = [{"loss": cpo_value(case, p)} for p in pairs]
         elif case["trainer"] == "orpo":
             results[key] = [orpo_value(case, p) for p in pairs]
+        elif case["trainer"] == "kto":
+            results[key] = [v for batch in request["batches"] for v in kto_values(case, batch)]
     Path(out_path).write_text(json.dumps({"trl": trl.__version__, "torch": torch.__version__,
                                           "values": results}))
 
@@ -244,10 +352,51 @@ def our_values(case: dict, pairs: list[dict], catalog) -> tuple[list[dict] | Non
     return values, ""
 
 
-def run_trl(trl_python: str, pairs: list[dict], cases: dict) -> dict:
+def our_unpaired_values(case: dict, batches: list[list[dict]], catalog
+                        ) -> tuple[list[dict] | None, str]:
+    """Per batch: each example's loss, then the batch's mean loss, the KL estimate the loss
+    used (z_ref, float64) and the per-label metric means as a run logs them."""
+    import torch
+
+    from dpo.core.interfaces.errors import UsageError
+    from dpo.core.interfaces.loss import UnpairedLogps
+    from dpo.core.training.unpaired import kl_estimate, per_label, unpaired_metric_sums
+
+    if case["loss"] not in catalog.losses.names():
+        return None, "skipped: not registered here"
+    cls = catalog.losses.get(case["loss"])
+    try:
+        loss = cls(cls.parse_options(case["options"]))
+    except UsageError as e:
+        return None, f"skipped: {e}"
+    values: list[dict] = []
+    for batch in batches:
+        def column(key: str, dtype=torch.float64):
+            return torch.tensor([e[key] for e in batch], dtype=dtype)
+
+        kl = kl_estimate(column("policy_kl"), column("reference_kl"))
+        logps = UnpairedLogps(policy=column("policy"), labels=column("label", torch.bool),
+                              tokens=column("tokens", torch.long), kl=kl,
+                              reference=column("reference"))
+        out = loss(logps)
+        values += [{"loss": float(v)} for v in out.losses.detach()]
+        n = len(batch)
+        metrics = per_label({k: float(v) / n
+                             for k, v in unpaired_metric_sums(out, logps).items()})
+        summary = {"batch_loss": metrics.pop("loss"), "kl": float(kl.clamp(min=0))}
+        summary.update({k: metrics[k] for k in ("rewards/chosen", "rewards/rejected",
+                                                "rewards/margins", "logps/chosen",
+                                                "logps/rejected") if k in metrics})
+        values.append(summary)
+    return values, ""
+
+
+def run_trl(trl_python: str, pairs: list[dict], cases: dict,
+            batches: list[list[dict]] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         request, answer = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        request.write_text(json.dumps({"pairs": pairs, "cases": cases}))
+        request.write_text(json.dumps({"pairs": pairs, "cases": cases,
+                                       "batches": batches or []}))
         done = subprocess.run([trl_python, __file__, "--trl-side", str(request), str(answer)],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -261,8 +410,9 @@ def compare(trl_python: str, n: int = 64, seed: int = 0) -> dict:
 
     catalog = collect(get_plugin_manager(load_entrypoints=False))
     pairs = random_pairs(n, seed)
+    batches = random_batches(n, seed)
     with_trl = {case_key(i, c): c for i, c in enumerate(CASES) if c["trainer"]}
-    trl = run_trl(trl_python, pairs, with_trl)
+    trl = run_trl(trl_python, pairs, with_trl, batches)
     rows = []
     for i, case in enumerate(CASES):
         row = {"loss": case["loss"], "options": case["options"],
@@ -275,14 +425,19 @@ def compare(trl_python: str, n: int = 64, seed: int = 0) -> dict:
             row["status"] = f"no counterpart: {case['none']}"
             rows.append(row)
             continue
-        ours, why = our_values(case, pairs, catalog)
+        ours, why = (our_unpaired_values(case, batches, catalog) if case["trainer"] == "kto"
+                     else our_values(case, pairs, catalog))
         if ours is None:
             row["status"] = why
             rows.append(row)
             continue
         theirs = trl["values"][case_key(i, case)]
         worst, scaled = 0.0, 0.0
+        if len(ours) != len(theirs):  # pragma: no cover - the two sides read the same inputs
+            raise SystemExit(f"{case['loss']}: {len(ours)} values here, {len(theirs)} from TRL")
+        missing = set()
         for mine, other in zip(ours, theirs):
+            missing |= set(other) - set(mine)
             for name, value in other.items():
                 if name in mine:
                     d = abs(mine[name] - value)
@@ -290,21 +445,24 @@ def compare(trl_python: str, n: int = 64, seed: int = 0) -> dict:
                     scaled = max(scaled, d / max(1.0, abs(value)))
         row["max_abs_diff"] = worst
         row["max_rel_diff"] = scaled
-        agree = scaled <= case.get("tolerance", TOLERANCE) and all(math.isfinite(r["loss"]) for r in ours)
+        agree = (not missing and scaled <= case.get("tolerance", TOLERANCE)
+                 and all(math.isfinite(v) for r in ours for v in r.values()))
         if agree:
             row["status"] = "agrees"
         elif case.get("on_purpose"):
             row["status"] = f"differs on purpose: {case['on_purpose']}"
         else:
-            row["status"] = "DIFFERS"
+            row["status"] = "DIFFERS" + (f" (not computed here: {sorted(missing)})"
+                                         if missing else "")
         rows.append(row)
-    return {"pairs": n, "seed": seed, "trl": trl["trl"], "trl_torch": trl["torch"],
-            "rows": rows}
+    return {"pairs": n, "batches": len(batches), "seed": seed, "trl": trl["trl"],
+            "trl_torch": trl["torch"], "rows": rows}
 
 
 def show(result: dict) -> None:
     print(f"TRL {result['trl']} (torch {result['trl_torch']}), {result['pairs']} random pairs "
-          f"(seed {result['seed']}), float64")
+          f"(seed {result['seed']}), float64; unpaired losses: as many examples in "
+          f"{result['batches']} micro-batches")
     print("| loss | options | TRL 1.16 | max abs diff | max rel diff | result |")
     print("|---|---|---|---|---|---|")
     for r in result["rows"]:
@@ -354,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    return 1 if any(r["status"] == "DIFFERS" for r in result["rows"]) else 0
+    return 1 if any(r["status"].startswith("DIFFERS") for r in result["rows"]) else 0
 
 
 if __name__ == "__main__":

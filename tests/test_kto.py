@@ -25,7 +25,7 @@ from dpo.core.model.loading import load_model
 from dpo.core.model.logps import batch_logps
 from dpo.core.model.paths import PLAIN
 from dpo.core.training.loop import TIMING_KEYS
-from dpo.core.training.unpaired import KtoObjective, per_label
+from dpo.core.training.unpaired import KtoObjective, kl_estimate, per_label
 from dpo.plugins.losses.kto import KTOLoss, kto_loss
 from dpo.plugins.formats.unpaired import UnpairedFormat
 from dpo.testing import CrashAt
@@ -245,6 +245,21 @@ def test_the_kl_estimate_comes_from_the_mismatched_rows_detached():
     assert abs(matched - want) > 1e-3
 
 
+def test_the_kl_estimate_keeps_float64_and_raises_half_precision_to_float32():
+    """kl_estimate is the mean of policy - reference over the mismatched rows: for policy
+    [-1.1, -2.2, -0.4] and reference [-1.2, -2.4, -0.8] the differences are 0.1, 0.2, 0.4 and
+    the mean 0.7 / 3. Float64 inputs keep float64 (as exact as the mean itself); bfloat16 is
+    raised to float32 before the sum; no row is 0."""
+    policy = torch.tensor([-1.1, -2.2, -0.4], dtype=torch.float64)
+    reference = torch.tensor([-1.2, -2.4, -0.8], dtype=torch.float64)
+    kl = kl_estimate(policy, reference)
+    assert kl.dtype == torch.float64
+    assert kl.item() == pytest.approx(0.7 / 3, rel=1e-15)
+    half = kl_estimate(policy.bfloat16(), reference.bfloat16())
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(0.7 / 3, rel=2e-2)
+    assert kl_estimate(policy[:0], reference[:0]).item() == 0.0
+
+
 # -- dpo run --loss kto ------------------------------------------------------------------------
 
 def write_unpaired(path: Path, n: int = 16) -> Path:
@@ -308,6 +323,39 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, invoke):
     assert resumed.exit_code == 0, resumed.output
     assert (deterministic(records(tmp_path / "resumed"))
             == deterministic(records(tmp_path / "straight")))
+
+
+def test_samples_of_unpaired_examples_record_their_label(tmp_path, invoke):
+    """--sample-prompts with KTO: each held-out example's one completion is its desirable
+    (``chosen``) or undesirable (``rejected``) answer, by its label, and the line says the
+    label. The held-out file's first two examples are "What is 1 plus 2? " answered "3."
+    (right: desirable) and "What is 2 plus 3? " answered "6." (wrong: undesirable).
+    ``dpo sample`` of the run's model writes the run's last lines."""
+    data = write_unpaired(tmp_path / "u.jsonl")
+    held = write_unpaired(tmp_path / "held.jsonl", 4)
+    out = tmp_path / "out"
+    done = invoke("run", *common(data, out, 2), "--eval-data", str(held),
+                  "--sample-prompts", "2", "--sample-max-new-tokens", "3")
+    assert done.exit_code == 0, done.output
+    got = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["index"]) for r in got] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    for r in got:
+        assert set(r) == {"step", "index", "prompt", "chosen", "rejected", "completion",
+                          "label"}
+        assert isinstance(r["completion"], str)
+    assert got[0]["prompt"].startswith("What is 1 plus 2?")
+    assert (got[0]["label"], got[0]["chosen"], got[0]["rejected"]) == (True, "3.", None)
+    assert got[1]["prompt"].startswith("What is 2 plus 3?")
+    assert (got[1]["label"], got[1]["chosen"], got[1]["rejected"]) == (False, None, "6.")
+    again = invoke("sample", "--model", str(out), "--data", str(held), "-n", "2",
+                   "--max-new-tokens", "3", "--json")
+    assert again.exit_code == 0, again.output
+    assert [json.loads(line) for line in again.stdout.splitlines()] == got[2:]
+    shown = invoke("sample", "--model", str(out), "--data", str(held), "-n", "2",
+                   "--max-new-tokens", "3")
+    assert shown.exit_code == 0, shown.output
+    assert "desirable:" in shown.stdout and "undesirable:" in shown.stdout
+    assert "chosen:" not in shown.stdout
 
 
 def test_kto_trains_on_pairs_unpaired(tmp_path, invoke, pairs):

@@ -281,6 +281,27 @@ def test_samples_show_the_first_and_last_completion_escaped(tmp_path):
     assert "policy at step 0" in page and "answer 2 at 5" in page and "answer 3" not in page
 
 
+def test_samples_of_unpaired_examples_are_shown_as_desirable_or_undesirable(tmp_path):
+    """A KTO run's sample lines carry a label and one answer (under ``chosen`` when desirable,
+    ``rejected`` when undesirable): the table's answer columns are then named desirable and
+    undesirable, each answer in its label's column and a dash in the other."""
+    run_dir = write_run(tmp_path / "run", [{"step": 0, "eval/loss": 0.7},
+                                           {"step": 2, "eval/loss": 0.5}])
+    samples = [{"step": step, "index": i, "prompt": f"Q{i}", "label": i == 0,
+                "chosen": "good" if i == 0 else None, "rejected": None if i == 0 else "bad",
+                "completion": f"answer {i} at {step}"} for step in (0, 2) for i in range(2)]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    run, = read_runs([run_dir])
+    _, _, shown = sample_rows(run)
+    assert [r["label"] for r in shown] == [True, False]
+    assert cli("report", str(run_dir)).exit_code == 0
+    page = (run_dir / "report" / "report.html").read_text()
+    assert "<th>desirable</th><th>undesirable</th>" in page and "<th>chosen</th>" not in page
+    dash = '<td class="text"><span class=muted>-</span></td>'
+    assert (f'<td class="text">Q0</td><td class="text">good</td>{dash}' in page
+            and f'<td class="text">Q1</td>{dash}<td class="text">bad</td>' in page)
+
+
 def test_a_failure_midway_leaves_the_previous_report_as_it_was(tmp_path, monkeypatch):
     run_dir = write_run(tmp_path / "run", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}])
     assert cli("report", str(run_dir)).exit_code == 0

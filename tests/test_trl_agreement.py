@@ -35,7 +35,22 @@ def test_every_registered_loss_agrees_with_trl_or_says_why_not():
     assert result["trl"].startswith("1.16")
     by_status = {}
     for row in result["rows"]:
-        assert row["status"] != "DIFFERS", row
+        assert not row["status"].startswith("DIFFERS"), row
         by_status.setdefault(row["status"].split(":")[0], []).append(row["loss"])
-    assert {"dpo", "cdpo", "ipo", "sft", "simpo", "orpo"} <= set(by_status["agrees"])
+    assert {"dpo", "cdpo", "ipo", "sft", "simpo", "orpo", "kto"} <= set(by_status["agrees"])
     assert "ipo" in by_status["differs on purpose"]  # length_normalize=false
+    kto = [row for row in result["rows"] if row["loss"] == "kto"]
+    assert len(kto) == 2 and kto[1]["options"]["desirable_weight"] != 1.0
+
+
+def test_kto_batches_hold_the_edge_cases():
+    """The unpaired inputs: every example in a micro-batch of at least two (a KL estimate
+    needs another example's completion), and the first batches are policy == reference, all
+    desirable, all undesirable, and a negative KL estimate."""
+    script = load_script()
+    batches = script.random_batches(64, 0)
+    assert sum(len(b) for b in batches) == 64 and min(len(b) for b in batches) >= 2
+    assert all(e["policy"] == e["reference"] and e["policy_kl"] == e["reference_kl"]
+               for e in batches[0])
+    assert all(e["label"] for e in batches[1]) and not any(e["label"] for e in batches[2])
+    assert sum(e["policy_kl"] - e["reference_kl"] for e in batches[3]) < 0

@@ -66,8 +66,10 @@ def show(samples: list[Sample]) -> None:
     for sample in samples:
         step = f", step {sample.step}" if sample.step is not None else ""
         console.print(Text(f"── prompt {sample.index}{step} ──", style="bold"))
-        for label, text in (("prompt", sample.prompt), ("chosen", sample.chosen),
-                            ("rejected", sample.rejected), ("completion", sample.completion)):
+        answers = ("chosen", "rejected") if sample.label is None else ("desirable",
+                                                                        "undesirable")
+        for label, text in (("prompt", sample.prompt), (answers[0], sample.chosen),
+                            (answers[1], sample.rejected), ("completion", sample.completion)):
             if text is None:
                 continue
             console.print(Text(f"{label}:", style="bold"))

@@ -74,7 +74,8 @@ def downstream_table(runs: list[Run]) -> str:
 def sample_rows(run: Run, count: int = SAMPLE_PROMPTS) -> tuple[int, int, list[dict[str, Any]]] | None:
     """(first step, last step, rows): the first ``count`` prompts sampled at the run's first
     evaluated step, each with its completion then and at the last step (None if not sampled
-    then)."""
+    then). ``label``: an unpaired example's (True: desirable, its answer under ``chosen``;
+    False: under ``rejected``), None for a pair or a demonstration."""
     steps = sorted({s["step"] for s in run.samples})
     if not steps:
         return None
@@ -87,7 +88,9 @@ def sample_rows(run: Run, count: int = SAMPLE_PROMPTS) -> tuple[int, int, list[d
         end = by_key.get((last, index))
         rows.append({"index": index, "prompt": start["prompt"], "chosen": start.get("chosen"),
                      "rejected": start.get("rejected"), "first": start.get("completion"),
-                     "last": end.get("completion") if end else None})
+                     "last": end.get("completion") if end else None,
+                     "label": start.get("label") if isinstance(start.get("label"), bool)
+                     else None})
     return first, last, rows
 
 
@@ -98,7 +101,10 @@ def samples_section(runs: list[Run]) -> str:
         if not found:
             continue
         first, last, rows = found
-        head = ("<tr><th>prompt</th><th>chosen</th><th>rejected</th>"
+        # Unpaired examples (KTO) have one answer each, desirable or undesirable.
+        answers = (("desirable", "undesirable")
+                   if any(r["label"] is not None for r in rows) else ("chosen", "rejected"))
+        head = (f"<tr><th>prompt</th><th>{answers[0]}</th><th>{answers[1]}</th>"
                 f"<th>policy at step {first}</th><th>policy at step {last}</th></tr>")
         body = "".join(
             "<tr>" + "".join(f'<td class="text">{_e(v) if v is not None else "<span class=muted>-</span>"}</td>'

@@ -690,9 +690,7 @@ class Recipe:
         config = self.config
         if not config.sample_prompts:
             return None
-        held_out = ([e.example for e in self.eval_examples] if self.unpaired
-                    else self.eval_examples)
-        prompts = sample_prompts(held_out, self.tokenizer, config.sample_prompts)
+        prompts = sample_prompts(self.eval_examples, self.tokenizer, config.sample_prompts)
         if len(prompts) < config.sample_prompts:
             self.reporter.info(f"--sample-prompts {config.sample_prompts}: the run holds out "
                                f"{len(prompts)} {self.noun}; sampling all of them")

@@ -13,6 +13,13 @@ demonstrations, ``chosen`` is the demonstration's answer and ``rejected`` is nul
 ``completion`` is the policy's, decoded without special tokens, up to its end-of-sequence
 token or ``max_new_tokens``. ``dpo sample`` writes the same lines from any model.
 
+An unpaired example (KTO's: one completion, labelled) has one answer, under ``chosen`` when it
+is desirable and under ``rejected`` when it is undesirable (the other null; as TRL's KTO
+metrics name the two labels), and its line alone carries ``"label": true`` or ``false``::
+
+    {"step": 0, "index": 1, "prompt": "...", "chosen": null, "rejected": "...",
+     "completion": "...", "label": false}
+
 Decoding is greedy unless a temperature is given; sampling draws from a generator of its own,
 seeded the same at every evaluation, so that the training's random stream is untouched and the
 samples are reproducible (and differ between evaluations only because the model did).
@@ -36,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dpo.core.data.tokenization import TokenizedExample, TokenizedPair
+from dpo.core.data.unpaired import TokenizedUnpaired
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.training.checkpoint import write_text_atomic
 from dpo.core.training.distributed import DistInfo
@@ -47,17 +55,19 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 @dataclass(frozen=True)
 class SamplePrompt:
-    """One held-out prompt and its answers, as token ids and as text."""
+    """One held-out prompt and its answers, as token ids and as text; ``label``: an unpaired
+    example's (True: desirable), None for a pair or a demonstration."""
 
     prompt_ids: tuple[int, ...]
     prompt: str
     chosen: str | None
     rejected: str | None
+    label: bool | None = None
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One line of ``samples.jsonl``."""
+    """One line of ``samples.jsonl`` (``label`` only on an unpaired example's)."""
 
     step: int | None
     index: int
@@ -65,9 +75,13 @@ class Sample:
     chosen: str | None
     rejected: str | None
     completion: str
+    label: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        line = asdict(self)
+        if self.label is None:
+            del line["label"]
+        return line
 
 
 @dataclass(frozen=True)
@@ -79,11 +93,17 @@ class SampleSettings:
 
 
 def sample_prompts(examples: Sequence[Any], tokenizer: Any, count: int) -> list[SamplePrompt]:
-    """The first ``count`` of ``examples`` (pairs or demonstrations, tokenised as the run
-    tokenised them) as prompts with their answers in text."""
+    """The first ``count`` of ``examples`` (pairs, demonstrations or unpaired examples,
+    tokenised as the run tokenised them) as prompts with their answers in text."""
     prompts = []
     for example in examples[:count]:
-        if isinstance(example, TokenizedPair):
+        label: bool | None = None
+        if isinstance(example, TokenizedUnpaired):
+            label, demo = example.label, example.example
+            ids = demo.ids[:demo.prompt_length]
+            answer = _text(tokenizer, demo.ids[demo.prompt_length:])
+            chosen, rejected = (answer, None) if label else (None, answer)
+        elif isinstance(example, TokenizedPair):
             ids = example.prompt_ids
             chosen = _text(tokenizer, example.chosen_ids)
             rejected: str | None = _text(tokenizer, example.rejected_ids)
@@ -92,7 +112,8 @@ def sample_prompts(examples: Sequence[Any], tokenizer: Any, count: int) -> list[
             chosen, rejected = _text(tokenizer, example.ids[example.prompt_length:]), None
         else:  # pragma: no cover - the objectives train on nothing else
             raise TypeError(f"not a tokenised example: {type(example).__name__}")
-        prompts.append(SamplePrompt(tuple(ids), tokenizer.decode(list(ids)), chosen, rejected))
+        prompts.append(SamplePrompt(tuple(ids), tokenizer.decode(list(ids)), chosen, rejected,
+                                    label))
     return prompts
 
 
@@ -226,7 +247,7 @@ def completions(model: torch.nn.Module, tokenizer: Any, prompts: list[SampleProm
                        settings.max_new_tokens, device, temperature=settings.temperature,
                        seed=settings.seed, width=width, pad=pad, agree=agree)
     return [Sample(step, i, p.prompt, p.chosen, p.rejected,
-                   tokenizer.decode(reply, skip_special_tokens=True))
+                   tokenizer.decode(reply, skip_special_tokens=True), p.label)
             for i, (p, reply) in enumerate(zip(prompts, replies))]
 
 
@@ -345,6 +366,14 @@ class SampleRequest:
     trust_remote_code: bool = False
 
 
+def trains_unpaired(run: dict[str, Any], catalog: Any) -> bool:
+    """Whether the run's loss trains on unpaired examples (KTO): then its held-out data is
+    read as such."""
+    name = run.get("loss")
+    return (isinstance(name, str) and name in catalog.losses.names()
+            and getattr(catalog.losses.get(name), "examples", "pairs") == "unpaired")
+
+
 def model_step(model: str) -> int | None:
     """The training step of the weights ``model`` names, where a run says it: a run directory or
     its ``final/`` (the run's steps), ``checkpoint-N/`` (N) or ``best/`` (its evaluation's)."""
@@ -415,9 +444,11 @@ def sample_request(request: SampleRequest, catalog: Any,
     reading = EvalRequest(model=request.model, data=data, format=request.format,
                           max_length=request.max_length,
                           max_prompt_length=request.max_prompt_length, strict=request.strict)
-    examples, _ = held_out(reading, run, catalog, tokenizer, objective)
+    examples, _ = held_out(reading, run, catalog, tokenizer, objective,
+                           unpaired=objective == "dpo" and trains_unpaired(run, catalog))
     if len(examples) < request.count:
-        noun = "examples" if objective == "sft" else "pairs"
+        noun = "pairs" if objective == "dpo" and examples and isinstance(
+            examples[0], TokenizedPair) else "examples"
         note(f"-n {request.count}: {request.data} has {len(examples)} usable {noun}; sampling "
              "all of them")
     prompts = sample_prompts(examples, tokenizer, request.count)

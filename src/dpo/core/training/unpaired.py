@@ -37,8 +37,11 @@ LABELLED = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejecte
 
 
 def global_mean(total: torch.Tensor, count: int) -> torch.Tensor:
-    """``total / count`` with both summed over every process (0 when the count is 0)."""
-    both = torch.stack([total.float(), torch.tensor(float(count), device=total.device)])
+    """``total / count`` with both summed over every process (0 when the count is 0), in
+    float32 or, for a float64 ``total``, float64."""
+    dtype = torch.promote_types(total.dtype, torch.float32)
+    both = torch.stack([total.to(dtype),
+                        torch.tensor(float(count), dtype=dtype, device=total.device)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(both)
     return torch.where(both[1] > 0, both[0] / both[1].clamp(min=1), torch.zeros_like(both[0]))
@@ -47,8 +50,10 @@ def global_mean(total: torch.Tensor, count: int) -> torch.Tensor:
 def kl_estimate(policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor
                 ) -> torch.Tensor:
     """The detached KL estimate: mean of policy minus reference summed log-probs [M] over the
-    mismatched rows (and processes); 0 for M = 0."""
-    diffs = (policy_mismatched - reference_mismatched).detach().float()
+    mismatched rows (and processes); 0 for M = 0. Float32 at least (float64 log-probs keep
+    their precision)."""
+    diffs = (policy_mismatched - reference_mismatched).detach()
+    diffs = diffs.to(torch.promote_types(diffs.dtype, torch.float32))
     return global_mean(diffs.sum(), diffs.shape[0])
 
 
