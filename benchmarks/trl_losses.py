@@ -26,7 +26,9 @@ which imports torch and trl only). For each pair it calls
 - ``CPOTrainer.cpo_loss`` (``trl.experimental.cpo``) for SimPO, on the per-token mean log-probs
   TRL's CPO computes for ``loss_type="simpo"``; and with ``loss_type="sigmoid"`` and
   ``label_smoothing=eps`` on the log-ratios r_w, r_l for conservative DPO (TRL 1.16's
-  DPOTrainer has no label-smoothed sigmoid any more; this is its code of the same formula).
+  DPOTrainer has no label-smoothed sigmoid any more; this is its code of the same formula);
+  and with ``loss_type="sigmoid"`` on the summed policy log-probs for CPO's preference term
+  (compared at ``alpha=0``: TRL adds its NLL outside ``cpo_loss``).
 - ``ORPOTrainer.odds_ratio_loss`` (``trl.experimental.orpo``) for ORPO's odds-ratio term and log
   odds; the NLL beside it is the chosen completion's per-token mean, which TRL's ORPO takes
   over prompt and completion tokens (ours: completion only), so the total is compared with
@@ -106,6 +108,10 @@ CASES: list[dict] = [
     {"loss": "sft", "options": {}, "trainer": "dpo", "loss_type": ["sft"], "trl": {"beta": 0.1}},
     {"loss": "simpo", "options": {"beta": 2.0, "gamma": 0.5}, "trainer": "cpo",
      "loss_type": "simpo", "trl": {"beta": 2.0, "simpo_gamma": 0.5}, "inputs": "means"},
+    # CPO's preference term on summed log-probs (alpha = 0: TRL adds its NLL, a token mean over
+    # the batch, outside cpo_loss; ours is the per-pair token mean of rpo and sft).
+    {"loss": "cpo", "options": {"beta": 0.1, "alpha": 0.0}, "trainer": "cpo",
+     "loss_type": "sigmoid", "trl": {"beta": 0.1}, "inputs": "sums"},
     # ORPOTrainer.odds_ratio_loss casts the log-probs to float32 first: compared at that
     # precision.
     {"loss": "orpo", "options": {"beta": 0.1}, "trainer": "orpo", "trl": {"beta": 0.1},
@@ -233,6 +239,8 @@ def trl_side(in_path: str, out_path: str) -> None:
         if case.get("inputs") == "ratios":
             chosen = p["policy_chosen"] - p["ref_chosen"]
             rejected = p["policy_rejected"] - p["ref_rejected"]
+        elif case.get("inputs") == "sums":
+            chosen, rejected = p["policy_chosen"], p["policy_rejected"]
         else:
             chosen = p["policy_chosen"] / p["chosen_tokens"]
             rejected = p["policy_rejected"] / p["rejected_tokens"]
