@@ -382,6 +382,8 @@ def test_a_run_budget_stopped_goes_on_when_the_limit_it_reached_is_raised(tmp_pa
     for option in ("budget.max_time=2h", "budget.max_pairs=4", "budget.max_pairs=8"):
         again = invoke("run", "--resume", str(out), "-o", option)
         assert again.exit_code == 0 and "already complete" in again.output, option
+        assert ("raise the limit it reached to go on, e.g. -o budget.max_pairs=HIGHER"
+                in " ".join(again.output.split()))
     more = invoke("run", "--resume", str(out), "--stop", "budget", "-o", "budget.max_pairs=16")
     assert more.exit_code == 0, more.output
     record = run_record(out)

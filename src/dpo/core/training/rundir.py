@@ -175,6 +175,19 @@ def raised(recorded: dict[str, Any], config: dict[str, Any], status: str) -> boo
     return False
 
 
+def reopen_hint(record: dict[str, Any]) -> str:
+    """For a run that a stopping policy stopped at a limit its reason names (``raised``): how
+    to go on ("; raise the limit it reached to go on, e.g. -o budget.max_pairs=HIGHER"), or
+    nothing."""
+    found = re.match(r"stopped by ([^:]+): (.*)", str(record.get("status", "")))
+    if not found:
+        return ""
+    options = ((record.get("config") or {}).get("options") or {}).get(found[1]) or {}
+    named = [key for key in _NAMED_LIMIT.findall(found[2]) if key in options]
+    return (f"; raise the limit it reached to go on, e.g. -o {found[1]}.{named[0]}=HIGHER"
+            if named else "")
+
+
 def nothing_to_resume(record: dict[str, Any], output: Path, config: dict[str, Any]) -> bool:
     """A ``--resume`` of the run in ``output`` with ``config`` has nothing to do: the run is
     finished and ``config`` asks for no more training."""
