@@ -333,3 +333,41 @@ def test_the_users_matplotlib_state_is_left_alone(tmp_path):
     assert settings() == before
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
     assert png_size(run_dir / "report" / "loss.png") == SINGLE
+
+
+def test_a_paused_run_is_shown_paused(tmp_path, monkeypatch):
+    """A run that budget's max_time paused at step 2 (for --resume) beside one that budget
+    stopped at step 3: the table says which ended how and where, report.json has both, and
+    every figure marks the pause with a dash-dot line at step 2 that its legend names."""
+    lines = [{"step": 1, "loss": 0.69, "lr": 1e-6}, {"step": 2, "loss": 0.6, "lr": 1e-6},
+             {"step": 3, "loss": 0.5, "lr": 1e-6}]
+    paused = write_run(tmp_path / "paused", lines[:2], steps=2, status=(
+        "paused by budget: 3500s of max_time=3600s used at step 2, and a step takes up to 120.0s"))
+    stopped = write_run(tmp_path / "stopped", lines, steps=3, status=(
+        "stopped by budget: 24 pairs at step 3 reached max_pairs=24"))
+    runs = read_runs([paused, stopped])
+    assert [r.paused for r in runs] == [(2, "budget"), None]
+    assert [r.stopped for r in runs] == [None, (3, "budget")]
+    table = {(r.group, r.name): r.values for r in rows(runs)}
+    assert table["outcome", "status"] == ["paused by budget", "stopped by budget"]
+    assert table["outcome", "paused at"] == [2, None]
+    assert table["outcome", "stopped at"] == [None, 3]
+    assert [(m.kind, m.step, m.text) for m in figures.markers(runs)] == [
+        ("paused", 2, "paused by budget"), ("stopped", 3, "stopped by budget")]
+
+    legends = []
+    real_legend = figures._legend
+
+    def legend(fig, handles, names):
+        legends.append({n: h.get_linestyle() for h, n in zip(handles, names)})
+        real_legend(fig, handles, names)
+
+    monkeypatch.setattr(figures, "_legend", legend)
+    result = cli("report", str(paused), str(stopped), "--output", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    assert legends and all(seen["paused by budget"] == "-." and seen["stopped by budget"] == "--"
+                           for seen in legends)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(r["paused"], r["stopped"]) for r in report["runs"]] == [
+        ({"step": 2, "by": "budget"}, None), (None, {"step": 3, "by": "budget"})]
+    assert "paused at" in result.output

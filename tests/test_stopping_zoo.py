@@ -171,9 +171,8 @@ def test_budget_bad_options_are_one_line_errors():
         Budget.parse_options({})
     with pytest.raises(UsageError, match="duration such as 90s"):
         Budget.parse_options({"max_time": "2 hours"})
-    with pytest.raises(UsageError, match="max_time is measured per process"):
-        Budget(max_time="2h", max_epochs=1).prepare(RunContext(world_size=2))
-    Budget(max_epochs=1).prepare(RunContext(world_size=2))  # the same on every process
+    # Every limit is taken under several processes: the loop makes them agree on a stop.
+    Budget(max_time="2h", max_tokens=9, max_pairs=9).prepare(RunContext(world_size=2))
 
 
 def test_budget_counts_pairs_tokens_and_epochs_over_the_run():
@@ -369,6 +368,50 @@ def test_budget_run_stops_at_its_pairs_and_is_complete(tmp_path, invoke):
     assert record["status"] == "stopped by budget: 24 pairs at step 6 reached max_pairs=24"
     again = invoke("run", "--resume", str(tmp_path / "straight"))
     assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_a_run_budget_stopped_goes_on_when_the_limit_it_reached_is_raised(tmp_path, invoke):
+    """max_pairs 8 with 4 pairs a step ends the run at step 2. A --resume that changes another
+    budget option (a job's max_time) or lowers the limit has nothing to do; one that raises it
+    to 16 goes on from checkpoint-2 (8 pairs counted) to 16 pairs at step 4, exactly as a run
+    given max_pairs 16 from the start."""
+    out = tmp_path / "out"
+    first = invoke(*run_args(out, 20, "--stop", "budget", "-o", "budget.max_pairs=8"))
+    assert first.exit_code == 0, first.output
+    assert run_record(out)["status"] == "stopped by budget: 8 pairs at step 2 reached max_pairs=8"
+    for option in ("budget.max_time=2h", "budget.max_pairs=4", "budget.max_pairs=8"):
+        again = invoke("run", "--resume", str(out), "-o", option)
+        assert again.exit_code == 0 and "already complete" in again.output, option
+        assert ("raise the limit it reached to go on, e.g. -o budget.max_pairs=HIGHER"
+                in " ".join(again.output.split()))
+    more = invoke("run", "--resume", str(out), "--stop", "budget", "-o", "budget.max_pairs=16")
+    assert more.exit_code == 0, more.output
+    record = run_record(out)
+    assert record["status"] == "stopped by budget: 16 pairs at step 4 reached max_pairs=16"
+    assert record["steps"] == 4 and (out / "final").is_dir()
+    straight = invoke(*run_args(tmp_path / "straight", 20, "--stop", "budget",
+                                "-o", "budget.max_pairs=16"))
+    assert straight.exit_code == 0, straight.output
+    assert records(out) == records(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("status, before, after, goes_on", [
+    ("stopped by budget: 8 pairs at step 2 reached max_pairs=8", "8", "16", True),
+    ("stopped by budget: 8 pairs at step 2 reached max_pairs=8", "8", 16, True),
+    ("stopped by budget: 8 pairs at step 2 reached max_pairs=8", "8", "8.0", False),
+    ("stopped by budget: 8 pairs at step 2 reached max_pairs=8", "8", "4", False),
+    ("stopped by budget: 8 pairs at step 2 reached max_pairs=8", "8", None, True),  # no limit
+    ("stopped by budget: 1 epochs at step 5 reached max_epochs=1", "1", "1.5", True),
+    ("completed", "8", "16", False),  # it ended at its steps, not at the limit
+    ("paused by budget: 9s of max_time=8s used at step 2", "8", "16", False),
+])
+def test_raising_the_reached_limit_reopens_a_stopped_run(status, before, after, goes_on):
+    from dpo.core.training.rundir import raised
+
+    key = "max_epochs" if "epochs" in status else "max_pairs"
+    recorded = {"options": {"budget": {key: before, "max_time": "1h"}}}
+    config = {"options": {"budget": {"max_time": "2h", **({key: after} if after else {})}}}
+    assert raised(recorded, config, status) is goes_on
 
 
 def test_budget_time_pauses_and_resume_goes_on_as_if_uninterrupted(tmp_path, invoke):

@@ -23,7 +23,7 @@ from dpo.core.interfaces.errors import DpoError, UsageError
 from dpo.core.training.config import ConfigFile, read_config_file, resolve_config, with_preset
 from dpo.core.interfaces.options import parse_assignments
 from dpo.core.interfaces.plugins import Catalog
-from dpo.core.training.rundir import check_output, nothing_to_resume, read_record
+from dpo.core.training.rundir import check_output, nothing_to_resume, read_record, reopen_hint
 from dpo.core.training.run import recorded_config, run
 
 # Set by the --nproc launcher for its workers: each writes its exit code to DIR/rank-N.
@@ -168,7 +168,7 @@ def _already_complete(output: Path, config: Any) -> bool:
     if not nothing_to_resume(record, output, config.model_dump()):
         return False
     print(f"{output}: the run is already complete ({record['status']}, {record.get('steps')} "
-          f"steps); its model is in {output / 'final'}", file=sys.stderr)
+          f"steps); its model is in {output / 'final'}{reopen_hint(record)}", file=sys.stderr)
     return True
 
 

@@ -69,6 +69,7 @@ def table_json(report: Report) -> dict[str, Any]:
         "name": r.name, "path": str(r.path), "status": r.status,
         "steps": max(r.train) if r.train else r.record.get("steps"),
         "stopped": {"step": r.stopped[0], "by": r.stopped[1]} if r.stopped else None,
+        "paused": {"step": r.paused[0], "by": r.paused[1]} if r.paused else None,
         "best": {"step": r.best[0], "restored": r.best[1]} if r.best else None,
         "last_step": r.last(r.train), "last_eval": r.last(r.evals), "best_eval": best_eval(r),
         "downstream": r.last(r.tasks),

@@ -135,19 +135,24 @@ def panel_series(runs: list[Run], panel: Panel) -> list[Series]:
 @dataclass
 class Marker:
     run: Run
-    kind: str  # "stopped" or "best"
+    kind: str  # "stopped", "paused" or "best"
     step: int
     text: str  # for the legend: "stopped (early-stopping)", "best step (restored)"
 
 
+LINE_STYLES = {"stopped": "--", "paused": "-."}  # the vertical line at a run's end
+
+
 def markers(runs: list[Run]) -> list[Marker]:
-    """The steps marked on every panel: where a stopping policy ended a run, and the
-    evaluation kept as best (restored as the final weights, or the best so far)."""
+    """The steps marked on every panel: where a stopping policy ended a run or paused it (for
+    ``--resume``), and the evaluation kept as best (restored as the final weights, or the best
+    so far)."""
     out = []
     for run in runs:
-        if run.stopped:
-            step, policy = run.stopped
-            out.append(Marker(run, "stopped", step, f"stopped by {policy}"))
+        for kind, ended in (("stopped", run.stopped), ("paused", run.paused)):
+            if ended:
+                step, policy = ended
+                out.append(Marker(run, kind, step, f"{kind} by {policy}"))
         if run.best:
             step, restored = run.best
             watched = run.best_metric
@@ -226,9 +231,10 @@ def draw(spec: FigureSpec, runs: list[Run], labels: dict[int, str], path: Path) 
                 if id(m.run) not in drawn:
                     continue
                 c = colour[id(m.run)]
-                if m.kind == "stopped":
-                    ax.axvline(m.step, color=c, linestyle="--", linewidth=1.1, alpha=0.8)
-                    used.setdefault(m.text, Line2D([], [], color=GREY, linestyle="--",
+                if m.kind in LINE_STYLES:  # stopped: dashed; paused: dash-dot
+                    style = LINE_STYLES[m.kind]
+                    ax.axvline(m.step, color=c, linestyle=style, linewidth=1.1, alpha=0.8)
+                    used.setdefault(m.text, Line2D([], [], color=GREY, linestyle=style,
                                                    linewidth=1.1))
                 else:
                     ax.axvline(m.step, color=c, linestyle=":", linewidth=1.3, alpha=0.9)

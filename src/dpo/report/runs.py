@@ -59,7 +59,16 @@ class Run:
     @property
     def stopped(self) -> tuple[int, str] | None:
         """(step, policy) where a stopping policy ended the run, from ``run.json``'s status."""
-        found = re.match(r"stopped by ([^:]+):", self.status)
+        return self._ended("stopped")
+
+    @property
+    def paused(self) -> tuple[int, str] | None:
+        """(step, policy) where a stopping policy paused the run for ``--resume`` (budget's
+        ``max_time``), from ``run.json``'s status."""
+        return self._ended("paused")
+
+    def _ended(self, how: str) -> tuple[int, str] | None:
+        found = re.match(rf"{how} by ([^:]+):", self.status)
         if not found or not isinstance(self.record.get("steps"), int):
             return None
         return self.record["steps"], found[1]

@@ -38,6 +38,7 @@ def rows(runs: list[Run]) -> list[Row]:
     out.append(Row("outcome", "steps", [max(r.train) if r.train else r.record.get("steps")
                                         for r in runs]))
     out.append(Row("outcome", "stopped at", [r.stopped[0] if r.stopped else None for r in runs]))
+    out.append(Row("outcome", "paused at", [r.paused[0] if r.paused else None for r in runs]))
     out.append(Row("outcome", "best step", [
         (f"{r.best[0]} (restored)" if r.best[1] else f"{r.best[0]}") if r.best else None
         for r in runs]))

@@ -40,7 +40,9 @@ class RunContext:
     holds_out: bool = False  # evaluations report ``eval/...`` metrics
     loss: str | None = None  # the loss plugin's name (None for sft)
     loss_options: dict[str, Any] = field(default_factory=dict)  # its resolved options (beta, ...)
-    world_size: int = 1  # processes: each one's policies must decide alike (on reduced metrics)
+    # processes: each has its own policies, which see the same (reduced) metrics; a stop or
+    # pause that any process's policies decide is every process's (the loop makes it so)
+    world_size: int = 1
 
 
 class StoppingPolicy(Configurable, ABC):

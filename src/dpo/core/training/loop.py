@@ -11,7 +11,8 @@ relatives on preference pairs, SFT on demonstrations). One optimizer step:
      mean loss over the whole step, whatever the split into micro-batches and processes.
   4. Clip -> optimizer step -> schedule. A non-finite loss or gradient norm skips the update.
   5. Metrics averaged over the step's units (not per micro-batch), reduced across ranks.
-  6. Stopping policies see every step and every evaluation.
+  6. Stopping policies see every step and every evaluation; a stop or pause any process's
+     policies decide is every process's.
 """
 
 from __future__ import annotations
@@ -244,6 +245,32 @@ def _decide(policies: dict[str, StoppingPolicy], ask: Callable[[StoppingPolicy],
     return stopped, keep_best
 
 
+def _agree(policies: dict[str, StoppingPolicy], stopped: tuple[str, Decision] | None,
+           keep_best: bool, dist: DistInfo, device: torch.device
+           ) -> tuple[tuple[str, Decision] | None, bool]:
+    """Several processes: a stop (or pause) that any process's policies decided is every
+    process's, and so is a best mark, so that all of them stop, save and checkpoint alike. A
+    policy may decide on what only its own process measures (a clock, its own counts), so the
+    processes can disagree. One small all-reduce of each process's first stopping policy (its
+    place in ``policies``) and best mark; when one stopped, the winner (the first policy in
+    order, from the lowest rank that has it, as ``_decide`` picks within one process) sends its
+    ``Decision`` to the others, so the reason and status are the same on every process."""
+    names = list(policies)
+    world = dist.world_size
+    votes = torch.zeros(world + 1, device=device)
+    if stopped is not None:
+        votes[dist.rank] = names.index(stopped[0]) + 1
+    votes[world] = float(keep_best)
+    dist.all_reduce_sum(votes)
+    codes = [round(v) for v in votes.tolist()]
+    keep_best = codes[world] > 0
+    if not any(codes[:world]):
+        return None, keep_best
+    code, winner = min((c, r) for r, c in enumerate(codes[:world]) if c)
+    sent = [stopped[1] if dist.rank == winner else None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(sent, src=winner, device=device)
+    return (names[code - 1], sent[0]), keep_best
 
 
 def save_best(t: Trainee, step: int, metrics: dict[str, float]) -> None:
@@ -352,8 +379,10 @@ class _StepWork:
 
     sums: dict[str, torch.Tensor]  # metric sums, in the objective's unit
     weight: float  # this rank's share of the step's mean (pairs, or trained tokens)
-    examples: int
-    real_tokens: int = 0
+    examples: int  # over every rank
+    real_tokens: int = 0  # this rank's
+    all_tokens: int = 0  # over every rank (read in the step's sync)
+    total_weight: float = 0.0  # the step's weight over every rank
     padded_tokens: int = 0
     flops: float = 0.0
 
@@ -432,8 +461,7 @@ class Loop:
         t.backend.synchronize()
         self.record_step(metrics, work, time.perf_counter() - started)
         t.objective.on_step(state.step, metrics)  # a loss with state (BCO's running mean)
-        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_step(state.step, metrics),
-                                          self.reporter.warn)
+        self.stopped, keep_best = self.decide(lambda p: p.on_step(state.step, metrics))
         self.drop_late_pause()
         if keep_best:
             self.watch.settle()
@@ -447,11 +475,12 @@ class Loop:
         rank, world = t.dist.rank, t.dist.world_size
         micro = [[t.train_examples[i] for i in s[rank::world]] for s in steps]
         work = _StepWork({}, sum(objective.weight(e) for m in micro for e in m),
-                         sum(len(m) for m in micro))
+                         sum(len(s) for s in steps))
         # Every rank's weight, so that the mean is over the whole step: DDP/FSDP average
         # gradients over ranks, so each rank divides by the global weight over the ranks.
         # With equal shares (pairs) this is each rank's own weight, the same division.
         share = sum(objective.weight(t.train_examples[i]) for s in steps for i in s) / world
+        work.total_weight = share * world
         what = f"step {self.state.step + 1}"
         for i, examples in enumerate(micro):
             parts = objective.parts(objective.collate(examples).to(t.device))
@@ -482,8 +511,12 @@ class Loop:
         if t.dist.world_size > 1:  # ranks agree on a stop request through the same sync
             sums["stop_requested"] = torch.tensor(float(self.stop_request.requested),
                                                   device=sums["loss"].device)
+            # and learn the step's tokens over every rank (averaged by the step's weight)
+            sums["all_tokens"] = torch.tensor(float(work.real_tokens), device=sums["loss"].device)
         metrics = _averages(sums, work.weight, t.dist, t.backend)
         stop_now = metrics.pop("stop_requested", 0.0) > 0
+        work.all_tokens = (round(metrics.pop("all_tokens") * work.total_weight)
+                           if "all_tokens" in metrics else work.real_tokens)
         self.watch.judge_metrics(metrics)
         metrics = t.objective.step_metrics(metrics)
         lr = t.scheduler.get_last_lr()[0]
@@ -513,9 +546,9 @@ class Loop:
         metrics.update({
             "epoch": round(state.epoch + state.micro_in_epoch / epoch_len, 6),
             "step_time": elapsed,
-            "tokens_per_second": work.real_tokens * world / elapsed,
+            "tokens_per_second": work.all_tokens / elapsed,
             "padded_tokens_per_second": work.padded_tokens * world / elapsed,
-            "samples_per_second": work.examples * world / elapsed,
+            "samples_per_second": work.examples / elapsed,
         })
         memory = t.backend.memory_stats()
         if memory.peak_bytes is not None:
@@ -543,8 +576,7 @@ class Loop:
         self.initial_eval = self.eval_metrics = evaluate(t, self.settings)
         self.reporter.record({"step": 0, **self.initial_eval})
         self.write_samples(0)
-        self.stopped, keep_best = _decide(t.policies, lambda p: p.on_eval(0, self.initial_eval),
-                                          self.reporter.warn)
+        self.stopped, keep_best = self.decide(lambda p: p.on_eval(0, self.initial_eval))
         if keep_best:
             save_best(t, 0, self.initial_eval)
         if self.stopped and self.stopped[1].save:
@@ -584,8 +616,7 @@ class Loop:
             if self.eval_metrics:
                 self.reporter.record({"step": step, **self.eval_metrics})
                 self.write_samples(step)
-                stopped, keep_best = _decide(
-                    t.policies, lambda p: p.on_eval(step, self.eval_metrics), self.reporter.warn)
+                stopped, keep_best = self.decide(lambda p: p.on_eval(step, self.eval_metrics))
                 self.stopped = stopped or self.stopped
                 self.drop_late_pause()
                 if keep_best:
@@ -603,6 +634,15 @@ class Loop:
         if stop_now and not (self.stopped or last):
             raise Interrupted(_interrupted(t, step, self.checkpointed))
         return self.stopped is not None
+
+    def decide(self, ask: Callable[[StoppingPolicy], Decision]
+               ) -> tuple[tuple[str, Decision] | None, bool]:
+        """The policies' say (``_decide``), the same on every process (``_agree``)."""
+        t = self.t
+        stopped, keep_best = _decide(t.policies, ask, self.reporter.warn)
+        if t.dist.world_size > 1:
+            stopped, keep_best = _agree(t.policies, stopped, keep_best, t.dist, t.device)
+        return stopped, keep_best
 
     def paused(self) -> bool:
         """Whether a policy paused the run (``Decision.resumable``) rather than ending it."""

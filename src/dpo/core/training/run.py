@@ -342,7 +342,7 @@ class Recipe:
         previous = self.previous
         if rundir.nothing_to_resume(previous, output, config.model_dump()):
             raise UsageError(f"{output}: the run is already complete ({previous['status']}); "
-                             f"its model is {output / 'final'}")
+                             f"its model is {output / 'final'}{rundir.reopen_hint(previous)}")
         # The newest checkpoint that verifies against its manifest; damaged newer ones are
         # said and kept (the run replaces each when it gets to its step).
         checkpoint, damaged = resumable_checkpoint(output)

@@ -142,15 +142,57 @@ def finished(record: dict[str, Any], output: Path) -> bool:
     return status.startswith(FINISHED) and (output / "final").is_dir()
 
 
-def extends(recorded: dict[str, Any], config: dict[str, Any]) -> bool:
-    """Whether ``config`` asks a finished run for more training than ``recorded`` gave it."""
-    return any(config.get(key) != recorded.get(key) for key in ("max_steps", "epochs"))
+def extends(recorded: dict[str, Any], config: dict[str, Any], status: str = "") -> bool:
+    """Whether ``config`` asks a finished run for more training than ``recorded`` gave it: other
+    steps or epochs, or a higher limit that its stopping policy stopped it at (``raised``)."""
+    return (any(config.get(key) != recorded.get(key) for key in ("max_steps", "epochs"))
+            or raised(recorded, config, status))
+
+
+# A limit that a stop's reason names as ``option=value`` ("... reached max_pairs=24").
+_NAMED_LIMIT = re.compile(r"\b([A-Za-z_][\w-]*)=")
+
+
+def raised(recorded: dict[str, Any], config: dict[str, Any], status: str) -> bool:
+    """Whether the run that ``status`` says a stopping policy stopped ("stopped by NAME:
+    REASON") is given a higher value (or none) for an option that REASON names as
+    ``option=value``, the limit it reached (budget's ``max_pairs=24``): then it may go on. Any
+    other change of the policy's options (a new ``max_time`` for each job) does not reopen it."""
+    found = re.match(r"stopped by ([^:]+): (.*)", status)
+    if not found:
+        return False
+    name, reason = found.groups()
+    before, after = ((c.get("options") or {}).get(name) or {} for c in (recorded, config))
+    for key in set(_NAMED_LIMIT.findall(reason)) & set(before):
+        if key not in after or after[key] in (None, ""):
+            return True  # the limit is gone
+        try:
+            if float(after[key]) > float(before[key]):
+                return True
+        except (TypeError, ValueError):
+            if str(after[key]) != str(before[key]):
+                return True
+    return False
+
+
+def reopen_hint(record: dict[str, Any]) -> str:
+    """For a run that a stopping policy stopped at a limit its reason names (``raised``): how
+    to go on ("; raise the limit it reached to go on, e.g. -o budget.max_pairs=HIGHER"), or
+    nothing."""
+    found = re.match(r"stopped by ([^:]+): (.*)", str(record.get("status", "")))
+    if not found:
+        return ""
+    options = ((record.get("config") or {}).get("options") or {}).get(found[1]) or {}
+    named = [key for key in _NAMED_LIMIT.findall(found[2]) if key in options]
+    return (f"; raise the limit it reached to go on, e.g. -o {found[1]}.{named[0]}=HIGHER"
+            if named else "")
 
 
 def nothing_to_resume(record: dict[str, Any], output: Path, config: dict[str, Any]) -> bool:
     """A ``--resume`` of the run in ``output`` with ``config`` has nothing to do: the run is
     finished and ``config`` asks for no more training."""
-    return finished(record, output) and not extends(record["config"], config)
+    return finished(record, output) and not extends(record["config"], config,
+                                                    str(record.get("status", "")))
 
 
 def resume_hint(output: Path, newest: Path | None) -> str:

@@ -14,10 +14,9 @@ from typing import Any, Callable
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.hookspecs import hookimpl
 from dpo.core.interfaces.options import PluginOptions
-from dpo.core.interfaces.stopping import CONTINUE, Decision, RunContext, StoppingPolicy
+from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
@@ -51,8 +50,11 @@ class Budget(StoppingPolicy):
       (prompts and completions, both sides of a pair); they and the pairs are read back from
       the step's ``tokens_per_second`` and ``samples_per_second`` times its ``step_time``.
 
-    These counts and the clock are each process's own, so under several processes (``--nproc``)
-    only ``max_epochs`` is accepted: the others could stop the processes at different steps.
+    Under several processes (``--nproc``) each process keeps its own clock and counts, and the
+    loop makes a stop or pause that any process decides every process's: the run pauses when
+    the process that has used the most time is near ``max_time``, and stops at the first step
+    where any process's count reaches its limit, on every process at once. The step's pairs and
+    tokens are those of every process (the metrics count them so), so the counts are the run's.
     """
 
     name = "budget"
@@ -90,16 +92,6 @@ class Budget(StoppingPolicy):
         self.longest = 0.0  # the longest gap between two steps in this invocation
         self.tokens = 0
         self.pairs = 0
-
-    def prepare(self, run: RunContext) -> None:
-        # Each process's clock, tokens and examples are its own: under several processes their
-        # policies could disagree on the step to stop at, and one would wait on the others.
-        local = [f"max_{k}" for k in ("time", "tokens", "pairs")
-                 if getattr(self.options, f"max_{k}") is not None]
-        if run.world_size > 1 and local:
-            raise UsageError(f"--stop budget: {local[0]} is measured per process, so "
-                             f"{run.world_size} processes could stop at different steps; use "
-                             "max_epochs (or --max-steps) with --nproc")
 
     def on_step(self, step: int, metrics: dict[str, float]) -> Decision:
         now = self.clock()
