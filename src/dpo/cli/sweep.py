@@ -166,7 +166,8 @@ def check_point(config: RunConfig, catalog: Catalog) -> dict[str, dict[str, Any]
     check_options(config, catalog)
     typed: dict[str, dict[str, Any]] = {}
     if config.objective == "dpo":
-        typed.update(options_record(resolve_loss(config.loss, config.options, catalog)))
+        typed.update(options_record(resolve_loss(config.loss, config.options, catalog,
+                                                 origins=config.file_origins)))
     plugins = [(catalog.stopping, name) for name in config.stop]
     for registry, name in plugins:
         cls = registry.get(name)
