@@ -123,6 +123,29 @@ def test_summary_ranks_by_the_early_stopping_metric_and_mode(tmp_path):
     assert [r["best"]["step"] for r in summary["points"]] == [2, 4]
 
 
+def test_a_grid_that_varies_the_loss_ranks_points_by_reward_accuracy(tmp_path):
+    """Weights 1:0.2 and 1:0.5 of dpo+ipo: eval/loss weighs ipo's (larger) loss more at the
+    second point, so it is no common measure; the points are ranked by eval/rewards/accuracies
+    instead: a (loss 0.5, accuracy 0.5) against b (loss 3.0, accuracy 0.75): b, though its
+    eval/loss is higher. The weights show as the grid gives them; a list of names (stop) joins
+    with +."""
+    _fake_run(tmp_path / "weights=1_0.2", [{"step": 2, "eval/loss": 0.5,
+                                             "eval/rewards/accuracies": 0.5}])
+    _fake_run(tmp_path / "weights=1_0.5", [{"step": 2, "eval/loss": 3.0,
+                                             "eval/rewards/accuracies": 0.75}])
+    sweep = {"kind": sw.KIND, "grid": [{"key": "weights", "values": ["1:0.2", "1:0.5"]}],
+             "points": [{"name": f"weights=1_{w}", "directory": f"weights=1_{w}",
+                         "settings": {"weights": [1.0, w]}, "status": "completed"}
+                        for w in (0.2, 0.5)]}
+    summary = sw.summarise(tmp_path, sweep)
+    assert (summary["metric"], summary["mode"], summary["best"]) == (
+        "eval/rewards/accuracies", "max", "weights=1_0.5")
+    rows = list(csv.DictReader(sw.summary_csv(summary, ["weights"]).splitlines()))
+    assert [(r["weights"], r["best point"]) for r in rows] == [("1.0:0.2", ""), ("1.0:0.5", "yes")]
+    assert sw.setting_text(["nan-guard", "early-stopping"]) == "nan-guard+early-stopping"
+    assert sw.setting_text(0.1) == 0.1
+
+
 def test_point_states_come_from_the_run_directory(tmp_path):
     _fake_run(tmp_path / "done", [{"step": 1, "eval/loss": 0.6}])
     _fake_run(tmp_path / "cut", [{"step": 1, "eval/loss": 0.6}], finished=False)

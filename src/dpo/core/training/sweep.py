@@ -324,10 +324,12 @@ def shown_metrics(summary: dict[str, Any]) -> list[str]:
 
 
 def setting_text(value: Any) -> Any:
-    """A point's setting as a summary shows it: a list (a combination's weights) as the grid
-    gives it, its items joined by ``ITEM_SEPARATOR`` (``1.0:0.2``)."""
+    """A point's setting as a summary shows it: a list as the grid gives it, numbers (a
+    combination's weights) joined by ``ITEM_SEPARATOR`` (``1.0:0.2``), names by
+    ``LIST_SEPARATOR`` (``nan-guard+early-stopping``)."""
     if isinstance(value, (list, tuple)):
-        return ITEM_SEPARATOR.join(str(v) for v in value)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return (ITEM_SEPARATOR if numbers else LIST_SEPARATOR).join(str(v) for v in value)
     return value
 
 
