@@ -150,6 +150,29 @@ def test_resolve_loss_shares_plain_keys_and_qualified_keys_win():
     assert type(single) is DPOLoss and options_record(single) == {"dpo": {"beta": 0.2}}
 
 
+def test_file_origins_follow_the_layer_that_set_each_value(tmp_path):
+    """What resolve_config records of where a config file gave the loss and its options: the
+    line of each key, plain ([options] KEY, for the loss) or a part's ([options.PART] KEY, or
+    PART.KEY under [options]); a flag that sets a value again takes it out."""
+    from dpo.core.training.config import FileOrigin, read_config_file, resolve_config
+
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = 2\nloss = ["dpo", "ipo"]\n\n[options]\nweights = [1.0, 0.5]\n'
+                    'dpo.beta = 0.3\n\n[options.ipo]\nbeta = 0.2\nlength_normalize = false\n')
+    table = read_config_file(path)
+    origins = resolve_config(table, {"loss": None, "options": {}}).file_origins
+    assert origins == {
+        "loss": FileOrigin(f"{path}:2", "loss", ["dpo", "ipo"]),
+        ("dpo+ipo", "weights"): FileOrigin(f"{path}:5", "[options] weights", [1.0, 0.5]),
+        ("dpo", "beta"): FileOrigin(f"{path}:6", "[options.dpo] beta", 0.3),
+        ("ipo", "beta"): FileOrigin(f"{path}:9", "[options.ipo] beta", 0.2),
+        ("ipo", "length_normalize"): FileOrigin(f"{path}:10", "[options.ipo] length_normalize",
+                                                False)}
+    flagged = resolve_config(table, {"loss": ["dpo", "sft"],
+                                     "options": {"ipo.beta": "0.1", "weights": "1,1"}})
+    assert set(flagged.file_origins) == {("dpo", "beta"), ("ipo", "length_normalize")}
+
+
 def test_a_loss_name_holding_plus_is_refused_at_registration():
     assert "'+'" in (type("Bad", (DPOLoss,), {"name": "a+b"}).registration_problem() or "")
     assert DPOLoss.registration_problem() is None
