@@ -193,3 +193,37 @@ def test_delta_is_the_same_however_a_step_is_split_into_micro_batches(tmp_path, 
     b = [r["bco/delta"] for r in records(tmp_path / "two") if "loss" in r]
     assert a[0] == b[0] == 0.0 and a[2] != 0.0
     assert b == pytest.approx(a, rel=1e-4, abs=1e-7)
+
+
+def test_dpo_eval_of_a_run_that_restored_its_best_weights_uses_their_delta(tmp_path, pairs,
+                                                                           invoke):
+    """early-stopping watches the learning rate (mode max, patience beyond the run): with 2
+    warmup steps of 5, the linear schedule gives lr 1/3, 2/3, 1, 2/3, 1/3 of --lr, so the best
+    step is 3, not the last one, by construction (it is read from metrics.jsonl all the same).
+    The run ends with step 3's weights in final/; their loss state, BCO's delta after step 3
+    (the mean of steps 1-3's bco/rewards, the delta step 4 logs), is kept with them in best/,
+    and `dpo eval` of the run, of its final/ and of its best/ evaluates with it, not with the
+    last step's delta (the mean of all five)."""
+    out = tmp_path / "out"
+    result = invoke(*run_args(pairs, out, 5), "--warmup-steps", "2", "--no-eval-at-start",
+                    "--save-steps", "0", "--stop", "early-stopping",
+                    "-o", "early-stopping.metric=lr", "-o", "early-stopping.patience=10")
+    assert result.exit_code == 0, result.output
+    steps = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    best = max(steps, key=lambda r: r["lr"])["step"]  # max keeps the first of equals
+    assert best < steps[-1]["step"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["restored_best_from_step"] == best
+    rewards = [r["bco/rewards"] for r in steps]
+    at_best = sum(rewards[:best]) / best
+    assert steps[best]["bco/delta"] == pytest.approx(at_best, rel=1e-5)  # step best+1's delta
+    at_end = sum(rewards) / len(rewards)
+    assert at_best != pytest.approx(at_end, rel=1e-3)  # so the test tells them apart
+    for model in (out, out / "final", out / "best"):
+        evaluated = invoke("eval", "--model", str(model), "--data", str(pairs), "--backend",
+                           "cpu", "--json")
+        assert evaluated.exit_code == 0, evaluated.output
+        shown = json.loads(evaluated.output[evaluated.output.index("{"):])
+        assert Path(shown["loss_state_from"]) == out / "best", model
+        assert shown["metrics"]["bco/delta"] == pytest.approx(at_best, rel=1e-5), model

@@ -150,6 +150,29 @@ def test_resolve_loss_shares_plain_keys_and_qualified_keys_win():
     assert type(single) is DPOLoss and options_record(single) == {"dpo": {"beta": 0.2}}
 
 
+def test_file_origins_follow_the_layer_that_set_each_value(tmp_path):
+    """What resolve_config records of where a config file gave the loss and its options: the
+    line of each key, plain ([options] KEY, for the loss) or a part's ([options.PART] KEY, or
+    PART.KEY under [options]); a flag that sets a value again takes it out."""
+    from dpo.core.training.config import FileOrigin, read_config_file, resolve_config
+
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = 2\nloss = ["dpo", "ipo"]\n\n[options]\nweights = [1.0, 0.5]\n'
+                    'dpo.beta = 0.3\n\n[options.ipo]\nbeta = 0.2\nlength_normalize = false\n')
+    table = read_config_file(path)
+    origins = resolve_config(table, {"loss": None, "options": {}}).file_origins
+    assert origins == {
+        "loss": FileOrigin(f"{path}:2", "loss", ["dpo", "ipo"]),
+        ("dpo+ipo", "weights"): FileOrigin(f"{path}:5", "[options] weights", [1.0, 0.5]),
+        ("dpo", "beta"): FileOrigin(f"{path}:6", "[options.dpo] beta", 0.3),
+        ("ipo", "beta"): FileOrigin(f"{path}:9", "[options.ipo] beta", 0.2),
+        ("ipo", "length_normalize"): FileOrigin(f"{path}:10", "[options.ipo] length_normalize",
+                                                False)}
+    flagged = resolve_config(table, {"loss": ["dpo", "sft"],
+                                     "options": {"ipo.beta": "0.1", "weights": "1,1"}})
+    assert set(flagged.file_origins) == {("dpo", "beta"), ("ipo", "length_normalize")}
+
+
 def test_a_loss_name_holding_plus_is_refused_at_registration():
     assert "'+'" in (type("Bad", (DPOLoss,), {"name": "a+b"}).registration_problem() or "")
     assert DPOLoss.registration_problem() is None
@@ -269,9 +292,63 @@ def test_bad_combinations_are_one_line_errors(tmp_path, pairs, cli, given, fragm
     assert not out.exists()
 
 
-def test_the_weights_line_of_a_config_file_is_checked_too(tmp_path, pairs, cli):
+@pytest.mark.parametrize("text, line, fragment", [
+    ('loss = ["dpo", "ipo"]\n[options]\nweights = [1.0, 0.5, 2.0]\n', 3,
+     "[options] weights = [1.0, 0.5, 2.0]: 3 weight(s) for 2 losses (dpo, ipo); give one per "
+     "loss, in that order (e.g. weights = [1.0, 1.0])"),
+    ('loss = ["dpo", "ipo"]\n\n[options]\nbeta = 0.1\nweights = [1.0, -0.5]\n', 5,
+     "[options] weights = [1.0, -0.5]: each weight must be a finite number >= 0"),
+    ('loss = ["dpo", "ipo"]\n[options]\nweights = [0, 0]\n', 3, "every weight is 0"),
+    ('loss = ["dpo", "ipo"]\n[options]\nweights = "1,x"\n', 3,
+     '[options] weights = "1,x": not a list of numbers'),
+    ('# two losses\nloss = ["dpo", "dpo"]\n', 2,
+     "loss = [\"dpo\", \"dpo\"]: loss 'dpo' is named twice; name each loss once"),
+    ('loss = ["dpo", "ipo"]\n[options]\nbeta = 0.2\ngamma = 1\n', 4,
+     "[options] gamma = 1: option 'gamma' belongs to none of the parts of loss 'dpo+ipo' (dpo: "
+     "beta; ipo: beta, length_normalize; and weights)"),
+    ('loss = ["dpo", "ipo"]\n\n[options.ipo]\nlength_normalize = false\nbeta = -1\n', 5,
+     "[options.ipo] beta = -1: loss 'ipo': Input should be greater than 0"),
+    ('loss = ["dpo", "ipo"]\n[options]\nipo.beta = -1\n', 3,
+     "[options.ipo] beta = -1: loss 'ipo': Input should be greater than 0"),
+    ('loss = ["dpo", "ipo"]\n[options]\nbeta = -1\n', 3,
+     "[options] beta = -1: loss 'dpo': Input should be greater than 0"),
+    ('loss = ["dpo", "ipo"]\n[options.ipo]\nwidth = 2\n', 3,
+     "[options.ipo] width = 2: loss 'ipo': unknown option 'width' (valid: beta, length_normalize)"),
+    ('loss = ["dpo", "kto"]\n', 1, "loss 'kto' trains on unpaired examples"),
+    ('loss = ["dpo", "nope"]\n', 1, "loss = [\"dpo\", \"nope\"]: unknown loss 'nope'"),
+    ('loss = "dpo"\n[options]\nweights = [1.0, 0.5]\n', 3,
+     "[options] weights = [1.0, 0.5]: weights weighs losses trained together, and loss is "
+     "'dpo' alone; give several (e.g. loss = [\"dpo\", \"ipo\"])"),
+])
+def test_a_config_file_s_bad_combination_is_reported_at_its_line(tmp_path, pairs, cli, text,
+                                                                  line, fragment):
+    """Each error about the combination names the file and the line of the key concerned (the
+    loss list, or the [options] key), then the key and value as the file writes them."""
     config = tmp_path / "run.toml"
-    config.write_text('loss = ["dpo", "ipo"]\n[options]\nweights = [1.0, 0.5, 2.0]\n')
+    config.write_text(text)
     result = cli(*args(pairs, tmp_path / "out"), "--config", str(config))
-    assert result.exit_code == 2 and "3 weight(s) for 2 losses" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {config}:{line}: "), lines[0]
+    assert fragment in lines[0] and lines[0].endswith("; fix it in the config file"), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flag_over_a_config_file_is_reported_as_the_flag(tmp_path, pairs, cli):
+    """The file's weights are replaced by -o weights=1 (wrong for two losses): the error is the
+    flag's, not the file's line; the file's loss list with a flag's duplicate --loss is the
+    flag's too."""
+    config = tmp_path / "run.toml"
+    config.write_text('loss = ["dpo", "ipo"]\n[options]\nweights = [1.0, 0.5]\n')
+    flagged = cli(*args(pairs, tmp_path / "out"), "--config", str(config), "-o", "weights=1")
+    assert flagged.exit_code == 2, flagged.output
+    assert flagged.output.strip().startswith(
+        "error: loss 'dpo+ipo': option weights=1: 1 weight(s) for 2 losses"), flagged.output
+    assert str(config) not in flagged.output
+    twice = cli(*args(pairs, tmp_path / "out"), "--config", str(config), "--loss", "ipo",
+                "--loss", "ipo")
+    assert twice.exit_code == 2, twice.output
+    assert "loss 'ipo' is named twice (ipo+ipo; --loss" in twice.output
+    assert str(config) not in twice.output
     assert not (tmp_path / "out").exists()

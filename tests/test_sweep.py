@@ -123,6 +123,29 @@ def test_summary_ranks_by_the_early_stopping_metric_and_mode(tmp_path):
     assert [r["best"]["step"] for r in summary["points"]] == [2, 4]
 
 
+def test_a_grid_that_varies_the_loss_ranks_points_by_reward_accuracy(tmp_path):
+    """Weights 1:0.2 and 1:0.5 of dpo+ipo: eval/loss weighs ipo's (larger) loss more at the
+    second point, so it is no common measure; the points are ranked by eval/rewards/accuracies
+    instead: a (loss 0.5, accuracy 0.5) against b (loss 3.0, accuracy 0.75): b, though its
+    eval/loss is higher. The weights show as the grid gives them; a list of names (stop) joins
+    with +."""
+    _fake_run(tmp_path / "weights=1_0.2", [{"step": 2, "eval/loss": 0.5,
+                                             "eval/rewards/accuracies": 0.5}])
+    _fake_run(tmp_path / "weights=1_0.5", [{"step": 2, "eval/loss": 3.0,
+                                             "eval/rewards/accuracies": 0.75}])
+    sweep = {"kind": sw.KIND, "grid": [{"key": "weights", "values": ["1:0.2", "1:0.5"]}],
+             "points": [{"name": f"weights=1_{w}", "directory": f"weights=1_{w}",
+                         "settings": {"weights": [1.0, w]}, "status": "completed"}
+                        for w in (0.2, 0.5)]}
+    summary = sw.summarise(tmp_path, sweep)
+    assert (summary["metric"], summary["mode"], summary["best"]) == (
+        "eval/rewards/accuracies", "max", "weights=1_0.5")
+    rows = list(csv.DictReader(sw.summary_csv(summary, ["weights"]).splitlines()))
+    assert [(r["weights"], r["best point"]) for r in rows] == [("1.0:0.2", ""), ("1.0:0.5", "yes")]
+    assert sw.setting_text(["nan-guard", "early-stopping"]) == "nan-guard+early-stopping"
+    assert sw.setting_text(0.1) == 0.1
+
+
 def test_point_states_come_from_the_run_directory(tmp_path):
     _fake_run(tmp_path / "done", [{"step": 1, "eval/loss": 0.6}])
     _fake_run(tmp_path / "cut", [{"step": 1, "eval/loss": 0.6}], finished=False)
@@ -152,6 +175,15 @@ def pairs(tmp_path):
     (["--grid", "lr=1e-4", "--lr", "1e-5"], "--lr is given to every run and is an axis"),
     (["--grid", "beta=0.1", "-o", "beta=0.2"], "-o beta is given to every run and is an axis"),
     (["--grid", "beta=0.1", "stray"], "Got unexpected extra argument"),
+    (["--grid", "weights=1,0.2", "--loss", "dpo", "--loss", "ipo"],
+     r"--grid weights=1: 1 weight\(s\) for 2 losses \(dpo, ipo\); a grid value gives one "
+     r"point's weights, separated by ':' \(e.g. --grid weights=1.0:1.0,0.5:1.0\)"),
+    (["--grid", "weights=1:0.5:2", "--loss", "dpo", "--loss", "ipo"],
+     r"--grid weights=1:0.5:2: 3 weight\(s\) for 2 losses"),
+    (["--grid", "weights=1:-2", "--loss", "dpo", "--loss", "ipo"],
+     r"--grid weights=1:-2: loss 'dpo\+ipo': option weights=1,-2: each weight must be"),
+    (["--grid", "weights=1:2", "--loss", "dpo"], r"--grid weights=1:2: .*weighs losses trained"),
+    (["--grid", "loss=dpo+ipo,dpo+dpo"], r"--grid loss=dpo\+dpo: loss 'dpo' is named twice"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, pairs, args, message):
     result = command_line()("sweep", "--output", str(tmp_path / "sw"), "--model", "tiny",
@@ -320,3 +352,58 @@ def test_a_point_directory_that_holds_other_files_fails_the_point_and_is_left_al
     record = json.loads((out / "sweep.json").read_text())
     assert [p["status"] for p in record["points"]] == [
         "failed: its directory holds files no run wrote", "pending"]
+
+
+def _loss_parts(out: Path) -> list[dict]:
+    return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_a_grid_of_losses_trains_each_and_ranks_by_reward_accuracy(tmp_path, pairs):
+    """--grid loss=dpo+ipo,dpo: a point trains dpo and ipo together (weights 1, 1: its step
+    loss is loss/dpo + loss/ipo), the other dpo alone (no per-part metrics). eval/loss measures
+    another objective at each point, so the summary ranks them by eval/rewards/accuracies."""
+    out = tmp_path / "sw"
+    result = command_line()("sweep", "--grid", "loss=dpo+ipo,dpo", "--output", str(out),
+                            "--model", "tiny", "--data", str(pairs), "--backend", "cpu",
+                            "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0.25",
+                            "--no-eval-at-start", "--no-progress")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "sweep.json").read_text())
+    assert [(p["name"], p["settings"], p["status"]) for p in record["points"]] == [
+        ("loss=dpo+ipo", {"loss": "dpo+ipo"}, "completed"),
+        ("loss=dpo", {"loss": "dpo"}, "completed")]
+    both, alone = out / "loss=dpo+ipo", out / "loss=dpo"
+    assert json.loads((both / "run.json").read_text())["config"]["loss"] == "dpo+ipo"
+    assert json.loads((alone / "run.json").read_text())["config"]["loss"] == "dpo"
+    [step] = _loss_parts(both)
+    assert step["loss"] == pytest.approx(step["loss/dpo"] + step["loss/ipo"], rel=1e-5)
+    [step] = _loss_parts(alone)
+    assert not any(k.startswith("loss/") for k in step)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["metric"], summary["mode"]) == ("eval/rewards/accuracies", "max")
+    assert [r["final"]["step"] for r in summary["points"]] == [1, 1]
+
+
+def test_a_grid_of_weights_separates_one_point_s_weights_with_colons(tmp_path, pairs):
+    """--loss dpo --loss ipo --grid weights=1:0.2,1:0.5: two points, each trained with its
+    weights (a step's loss is loss/dpo + w_ipo * loss/ipo) and recorded as a list; the summary
+    shows them as the grid gives them."""
+    out = tmp_path / "sw"
+    result = command_line()("sweep", "--grid", "weights=1:0.2,1:0.5", "--output", str(out),
+                            "--model", "tiny", "--data", str(pairs), "--backend", "cpu",
+                            "--loss", "dpo", "--loss", "ipo", "--max-steps", "1",
+                            "--batch-size", "4", "--no-eval-at-start", "--no-progress")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "sweep.json").read_text())
+    points = [(p["name"], p["settings"], p["status"]) for p in record["points"]]
+    assert points == [("weights=1_0.2", {"weights": [1.0, 0.2]}, "completed"),
+                      ("weights=1_0.5", {"weights": [1.0, 0.5]}, "completed")]
+    for name, weight in (("weights=1_0.2", 0.2), ("weights=1_0.5", 0.5)):
+        run = json.loads((out / name / "run.json").read_text())
+        assert run["resolved"]["options"]["dpo+ipo"] == {"weights": [1.0, weight]}
+        [step] = _loss_parts(out / name)
+        assert step["loss"] == pytest.approx(step["loss/dpo"] + weight * step["loss/ipo"],
+                                             rel=1e-5)
+    with (out / "summary.csv").open() as fh:
+        assert [r["weights"] for r in csv.DictReader(fh)] == ["1.0:0.2", "1.0:0.5"]

@@ -26,7 +26,8 @@ from dpo.core.interfaces.plugins import Catalog
 from dpo.core.training import rundir
 from dpo.core.training import strategy as strat
 from dpo.core.training import sweep as sw
-from dpo.core.training.combination import options_record, resolve_loss
+from dpo.core.training.combination import (WEIGHTS, loss_names, options_record,
+                                            resolve_loss)
 from dpo.core.training.config import RunConfig, read_config_file
 from dpo.core.training.report import log_console
 from dpo.core.training.setup import check_options
@@ -66,7 +67,7 @@ def register(app: typer.Typer, catalog: Catalog) -> None:
     @one_line_errors
     def sweep_command(
         ctx: typer.Context,
-        grid: Annotated[Optional[list[str]], typer.Option("--grid", help="key=v1,v2,...: an axis of the grid (repeatable; the product of all is swept). Keys: a run option by its config-file name (lr, beta... see `dpo run --help`; aliases: steps, bs, accum, wd, warmup), a loss option (beta) or plugin.key. A list option joins its items with + (stop=nan-guard+early-stopping).")] = None,
+        grid: Annotated[Optional[list[str]], typer.Option("--grid", help="key=v1,v2,...: an axis of the grid (repeatable; the product of all is swept). Keys: a run option by its config-file name (lr, beta... see `dpo run --help`; aliases: steps, bs, accum, wd, warmup), a loss option (beta) or plugin.key. A list option joins its items with + (stop=nan-guard+early-stopping; loss=dpo+sft,dpo sweeps the losses trained). A loss combination's weights separate one point's items with : (weights=1:0.2,1:0.5 with --loss dpo --loss sft); where the grid varies loss or weights, the summary ranks points by eval/rewards/accuracies, eval/loss being another measure at each.")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="The base config file (TOML, as `dpo run --config`) of every point; the grid's values win.")] = None,
         output: Annotated[Optional[Path], typer.Option("--output", help="The sweep directory: sweep.json, one run directory per point, summary.json and summary.csv.")] = None,
         resume: Annotated[Optional[Path], typer.Option("--resume", help="Go on with the sweep in this directory, as its sweep.json records it.")] = None,
@@ -130,6 +131,8 @@ def point_flags(axes: list[sw.Axis], point: sw.Point) -> list[str]:
     flags: list[str] = []
     for key, value in point.values:
         if not by_key[key].field:
+            if key == WEIGHTS:  # one point's weights: 1:0.2 -> -o weights=1,0.2
+                value = value.replace(sw.ITEM_SEPARATOR, ",")
             flags += ["-o", f"{key}={value}"]
             continue
         flag = "--" + key.replace("_", "-")
@@ -166,12 +169,30 @@ def check_point(config: RunConfig, catalog: Catalog) -> dict[str, dict[str, Any]
     check_options(config, catalog)
     typed: dict[str, dict[str, Any]] = {}
     if config.objective == "dpo":
-        typed.update(options_record(resolve_loss(config.loss, config.options, catalog)))
+        typed.update(options_record(resolve_loss(config.loss, config.options, catalog,
+                                                 origins=config.file_origins)))
     plugins = [(catalog.stopping, name) for name in config.stop]
     for registry, name in plugins:
         cls = registry.get(name)
         typed[name] = cls.parse_options(config.plugin_options(name)).model_dump(mode="json")
     return typed
+
+
+def check_grid_weights(point: sw.Point, config: RunConfig) -> None:
+    """A point's ``weights`` (a combination's, separated by ``sweep.ITEM_SEPARATOR``) hold one
+    weight per loss; a one-line error in the grid's terms otherwise (the weights' own values
+    are checked with the loss, as `dpo run` checks them). The caller prefixes the point."""
+    given = dict(point.values).get(WEIGHTS)
+    names = loss_names(config.loss)
+    if given is None or len(names) < 2:
+        return
+    count = len(given.split(sw.ITEM_SEPARATOR))
+    if count != len(names):
+        example = sw.ITEM_SEPARATOR.join(["1.0"] * len(names))
+        raise UsageError(f"{count} weight(s) for {len(names)} losses "
+                         f"({', '.join(names)}); a grid value gives one point's weights, "
+                         f"separated by {sw.ITEM_SEPARATOR!r} (e.g. --grid weights={example},"
+                         f"{example.replace('1.0', '0.5', 1)})")
 
 
 def make_plan(ctx: typer.Context, catalog: Catalog, command: str | None, config: Path | None,
@@ -204,6 +225,7 @@ def make_plan(ctx: typer.Context, catalog: Catalog, command: str | None, config:
         values = parse_values(ctx, command, [*base, *flags], where)
         try:
             resolved = new_run_config(command, values)
+            check_grid_weights(point, resolved)
             typed = check_point(resolved, catalog)
         except DpoError as exc:
             raise UsageError(f"{where}: {exc}") from None
@@ -215,7 +237,10 @@ def make_plan(ctx: typer.Context, catalog: Catalog, command: str | None, config:
             else:
                 plugin, _, option = key.rpartition(".")
                 plugin = plugin or resolved.loss
-                point.settings[key] = typed.get(plugin, {}).get(
+                # A combination's plain key is its parts' options: the first part's that has it.
+                owner = next((p for p in [plugin, *loss_names(resolved.loss)]
+                              if option in typed.get(p, {})), plugin)
+                point.settings[key] = typed.get(owner, {}).get(
                     option, resolved.options.get(plugin, {}).get(option, value))
         argv[point.name] = [*base, *flags]
     record = {
@@ -359,7 +384,7 @@ def _count(number: int, noun: str) -> str:
 def _shown(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "" if value is None else str(value)
+    return "" if value is None else str(sw.setting_text(value))
 
 
 def show(summary: dict[str, Any], record: dict[str, Any]) -> None:

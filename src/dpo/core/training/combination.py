@@ -19,15 +19,18 @@ Options of a combination, keyed as ``RunConfig.options`` keys every plugin's:
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Mapping
 
 import torch
+from pydantic import ValidationError
 
 from dpo.core.interfaces.errors import UsageError
 from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
 from dpo.core.interfaces.options import PluginOptions
 from dpo.core.interfaces.plugins import Catalog
+from dpo.core.training.config import FileOrigin
 from dpo.core.training.plugin_calls import plugin_call
 
 SEPARATOR = "+"  # joins the parts' names: "dpo+sft"
@@ -111,27 +114,35 @@ class Combination(Loss):
             plugin_call(part, "load_state_dict()", part.load_state_dict, state.get(name, {}))
 
 
-def parse_weights(value: Any, names: list[str], loss: str) -> list[float]:
+def parse_weights(value: Any, names: list[str], loss: str,
+                  origin: FileOrigin | None = None) -> list[float]:
     """``weights`` as given (``"1.0,0.2"`` from ``-o``, a TOML list or string), checked: one
-    per loss, finite, >= 0, not all 0. A one-line error otherwise."""
-    where = f"loss {loss!r}: option weights={_shown(value)}"
-    example = ",".join(["1.0"] * len(names))
+    per loss, finite, >= 0, not all 0. A one-line error otherwise, at ``origin`` (the config
+    file's line) where the file gave them."""
+    ones = ["1.0"] * len(names)
+    example = f"weights = [{', '.join(ones)}]" if origin else f"-o weights={','.join(ones)}"
+    order = "in that order" if origin else "in --loss order"
+
+    def bad(message: str) -> UsageError:
+        if origin is not None:
+            return UsageError(origin.error(message))
+        return UsageError(f"loss {loss!r}: option weights={_shown(value)}: {message}")
+
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
         items = [items]
     try:
         weights = [float(item) for item in items]
     except (TypeError, ValueError):
-        raise UsageError(f"{where}: not a list of numbers; give one per loss, comma-separated "
-                         f"(e.g. -o weights={example})") from None
+        raise bad(f"not a list of numbers; give one per loss"
+                  f"{'' if origin else ', comma-separated'} (e.g. {example})") from None
     if len(weights) != len(names):
-        raise UsageError(f"{where}: {len(weights)} weight(s) for {len(names)} losses "
-                         f"({', '.join(names)}); give one per loss, in --loss order (e.g. -o "
-                         f"weights={example})")
+        raise bad(f"{len(weights)} weight(s) for {len(names)} losses ({', '.join(names)}); "
+                  f"give one per loss, {order} (e.g. {example})")
     if not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise UsageError(f"{where}: each weight must be a finite number >= 0")
+        raise bad("each weight must be a finite number >= 0")
     if not any(weights):
-        raise UsageError(f"{where}: every weight is 0; at least one must be above 0")
+        raise bad("every weight is 0; at least one must be above 0")
     return weights
 
 
@@ -141,48 +152,119 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def _parse_part(cls: type[Loss], values: dict[str, Any], sources: dict[str, FileOrigin | None]
+                ) -> Loss:
+    """``cls`` built with its options ``values``; a bad one that a config file gave is reported
+    at its line (``sources``: key -> where it came from, None for a flag)."""
+    try:
+        options = cls.parse_options(values)
+    except UsageError as exc:
+        key = _failing_key(cls, values)
+        origin = sources.get(key) if key is not None else None
+        if origin is None:
+            raise
+        # parse_options says "loss 'ipo': option beta=-1: why"; the file's line shows the rest.
+        message = str(exc).removeprefix(f"{cls.kind} {cls.name!r}: ")
+        message = message.removeprefix(f"option {key}={values[key]}: ")
+        raise UsageError(origin.error(f"loss {cls.name!r}: {message}")) from None
+    return plugin_call(cls, "__init__", cls, options)
+
+
+def _failing_key(cls: type[Loss], values: dict[str, Any]) -> str | None:
+    """The option of ``values`` that ``cls.parse_options`` refuses: one it does not declare,
+    else the first that its validation names."""
+    unknown = next((k for k in values if k not in cls.Options.model_fields), None)
+    if unknown is not None:
+        return unknown
+    try:
+        cls.Options.model_validate(values)
+    except ValidationError as exc:
+        loc = exc.errors()[0]["loc"]
+        return str(loc[0]) if loc else None
+    return None
+
+
 def resolve_loss(loss: str, options: Mapping[str, Mapping[str, Any]], catalog: Catalog,
-                 asked: bool = True) -> Loss:
+                 asked: bool = True, origins: Mapping[Any, FileOrigin] | None = None) -> Loss:
     """The ``Loss`` a run with loss string ``loss`` and plugin ``options`` (keyed by plugin
     name, as ``RunConfig.options``) trains with: the registered class for one name, a
     ``Combination`` for ``a+b+...``. Options are validated here, before anything is written.
-    ``asked``: the user named the loss (see ``dpo.core.interfaces.registry``)."""
+    ``asked``: the user named the loss (see ``dpo.core.interfaces.registry``). ``origins``:
+    where a config file gave the loss and its options (``RunConfig.file_origins``), so that an
+    error about them names the file and line."""
+    origins = origins or {}
+    at_loss = origins.get("loss")
+
+    def loss_error(message: str) -> UsageError:
+        return UsageError(at_loss.error(message) if at_loss else message)
+
+    def sources(name: str, shared: Mapping[str, Any]) -> dict[str, FileOrigin | None]:
+        """Where each option of part ``name`` came from: its own key, else the plain one."""
+        found = {k: origins.get((loss, k)) for k in shared}
+        found.update({k: origins.get((name, k)) for k in options.get(name, {})})
+        return found
+
     names = loss_names(loss)
     if len(names) == 1:
-        cls = catalog.losses.get(loss, asked=asked)
+        try:
+            cls = catalog.losses.get(loss, asked=asked)
+        except UsageError as exc:
+            raise loss_error(str(exc)) from None
         if WEIGHTS in options.get(loss, {}) and WEIGHTS not in cls.Options.model_fields:
-            raise UsageError(f"loss {loss!r}: option {WEIGHTS} weighs losses trained together; "
-                             f"give --loss more than once (e.g. --loss {loss} --loss ipo), or "
-                             "drop it")
-        return plugin_call(cls, "__init__", cls, cls.parse_options(dict(options.get(loss, {}))))
+            message = (f"loss {loss!r}: option {WEIGHTS} weighs losses trained together; give "
+                       f"--loss more than once (e.g. --loss {loss} --loss ipo), or drop it")
+            origin = origins.get((loss, WEIGHTS))
+            if origin is not None:
+                several = (f'loss = ["{loss}", "ipo"]' if at_loss else
+                           f"--loss {loss} --loss ipo")
+                message = origin.error(f"weights weighs losses trained together, and loss is "
+                                       f"{loss!r} alone; give several (e.g. {several}), or "
+                                       "drop weights")
+            raise UsageError(message)
+        return _parse_part(cls, dict(options.get(loss, {})), sources(loss, {}))
     if "" in names:
-        raise UsageError(f"--loss {loss!r}: an empty loss name; name each loss (e.g. --loss dpo "
-                         "--loss ipo)")
+        raise loss_error(f"--loss {loss!r}: an empty loss name; name each loss (e.g. --loss dpo "
+                         "--loss ipo)" if at_loss is None else
+                         "an empty loss name; name each loss (e.g. loss = [\"dpo\", \"ipo\"])")
     twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if twice is not None:
-        raise UsageError(f"loss {twice!r} is named twice ({loss}; --loss, or the config "
+        raise loss_error(f"loss {twice!r} is named twice ({loss}; --loss, or the config "
                          "file's loss list); name each loss once, and set its share with -o "
-                         "weights=...")
-    classes = {name: catalog.losses.get(name, asked=asked) for name in names}
+                         "weights=..." if at_loss is None else
+                         f"loss {twice!r} is named twice; name each loss once, and set its "
+                         "share with weights under [options]")
+    try:
+        classes = {name: catalog.losses.get(name, asked=asked) for name in names}
+    except UsageError as exc:
+        raise loss_error(str(exc)) from None
     unpaired = next((n for n, cls in classes.items() if cls.examples != "pairs"), None)
     if unpaired is not None:
-        raise UsageError(f"loss {unpaired!r} trains on unpaired examples ({classes[unpaired].examples}"
-                         f"), the other losses of {loss!r} on preference pairs: they cannot be "
-                         f"trained together; run --loss {unpaired} alone")
+        raise loss_error(f"loss {unpaired!r} trains on unpaired examples ("
+                         f"{classes[unpaired].examples}), the other losses of {loss!r} on "
+                         f"preference pairs: they cannot be trained together; run "
+                         f"{'--loss ' + unpaired if at_loss is None else f'loss = {json.dumps(unpaired)}'}"
+                         " alone")
     shared = dict(options.get(loss, {}))
-    weights = parse_weights(shared.pop(WEIGHTS), names, loss) if WEIGHTS in shared else None
+    weights = (parse_weights(shared.pop(WEIGHTS), names, loss, origins.get((loss, WEIGHTS)))
+               if WEIGHTS in shared else None)
     for key in shared:
         if not any(key in cls.Options.model_fields for cls in classes.values()):
             declared = "; ".join(f"{name}: {', '.join(sorted(cls.Options.model_fields)) or 'none'}"
                                  for name, cls in classes.items())
-            raise UsageError(f"loss {loss!r}: option {key!r} belongs to none of its parts "
-                             f"({declared}; and {WEIGHTS}); fix the name, or qualify it as "
-                             f"-o {names[0]}.KEY=...")
+            origin = origins.get((loss, key))
+            if origin is None:
+                raise UsageError(f"loss {loss!r}: option {key!r} belongs to none of its parts "
+                                 f"({declared}; and {WEIGHTS}); fix the name, or qualify it as "
+                                 f"-o {names[0]}.KEY=...")
+            raise UsageError(origin.error(
+                f"option {key!r} belongs to none of the parts of loss {loss!r} ({declared}; "
+                f"and {WEIGHTS}); fix the name, or move it to its loss's table "
+                f"([options.{names[0]}])"))
     parts: dict[str, Loss] = {}
     for name, cls in classes.items():
         values = {k: v for k, v in shared.items() if k in cls.Options.model_fields}
         values.update(options.get(name, {}))  # a part's own key beats a plain one
-        parts[name] = plugin_call(cls, "__init__", cls, cls.parse_options(values))
+        parts[name] = _parse_part(cls, values, sources(name, values))
     return Combination(parts, weights)
 
 

@@ -6,9 +6,9 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from dpo.core.interfaces.errors import UsageError
@@ -204,6 +204,29 @@ class RunConfig(BaseModel):
     def plugin_options(self, name: str) -> dict[str, Any]:
         return dict(self.options.get(name, {}))
 
+    # The values that a --config file gave (and no later layer replaced), for errors found
+    # after validation (e.g. a loss combination's): ``"loss"``, or ``(plugin, key)`` of
+    # ``options``, -> its FileOrigin. Set by resolve_config; not part of the record.
+    _file_origins: dict[Any, FileOrigin] = PrivateAttr(default_factory=dict)
+
+    @property
+    def file_origins(self) -> dict[Any, FileOrigin]:
+        return self._file_origins
+
+
+class FileOrigin(NamedTuple):
+    """Where a config file gave a value: ``FILE:LINE``, the key as the file writes it
+    (``loss``, ``[options] beta``, ``[options.ipo] beta``) and the value."""
+
+    where: str
+    key: str
+    value: Any
+
+    def error(self, message: str) -> str:
+        """The one-line error for a bad value here: ``FILE:LINE: key = value: message``."""
+        return (f"{self.where}: {self.key} = {json.dumps(self.value, default=str)}: {message}; "
+                "fix it in the config file")
+
 
 def joined_loss(value: Any) -> Any:
     """Losses trained together as one string: a repeated ``--loss`` or a config file's
@@ -246,6 +269,24 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _option_lines(text: str) -> dict[str, int]:
+    """The line of each key under ``options``, keyed ``options.KEY`` (``[options]`` and its
+    plain ``KEY = ...``) or ``options.PLUGIN.KEY`` (``[options.PLUGIN]``'s keys, and dotted
+    ``PLUGIN.KEY = ...`` under ``[options]``)."""
+    lines: dict[str, int] = {}
+    table: str | None = None  # the dotted name of the current table, quotes dropped
+    for number, line in enumerate(text.splitlines(), start=1):
+        if header := re.match(r"\s*\[\s*([^\[\]#]+?)\s*\]", line):
+            table = ".".join(p.strip().strip("\"'") for p in header[1].split("."))
+            if table.startswith("options"):
+                lines.setdefault(table, number)
+        elif table is not None and (table == "options" or table.startswith("options.")):
+            if key := re.match(r"\s*((?:\s*(?:\"[^\"]*\"|'[^']*'|[\w-]+)\s*\.?)+?)\s*=", line):
+                dotted = ".".join(p.strip().strip("\"'") for p in key[1].split("."))
+                lines.setdefault(f"{table}.{dotted}", number)
+    return lines
+
+
 def read_config_file(path: str | Path) -> ConfigFile:
     """Read a TOML config file: top-level keys are ``run`` options (``max_steps`` or
     ``max-steps``); an ``[options]`` table holds loss options, and ``[options.<plugin>]``
@@ -271,7 +312,7 @@ def read_config_file(path: str | Path) -> ConfigFile:
         raise UsageError(f"{where}: not valid TOML ({reason}); fix the syntax, see "
                          "https://toml.io") from None
     raw = _normalise_keys(raw)
-    table = ConfigFile(raw, path, _key_lines(text))
+    table = ConfigFile(raw, path, {**_key_lines(text), **_option_lines(text)})
     unknown = sorted(set(raw) - set(RunConfig.model_fields))
     if unknown:
         raise UsageError(f"{table.where(unknown[0])}: unknown key {unknown[0]!r}; valid keys: "
@@ -337,7 +378,7 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
             options.setdefault(plugin, {}).update(values)
     merged["options"] = options
     try:
-        return RunConfig.model_validate(merged)
+        config = RunConfig.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
         message = err["msg"].removeprefix("Value error, ")
@@ -351,3 +392,29 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
                              f"{json.dumps(given, default=str)}: {message}; fix it in the "
                              "config file") from None
         raise UsageError(f"--{key}={given}: {message}") from None
+    config._file_origins.update(_file_origins(layers, origin, loss))
+    return config
+
+
+def _file_origins(layers: tuple[dict[str, Any], ...], origin: dict[str, dict[str, Any]],
+                  loss: str) -> dict[Any, FileOrigin]:
+    """Where config files gave the run's loss and its plugin options (the last layer that
+    sets a value wins, as in resolve_config): see ``RunConfig.file_origins``."""
+    found: dict[Any, FileOrigin] = {}
+    layer = origin.get("loss")
+    if isinstance(layer, ConfigFile):
+        found["loss"] = FileOrigin(layer.where("loss"), "loss", layer["loss"])
+    for layer in layers:
+        for key, value in (layer.get("options") or {}).items():
+            table = value if isinstance(value, dict) else {key: value}
+            for name, item in table.items():
+                plugin, dot, option = (f"{key}.{name}" if table is value else name).rpartition(".")
+                slot = (plugin if dot else loss, option)
+                if not isinstance(layer, ConfigFile):
+                    found.pop(slot, None)  # a later layer (flags, a record) replaced it
+                    continue
+                line = f"options.{plugin}.{option}" if dot else f"options.{option}"
+                shown = f"[options.{plugin}] {option}" if dot else f"[options] {option}"
+                where = layer.where(line) if line in layer.lines else layer.where("options")
+                found[slot] = FileOrigin(where, shown, item)
+    return found

@@ -11,6 +11,7 @@ completions and its perplexity.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from dpo.core.model.dropout import disable_dropout
 from dpo.core.training.checkpoint import latest_checkpoint, load_checkpoint_state
 from dpo.core.training.combination import loss_names, options_record, resolve_loss
 from dpo.core.training.config import split_options
-from dpo.core.training.layout import FINAL, PREFIX
+from dpo.core.training.layout import BEST, BEST_RECORD, FINAL, PREFIX
 from dpo.core.training.loop import objective_metrics
 from dpo.core.training.objectives import DpoObjective, Objective, SftObjective, sft_paths
 from dpo.core.training.plugin_calls import plugin_call
@@ -72,25 +73,41 @@ def find_run_config(model: str) -> dict[str, Any] | None:
 
 def loss_state_of(model: str) -> tuple[dict[str, Any], str | None]:
     """The state a loss with state (BCO's running mean) had where ``model`` was written, and
-    the checkpoint it comes from: a checkpoint's own; for a run directory or its ``final/``,
-    the newest checkpoint's if it is of the run's last step. Else none: such a loss then
-    evaluates from its initial state."""
+    where it comes from: a checkpoint's own; ``best/``'s, kept with its weights; for a run
+    directory or its ``final/``, that of the weights ``final/`` holds: ``best/``'s where a
+    stopping policy restored the best weights at the end, else the newest checkpoint's if it is
+    of the run's last step. Else none: such a loss then evaluates from its initial state."""
     path = Path(model)
     checkpoint: Path | None = path
     try:
+        if path.name == BEST and (path / BEST_RECORD).is_file():
+            return _best_state(path)
         if not (path / "trainer_state.json").is_file():
             run_dir = path if (path / RUN_FILE).is_file() else path.parent
             if not (run_dir / RUN_FILE).is_file() or path not in (run_dir, run_dir / FINAL):
                 return {}, None
+            record = read_record(run_dir)
+            restored = record.get("restored_best_from_step")
+            if restored is not None:  # final/ holds best/'s weights: its state goes with them
+                best = run_dir / BEST
+                kept = json.loads((best / BEST_RECORD).read_text()) if (
+                    best / BEST_RECORD).is_file() else {}
+                return _best_state(best) if kept.get("step") == restored else ({}, None)
             checkpoint = latest_checkpoint(run_dir)
-            steps = read_record(run_dir).get("steps")
-            if checkpoint is None or checkpoint.name != f"{PREFIX}{steps}":
+            if checkpoint is None or checkpoint.name != f"{PREFIX}{record.get('steps')}":
                 return {}, None
         saved, _ = load_checkpoint_state(checkpoint, tensors=False)
-    except UsageError:  # a damaged record or checkpoint: no state rather than no evaluation
+    except (UsageError, OSError, ValueError):  # damaged: no state rather than no evaluation
         return {}, None
     state = saved.get("loss") or {}
     return state, str(checkpoint) if state else None
+
+
+def _best_state(best: Path) -> tuple[dict[str, Any], str | None]:
+    """The loss's state kept with the weights in ``best/`` (none in a run from before it was
+    kept), and where it comes from."""
+    state = json.loads((best / BEST_RECORD).read_text()).get("loss") or {}
+    return state, str(best) if state else None
 
 
 def model_dir(model: str) -> str:

@@ -275,11 +275,13 @@ def _agree(policies: dict[str, StoppingPolicy], stopped: tuple[str, Decision] | 
 
 def save_best(t: Trainee, step: int, metrics: dict[str, float]) -> None:
     """Keep these weights as the run's best (``best/``, a Hugging Face directory), with the step
-    and the evaluation that made them best."""
+    and the evaluation that made them best, and the loss's state then (e.g. BCO's running mean:
+    what ``dpo eval`` of these weights evaluates with)."""
     state = strat.full_state_dict(t.policy, t.dist)  # collective under FSDP: every rank
     if t.dist.is_main:
+        record = {"step": step, "metrics": metrics, "loss": t.objective.state_dict()}
         save_model_dir(t.output / BEST, strat.unwrap(t.policy), t.tokenizer,
-                       extra={BEST_RECORD: {"step": step, "metrics": metrics}}, state_dict=state)
+                       extra={BEST_RECORD: record}, state_dict=state)
     strat.barrier(t.dist)  # restore_best on any rank reads what rank 0 wrote
 
 

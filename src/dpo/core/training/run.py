@@ -234,7 +234,7 @@ class Recipe:
                                  "loss, so it takes no reference; drop it")
         else:
             self.loss = resolve_loss(config.loss, config.options, catalog,
-                                     asked="loss" in named)
+                                     asked="loss" in named, origins=config.file_origins)
             self.resolve_unpaired()
         for name in config.stop:
             cls = catalog.stopping.get(name, asked="stop" in named)
@@ -793,7 +793,7 @@ def precompute(config: RunConfig, catalog: Catalog, reporter: Reporter | None = 
     dtype = resolve_dtype(config.dtype, backend)
     check_options(config, catalog)
     loss = resolve_loss(config.loss, config.options, catalog,
-                        asked="loss" in config.model_fields_set)
+                        asked="loss" in config.model_fields_set, origins=config.file_origins)
     if getattr(loss, "examples", "pairs") == "unpaired":
         raise UsageError(f"loss {config.loss!r} trains on unpaired examples, whose reference "
                          "log-probs are scored during the run: nothing to precompute")

@@ -61,6 +61,12 @@ SHOWN_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
 SHORT_NAMES = {"eval/loss": "loss", "eval/rewards/accuracies": "accuracy",
                "eval/rewards/margins": "margin", "eval/perplexity": "perplexity"}
 LIST_SEPARATOR = "+"  # joins the items of a list value (stop=nan-guard+early-stopping)
+# Separates the items of one value of a loss combination's weights (weights=1:0.2,1:0.5): the
+# grid's values are split on commas, and a number may hold a '+' (1e+3).
+ITEM_SEPARATOR = ":"
+# Grid keys that change what eval/loss measures (another loss, or its parts weighed otherwise):
+# a summary then ranks points by their held-out reward accuracy, which every loss reports.
+LOSS_KEYS = ("loss", "weights")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+=,-]+")
 
@@ -273,7 +279,9 @@ def summarise(directory: Path, sweep: dict[str, Any]) -> dict[str, Any]:
     """The summary of the sweep in ``directory``: each point's settings, status, steps, final
     (last) and best held-out evaluation, and the best point. One metric ranks both the
     evaluations of a run and the points: the runs' early-stopping metric (and its mode) where
-    they stop early, else eval/loss, lower is better."""
+    they stop early, else eval/loss, lower is better; but where the grid varies the loss
+    (``LOSS_KEYS``), whose eval/loss is then another measure at each point,
+    eval/rewards/accuracies, higher is better."""
     found = []
     for point in sweep.get("points", []):
         run_dir = directory / point["directory"]
@@ -285,7 +293,9 @@ def summarise(directory: Path, sweep: dict[str, Any]) -> dict[str, Any]:
                 pass
         found.append((point, run_dir, state, record))
     watched = [early_stopping_metric(record) for _, _, _, record in found if record]
-    metric, mode = next((w for w in watched if w), ("eval/loss", "min"))
+    varies_loss = any(axis.get("key") in LOSS_KEYS for axis in sweep.get("grid") or [])
+    default = ("eval/rewards/accuracies", "max") if varies_loss else ("eval/loss", "min")
+    metric, mode = next((w for w in watched if w), default)
     rows = []
     for point, run_dir, state, record in found:
         evals = evaluations(run_dir) if state != PENDING else []
@@ -313,6 +323,16 @@ def shown_metrics(summary: dict[str, Any]) -> list[str]:
     return [m for m in ordered if m in reported]
 
 
+def setting_text(value: Any) -> Any:
+    """A point's setting as a summary shows it: a list as the grid gives it, numbers (a
+    combination's weights) joined by ``ITEM_SEPARATOR`` (``1.0:0.2``), names by
+    ``LIST_SEPARATOR`` (``nan-guard+early-stopping``)."""
+    if isinstance(value, (list, tuple)):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return (ITEM_SEPARATOR if numbers else LIST_SEPARATOR).join(str(v) for v in value)
+    return value
+
+
 def summary_csv(summary: dict[str, Any], keys: list[str]) -> str:
     """The summary as CSV: one row per point (the grid's keys, status, steps, then final and
     best of each shown metric, the best's step, and whether it is the sweep's best point)."""
@@ -324,7 +344,8 @@ def summary_csv(summary: dict[str, Any], keys: list[str]) -> str:
                      "best step", "best point"])
     for row in summary["points"]:
         final, best = row["final"] or {}, row["best"] or {}
-        writer.writerow([row["name"], *(row["settings"].get(k, "") for k in keys), row["status"],
+        writer.writerow([row["name"], *(setting_text(row["settings"].get(k, "")) for k in keys),
+                         row["status"],
                          "" if row["steps"] is None else row["steps"],
                          *(final.get(m, "") for m in metrics), *(best.get(m, "") for m in metrics),
                          best.get("step", ""), "yes" if row["name"] == summary["best"] else ""])
