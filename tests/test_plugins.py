@@ -82,7 +82,7 @@ def test_disable_env_blocks_a_builtin_and_unknown_names_list_what_is_installed()
     with pytest.raises(UnknownNameError) as info:
         catalog.losses.get("ipo")
     assert str(info.value).startswith("unknown loss 'ipo'; installed: ")
-    assert "cdpo, dpo" in str(info.value)
+    assert "cdpo, cpo, dpo, dpop" in str(info.value)
 
 
 def test_entry_point_plugin_is_discovered_with_its_distribution(site):

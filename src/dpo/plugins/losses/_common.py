@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from typing import Union
+
 import torch
 from pydantic import Field
 
-from dpo.core.interfaces.loss import LossOutput, PairLogps
+from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
 from dpo.core.interfaces.options import PluginOptions
+
+# What ``RatioLoss.per_pair`` returns: [B] losses, or [B] losses and extra metrics to log.
+PerPair = Union[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class BetaOptions(PluginOptions):
@@ -45,3 +51,26 @@ def reward_output(losses: torch.Tensor, chosen_ratios: torch.Tensor,
         rejected_rewards=(beta * rejected_ratios).detach(),
         metrics=metrics or {},
     )
+
+
+class RatioLoss(Loss):
+    """A loss of the policy/reference log-ratios r_w and r_l whose rewards are the implicit
+    beta * r (the DPO family and its relatives). A subclass sets ``name``, an ``Options`` with
+    ``beta`` (``BetaOptions`` or a subclass; ``BetaOptions`` by default) and implements
+    ``per_pair``; the ratios, the reference check and the rewards are done here."""
+
+    requires_reference = True
+    Options = BetaOptions
+
+    options: BetaOptions
+
+    @abstractmethod
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
+        """The [B] per-pair losses of the log-ratios r_w, r_l [B] (graph kept), optionally
+        with extra detached metrics; ``logps`` for what else a loss reads (token counts)."""
+
+    def __call__(self, logps: PairLogps) -> LossOutput:
+        r_w, r_l = log_ratios(logps, self.name)
+        out = self.per_pair(r_w, r_l, logps)
+        losses, metrics = out if isinstance(out, tuple) else (out, None)
+        return reward_output(losses, r_w, r_l, self.options.beta, metrics)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import PerPair, RatioLoss
 
 
 def apo_zero_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float) -> torch.Tensor:
@@ -37,7 +37,7 @@ def apo_down_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float) -> torch.Te
     return torch.sigmoid(beta * r_w) + (1 - torch.sigmoid(beta * (r_w - r_l)))
 
 
-class APOZeroLoss(Loss):
+class APOZeroLoss(RatioLoss):
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored preference optimization and contrastive
     revisions", arXiv:2408.06266, Eq. 7): for data whose chosen completions are better than what
     the model already writes. The paper's loss is -sigma(beta r_w) + sigma(beta r_l); the
@@ -45,37 +45,23 @@ class APOZeroLoss(Loss):
     policy == reference. Same as TRL's ``loss_type="apo_zero"``."""
 
     name = "apo_zero"
-    requires_reference = True
 
-    class Options(BetaOptions):
-        pass
-
-    options: Options
-
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(apo_zero_loss(r_w, r_l, beta), r_w, r_l, beta)
+        return apo_zero_loss(r_w, r_l, beta)
 
 
-class APODownLoss(Loss):
+class APODownLoss(RatioLoss):
     """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 8): for data whose chosen
     completions are worse than what the model already writes. The paper's loss is
     sigma(beta r_w) - sigma(beta (r_w - r_l)); plus the constant 1 as for APO-zero. Same as
     TRL's ``loss_type="apo_down"``."""
 
     name = "apo_down"
-    requires_reference = True
 
-    class Options(BetaOptions):
-        pass
-
-    options: Options
-
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(apo_down_loss(r_w, r_l, beta), r_w, r_l, beta)
+        return apo_down_loss(r_w, r_l, beta)
 
 
 @hookimpl

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import PerPair, RatioLoss
 
 DELTA = "bco/delta"  # the shift the step's losses used
 REWARDS = "bco/rewards"  # the step's mean reward (beta r_w + beta r_l) / 2, what delta averages
@@ -33,7 +33,7 @@ def bco_pair_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
 
 
-class BCOLoss(Loss):
+class BCOLoss(RatioLoss):
     """BCO pair (Jung et al. 2024, arXiv:2404.04656): -log sigma(beta r_w - delta)
     - log sigma(-(beta r_l - delta)), with delta the running mean of the rewards.
 
@@ -54,12 +54,6 @@ class BCOLoss(Loss):
     """
 
     name = "bco"
-    requires_reference = True
-
-    class Options(BetaOptions):
-        pass
-
-    options: Options
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -69,13 +63,12 @@ class BCOLoss(Loss):
     def delta(self) -> float:
         return self.total / self.steps if self.steps else 0.0
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta, delta = self.options.beta, self.delta
         chosen, rejected = beta * r_w, beta * r_l
         metrics = {DELTA: torch.full_like(r_w, delta).detach(),
                    REWARDS: ((chosen + rejected) / 2).detach()}
-        return reward_output(bco_pair_loss(chosen, rejected, delta), r_w, r_l, beta, metrics)
+        return bco_pair_loss(chosen, rejected, delta), metrics
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         reward = metrics.get(REWARDS, math.nan)

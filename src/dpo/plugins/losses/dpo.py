@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import BetaOptions, PerPair, RatioLoss
 
 
 def dpo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
@@ -57,30 +57,22 @@ def robust_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
-class DPOLoss(Loss):
+class DPOLoss(RatioLoss):
     """Direct Preference Optimization, the "sigmoid" loss (Rafailov et al. 2023, Eq. 7)."""
 
     name = "dpo"
-    requires_reference = True
 
-    class Options(BetaOptions):
-        pass
-
-    options: Options
-
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(dpo_loss(r_w - r_l, beta), r_w, r_l, beta)
+        return dpo_loss(r_w - r_l, beta)
 
 
-class ConservativeDPOLoss(Loss):
+class ConservativeDPOLoss(RatioLoss):
     """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences", Eq. 3): DPO with
     label smoothing eps. Its gradient vanishes at sigma(beta h) = 1 - eps, so the margin stops
     growing there instead of being pushed to infinity."""
 
     name = "cdpo"
-    requires_reference = True
 
     class Options(BetaOptions):
         eps: float = Field(
@@ -91,13 +83,12 @@ class ConservativeDPOLoss(Loss):
 
     options: Options
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(cdpo_loss(r_w - r_l, beta, self.options.eps), r_w, r_l, beta)
+        return cdpo_loss(r_w - r_l, beta, self.options.eps)
 
 
-class RobustDPOLoss(Loss):
+class RobustDPOLoss(RatioLoss):
     """Robust DPO (Chowdhury et al. 2024, "Provably robust DPO", arXiv:2403.00409): the DPO loss
     debiased for labels flipped with known probability eps. Unlike cDPO, which moves the optimum
     to sigma(beta h) = 1 - eps, its expectation over noisy labels is the clean DPO loss, so its
@@ -106,7 +97,6 @@ class RobustDPOLoss(Loss):
     with ``label_smoothing=eps``."""
 
     name = "robust"
-    requires_reference = True
 
     class Options(BetaOptions):
         eps: float = Field(
@@ -117,10 +107,9 @@ class RobustDPOLoss(Loss):
 
     options: Options
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(robust_loss(r_w - r_l, beta, self.options.eps), r_w, r_l, beta)
+        return robust_loss(r_w - r_l, beta, self.options.eps)
 
 
 @hookimpl

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import BetaOptions, PerPair, RatioLoss
 
 
 def dpop_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float, lam: float) -> torch.Tensor:
@@ -29,7 +29,7 @@ def dpop_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float, lam: float) -> 
     return -F.logsigmoid(beta * (r_w - r_l - lam * penalty))
 
 
-class DPOPLoss(Loss):
+class DPOPLoss(RatioLoss):
     """DPO-Positive (Pal et al. 2024, "Smaug: fixing failure modes of preference optimisation
     with DPO-Positive", arXiv:2402.13228). DPO can widen the margin while lowering the chosen
     completion's likelihood, notably on pairs that differ in a few tokens; DPOP subtracts
@@ -41,7 +41,6 @@ class DPOPLoss(Loss):
     which loss it belongs to. TRL 1.16 has no DPOP loss type."""
 
     name = "dpop"
-    requires_reference = True
 
     class Options(BetaOptions):
         dpop_lambda: float = Field(
@@ -52,13 +51,11 @@ class DPOPLoss(Loss):
 
     options: Options
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
         losses = dpop_loss(r_w, r_l, beta, self.options.dpop_lambda)
         # How far the chosen log-prob fell below the reference's (0 where it did not).
-        return reward_output(losses, r_w, r_l, beta,
-                             metrics={"dpop/penalty": torch.relu(-r_w).detach()})
+        return losses, {"dpop/penalty": torch.relu(-r_w).detach()}
 
 
 @hookimpl

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import BetaOptions, PerPair, RatioLoss
 
 
 def exo_pair_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def exo_pair_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
             + torch.sigmoid(-z) * (log_1mq - math.log(eps)))
 
 
-class ExoPairLoss(Loss):
+class ExoPairLoss(RatioLoss):
     """EXO, pairwise (Ji et al. 2024, "Towards efficient exact optimization of language model
     alignment", arXiv:2402.00856, Eq. 16): the reverse KL from the policy's implicit preference
     sigma(beta h) to the label, smoothed to 1 - eps. Reverse KL is mode-seeking where DPO's
@@ -46,7 +46,6 @@ class ExoPairLoss(Loss):
     for binary labels is the smoothing eps."""
 
     name = "exo"
-    requires_reference = True
 
     class Options(BetaOptions):
         eps: float = Field(
@@ -57,10 +56,9 @@ class ExoPairLoss(Loss):
 
     options: Options
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(exo_pair_loss(r_w - r_l, beta, self.options.eps), r_w, r_l, beta)
+        return exo_pair_loss(r_w - r_l, beta, self.options.eps)
 
 
 @hookimpl

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import PerPair, RatioLoss
 
 
 def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
@@ -22,7 +22,7 @@ def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.relu(1 - beta * h)  # Liu et al. 2023, arXiv:2309.06657, the hinge loss of RSO
 
 
-class HingeLoss(Loss):
+class HingeLoss(RatioLoss):
     """Hinge loss (Liu et al. 2023, "Statistical rejection sampling improves preference
     optimization" (RSO), arXiv:2309.06657; SLiC's calibration loss on the policy/reference
     log-ratios). Pairs whose margin already exceeds 1/beta contribute nothing. Same as TRL's
@@ -30,17 +30,10 @@ class HingeLoss(Loss):
     loss."""
 
     name = "hinge"
-    requires_reference = True
 
-    class Options(BetaOptions):
-        pass
-
-    options: Options
-
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(hinge_loss(r_w - r_l, beta), r_w, r_l, beta)
+        return hinge_loss(r_w - r_l, beta)
 
 
 @hookimpl

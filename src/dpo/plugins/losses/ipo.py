@@ -6,8 +6,8 @@ import torch
 from pydantic import Field
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import BetaOptions, PerPair, RatioLoss
 
 
 def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
@@ -22,7 +22,7 @@ def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023, arXiv:2310.12036, Eq. 17
 
 
-class IPOLoss(Loss):
+class IPOLoss(RatioLoss):
     """IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17).
 
     Implementations disagree on h. With ``length_normalize=true`` (the default) each log-ratio is
@@ -33,7 +33,6 @@ class IPOLoss(Loss):
     """
 
     name = "ipo"
-    requires_reference = True
 
     class Options(BetaOptions):
         beta: float = Field(
@@ -49,8 +48,7 @@ class IPOLoss(Loss):
 
     options: Options
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
         if self.options.length_normalize:
             # A completion always holds at least its EOS; the clamp only guards a degenerate row.
@@ -58,7 +56,7 @@ class IPOLoss(Loss):
                  - r_l / logps.rejected_tokens.clamp(min=1).to(r_l.dtype))
         else:
             h = r_w - r_l
-        return reward_output(ipo_loss(h, beta), r_w, r_l, beta)
+        return ipo_loss(h, beta)
 
 
 @hookimpl

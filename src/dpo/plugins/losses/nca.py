@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import PerPair, RatioLoss
 
 
 def nca_pair_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float) -> torch.Tensor:
@@ -29,24 +29,17 @@ def nca_pair_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float) -> torch.Te
     return -F.logsigmoid(s_w) - 0.5 * F.logsigmoid(-s_w) - 0.5 * F.logsigmoid(-s_l)
 
 
-class NCAPairLoss(Loss):
+class NCAPairLoss(RatioLoss):
     """NCA, pairwise (Chen et al. 2024, "Noise contrastive alignment of language models with
     explicit rewards", arXiv:2402.05369): an absolute-likelihood objective on each completion's
     implicit reward beta r, where DPO (the paper's InfoNCA in the pairwise case) only sees the
     margin. Same as TRL's ``loss_type="nca_pair"``; beta scales each log-ratio, as in the paper."""
 
     name = "nca"
-    requires_reference = True
 
-    class Options(BetaOptions):
-        pass
-
-    options: Options
-
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(nca_pair_loss(r_w, r_l, beta), r_w, r_l, beta)
+        return nca_pair_loss(r_w, r_l, beta)
 
 
 @hookimpl

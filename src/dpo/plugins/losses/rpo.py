@@ -7,8 +7,8 @@ import torch
 from pydantic import Field
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import BetaOptions, PerPair, RatioLoss
 from dpo.plugins.losses.dpo import dpo_loss
 
 
@@ -39,7 +39,7 @@ def rpo_loss(h: torch.Tensor, nll: torch.Tensor, beta: float, alpha: float) -> t
     return dpo_loss(h, beta) + alpha * nll  # Pang et al. 2024, arXiv:2404.19733, the DPO+NLL loss
 
 
-class RPOLoss(Loss):
+class RPOLoss(RatioLoss):
     """RPO (Pang et al. 2024, "Iterative reasoning preference optimization", arXiv:2404.19733):
     DPO plus alpha times the length-normalised NLL of the chosen completion, which keeps the
     chosen likelihood rising where DPO alone lets it fall. The paper writes
@@ -54,7 +54,6 @@ class RPOLoss(Loss):
     ``dpo_loss`` (the DPO part)."""
 
     name = "rpo"
-    requires_reference = True
 
     class Options(BetaOptions):
         alpha: float = Field(
@@ -65,13 +64,12 @@ class RPOLoss(Loss):
 
     options: Options
 
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
         nll = chosen_nll(logps.policy_chosen, logps.chosen_tokens)
         losses = rpo_loss(r_w - r_l, nll, beta, self.options.alpha)
         metrics = {"nll_loss": nll.detach(), "dpo_loss": dpo_loss(r_w - r_l, beta).detach()}
-        return reward_output(losses, r_w, r_l, beta, metrics=metrics)
+        return losses, metrics
 
 
 @hookimpl

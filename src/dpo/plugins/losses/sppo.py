@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from dpo.core.interfaces.hookspecs import hookimpl
-from dpo.core.interfaces.loss import Loss, LossOutput, PairLogps
-from dpo.plugins.losses._common import BetaOptions, log_ratios, reward_output
+from dpo.core.interfaces.loss import PairLogps
+from dpo.plugins.losses._common import PerPair, RatioLoss
 
 
 def sppo_hard_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float) -> torch.Tensor:
@@ -26,7 +26,7 @@ def sppo_hard_loss(r_w: torch.Tensor, r_l: torch.Tensor, beta: float) -> torch.T
     return (r_w - target) ** 2 + (r_l + target) ** 2
 
 
-class SPPOHardLoss(Loss):
+class SPPOHardLoss(RatioLoss):
     """SPPO with hard labels (Wu et al. 2024, "Self-play preference optimization for language
     model alignment", arXiv:2405.00675). The paper estimates the win probability P(y > pi_t)
     with a preference model (PairRM) over several samples per prompt; with a fixed preference
@@ -37,17 +37,10 @@ class SPPOHardLoss(Loss):
     ``loss_type="sppo_hard"``."""
 
     name = "sppo_hard"
-    requires_reference = True
 
-    class Options(BetaOptions):
-        pass
-
-    options: Options
-
-    def __call__(self, logps: PairLogps) -> LossOutput:
-        r_w, r_l = log_ratios(logps, self.name)
+    def per_pair(self, r_w: torch.Tensor, r_l: torch.Tensor, logps: PairLogps) -> PerPair:
         beta = self.options.beta
-        return reward_output(sppo_hard_loss(r_w, r_l, beta), r_w, r_l, beta)
+        return sppo_hard_loss(r_w, r_l, beta)
 
 
 @hookimpl
