@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from dpo.core.interfaces.errors import DpoError, UsageError
@@ -41,3 +42,14 @@ def preference_only(policy: str, objective: str) -> None:
     if objective != "dpo":
         raise UsageError(f"--stop {policy} watches preference metrics (rewards/..., logps/...), "
                          f"which dpo {objective} does not report; drop --stop {policy}")
+
+
+def improves(value: float, best: float | None, mode: Mode, min_delta: float) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet) by more than ``min_delta`` in
+    ``mode``; a non-finite value never does."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    delta = value - best if mode == "max" else best - value
+    return delta > min_delta

@@ -6,7 +6,6 @@ the policy over-optimises the preference data, so the best weights are rarely th
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -14,7 +13,7 @@ from pydantic import Field, field_validator
 from dpo.core.interfaces.hookspecs import hookimpl
 from dpo.core.interfaces.options import PluginOptions
 from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
-from dpo.plugins.stopping._metric import Mode, is_eval_metric, read_metric
+from dpo.plugins.stopping._metric import Mode, improves, is_eval_metric, read_metric
 
 
 class EarlyStopping(StoppingPolicy):
@@ -56,12 +55,7 @@ class EarlyStopping(StoppingPolicy):
         return self.options.restore_best
 
     def improves(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        delta = value - self.best if self.options.mode == "max" else self.best - value
-        return delta > self.options.min_delta
+        return improves(value, self.best, self.options.mode, self.options.min_delta)
 
     def _observe(self, step: int, metrics: dict[str, float]) -> Decision:
         value = read_metric(self.name, self.options.metric, metrics)

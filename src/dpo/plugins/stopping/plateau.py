@@ -3,7 +3,6 @@ without held-out data."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -11,7 +10,7 @@ from pydantic import Field, field_validator
 from dpo.core.interfaces.hookspecs import hookimpl
 from dpo.core.interfaces.options import PluginOptions
 from dpo.core.interfaces.stopping import CONTINUE, Decision, StoppingPolicy
-from dpo.plugins.stopping._metric import Mode, is_eval_metric, read_metric
+from dpo.plugins.stopping._metric import Mode, improves, is_eval_metric, read_metric
 
 
 class Plateau(StoppingPolicy):
@@ -61,12 +60,7 @@ class Plateau(StoppingPolicy):
         return sum(self.recent) / len(self.recent)
 
     def improves(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        delta = value - self.best if self.options.mode == "max" else self.best - value
-        return delta > self.options.min_delta
+        return improves(value, self.best, self.options.mode, self.options.min_delta)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> Decision:
         self.recent = [*self.recent, read_metric(self.name, self.options.metric, metrics)]
