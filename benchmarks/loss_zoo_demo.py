@@ -1,9 +1,9 @@
 """Every loss on the demo task, from the same SFT model: what each one teaches in a few steps.
 
-    dpo demo --output runs/study                       # the SFT model (runs/study/sft/final)
+    dpo demo --output runs/zoo-study                   # the SFT model (runs/zoo-study/sft/final)
     dpo sweep --grid loss=dpo,ipo,simpo,... --output runs/losses \\
-        --model runs/study/sft/final --data demo --max-steps 20 --eval-steps 10 --lr 5e-6
-    python benchmarks/loss_zoo_demo.py --sweep runs/losses --start runs/study/sft/final
+        --model runs/zoo-study/sft/final --data demo --max-steps 20 --eval-steps 10 --lr 5e-6
+    python benchmarks/loss_zoo_demo.py --sweep runs/losses --start runs/zoo-study/sft/final
 
 The sweep trains one run per loss (each an ordinary ``dpo run``, its own options at their
 defaults); this script scores the starting model and every point's ``final/`` with ``dpo demo``'s
