@@ -57,3 +57,16 @@ lane_pytest() {  # pytest in the lane's virtualenv; collecting nothing (exit 5) 
     fi
     return "$status"
 }
+
+# Test files about dpo's own orchestration (sweeps, studies, reports, loggers, benchmarks'
+# wrappers, the README's examples, help text): they drive `dpo` as processes and files, whatever
+# torch build or backend is installed, so the cpu lane's run of them is enough; the xla and intel
+# lanes, whose point is their torch builds and backends, leave them out.
+ORCHESTRATION_TESTS=(test_sweep.py test_study.py test_report.py test_loggers.py test_eval_tasks.py
+                     test_benchmarks_sft_vs_dpo.py test_readme_examples.py test_help_defaults.py)
+orchestration_ignores() {  # --ignore=tests/FILE for each of ORCHESTRATION_TESTS
+    local file
+    for file in "${ORCHESTRATION_TESTS[@]}"; do
+        printf -- '--ignore=tests/%s\n' "$file"
+    done
+}

@@ -14,7 +14,7 @@ run_tests() {
     # The 2-process tests run in the distributed lane (torch 2.13). On torch 2.8, FSDP2 over gloo
     # reports a gradient norm twice the single-process one, with or without IPEX (DDP matches):
     # FSDP on torch 2.8 is not supported yet.
-    lane_pytest -q -m "not distributed and not architectures" tests || return
+    lane_pytest -q -m "not distributed and not architectures" $(orchestration_ignores) tests || return
     # The architecture test on this lane's transformers (5.23), in a process of its own without
     # IPEX: once imported, IPEX replaces layer_norm with a kernel that has no autograd
     # registration, and torch warns that backprop through it may be silently wrong.

@@ -17,7 +17,7 @@ run_tests() {
     # order of the files does not matter. The architecture test needs no backend: the cpu and
     # intel lanes run it. The 2-process tests run on CPU over gloo whatever the lane: the cpu
     # lane (torch 2.13) runs them.
-    lane_pytest -q -m "not architectures and not distributed" tests || return
+    lane_pytest -q -m "not architectures and not distributed" $(orchestration_ignores) tests || return
     "$LANE_PY" -m dpo backends || return
     local out
     out=$(mktemp -d) || return
