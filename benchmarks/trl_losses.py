@@ -328,20 +328,29 @@ def case_key(index: int, case: dict) -> str:
     return f"{index}:{case['loss']}"
 
 
-def our_values(case: dict, pairs: list[dict], catalog) -> tuple[list[dict] | None, str]:
-    """Our per-pair values, or None and why (not registered, options refused)."""
-    import torch
-
+def our_loss(case: dict, catalog):
+    """The registered loss of ``case`` with its options, or None and why it is skipped (not
+    registered here, options refused)."""
     from dpo.core.interfaces.errors import UsageError
-    from dpo.core.interfaces.loss import PairLogps
 
     if case["loss"] not in catalog.losses.names():
         return None, "skipped: not registered here"
     cls = catalog.losses.get(case["loss"])
     try:
-        loss = cls(cls.parse_options(case["options"]))
+        return cls(cls.parse_options(case["options"])), ""
     except UsageError as e:
         return None, f"skipped: {e}"
+
+
+def our_values(case: dict, pairs: list[dict], catalog) -> tuple[list[dict] | None, str]:
+    """Our per-pair values, or None and why (not registered, options refused)."""
+    import torch
+
+    from dpo.core.interfaces.loss import PairLogps
+
+    loss, why = our_loss(case, catalog)
+    if loss is None:
+        return None, why
 
     def column(key: str, dtype=torch.float64):
         return torch.tensor([p[key] for p in pairs], dtype=dtype)
@@ -350,8 +359,8 @@ def our_values(case: dict, pairs: list[dict], catalog) -> tuple[list[dict] | Non
         policy_chosen=column("policy_chosen"), policy_rejected=column("policy_rejected"),
         chosen_tokens=column("chosen_tokens", torch.long),
         rejected_tokens=column("rejected_tokens", torch.long),
-        ref_chosen=column("ref_chosen") if cls.requires_reference else None,
-        ref_rejected=column("ref_rejected") if cls.requires_reference else None))
+        ref_chosen=column("ref_chosen") if loss.requires_reference else None,
+        ref_rejected=column("ref_rejected") if loss.requires_reference else None))
     values = [{"loss": float(v)} for v in out.losses.detach()]
     for name in ("log_odds_ratio", "log_odds_chosen"):
         if name in out.metrics:
@@ -366,17 +375,12 @@ def our_unpaired_values(case: dict, batches: list[list[dict]], catalog
     used (z_ref, float64) and the per-label metric means as a run logs them."""
     import torch
 
-    from dpo.core.interfaces.errors import UsageError
     from dpo.core.interfaces.loss import UnpairedLogps
     from dpo.core.training.unpaired import kl_estimate, per_label, unpaired_metric_sums
 
-    if case["loss"] not in catalog.losses.names():
-        return None, "skipped: not registered here"
-    cls = catalog.losses.get(case["loss"])
-    try:
-        loss = cls(cls.parse_options(case["options"]))
-    except UsageError as e:
-        return None, f"skipped: {e}"
+    loss, why = our_loss(case, catalog)
+    if loss is None:
+        return None, why
     values: list[dict] = []
     for batch in batches:
         def column(key: str, dtype=torch.float64):
