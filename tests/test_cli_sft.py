@@ -4,6 +4,7 @@ the configuration it hands to the run. Nothing here trains: the run is replaced 
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -279,9 +280,9 @@ def test_nproc_relaunches_sft_with_exactly_the_options_given(app, tmp_path, monk
     class Workers:  # in place of torchrun: keeps its command line; the workers succeed
         def __init__(self, command: list[str], **kwargs: Any):
             commands.append(command)
-            self.stderr: list[str] = []
+            self.stderr = io.StringIO()
 
-        def wait(self) -> int:
+        def wait(self, timeout: float | None = None) -> int:
             return 0
 
     monkeypatch.setattr(cli_run.subprocess, "Popen", Workers)

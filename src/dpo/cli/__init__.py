@@ -3,7 +3,11 @@ tests build a fresh app per plugin set and nothing is registered at import time.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import traceback
+from typing import NoReturn
 
 import typer
 
@@ -64,4 +68,44 @@ def main(argv: list[str] | None = None) -> None:
         app = make_app(get_plugin_manager())
     except DpoError as exc:  # e.g. a name two plugins register
         raise SystemExit(fail(str(exc), exc.exit_code).exit_code) from None
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="dpo")
+    from dpo.core.training.strategy import launched_by_torchrun
+
+    args = argv if argv is not None else sys.argv[1:]
+    if not launched_by_torchrun():
+        app(args=args, prog_name="dpo")
+        return
+    try:
+        app(args=args, prog_name="dpo")
+        code = 0
+    except SystemExit as exc:  # how click ends every command
+        code = _exit_status(exc.code)
+    except BaseException:  # what the interpreter would print, then the same status
+        traceback.print_exc()
+        code = 1
+    _leave(code)
+
+
+def _exit_status(code: object) -> int:
+    """The process status that ``SystemExit(code)`` gives (a message is printed, status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _leave(code: int) -> NoReturn:
+    """A torchrun worker's end, its work done and its exit code known: the exit handlers run
+    (loggers, log files), the output is flushed, and the process ends without the interpreter's
+    teardown. That teardown (joining threads, then freeing what torch's C++ side still holds,
+    Gloo's and autograd's threads included) can deadlock now and then after a process group
+    has been used (pytorch/pytorch#190489), leaving a finished run's process, and so torchrun
+    and ``--nproc``, waiting forever."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)

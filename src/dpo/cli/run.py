@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,25 +215,80 @@ def launch(nproc: int, config: Any, catalog: Catalog, ctx: typer.Context,
         if sys.stderr.isatty():  # the workers' output is piped through here: keep it rich
             env.setdefault("TTY_COMPATIBLE", "1")
             env.setdefault("TTY_INTERACTIVE", "1")
-        process = subprocess.Popen(workers, env=env, stderr=subprocess.PIPE, text=True)
-        quiet = False
-        assert process.stderr is not None
-        for line in process.stderr:
-            # Once torchrun reports a failed worker, the worker has said what went wrong.
-            quiet = quiet or bool(_TORCHRUN_TAIL.search(line))
-            if not quiet:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        status = process.wait()
-        codes = {}
-        for path in Path(exits).glob("rank-*"):
-            codes[int(path.name.removeprefix("rank-"))] = int(path.read_text() or 1)
+        status, codes = supervise(workers, env, Path(exits), nproc)
     failed = [codes[r] for r in sorted(codes) if codes[r]]
     if failed:
         return failed[0]
-    if status and quiet:
-        print(f"error: torchrun failed (exit {status})", file=sys.stderr)
     return status
+
+
+# How long torchrun may go on once every worker has recorded its exit code (normally well
+# under a second: the workers end, then torchrun).
+LINGER_SECONDS = 60.0
+
+
+def supervise(command: list[str], env: dict[str, str], exits: Path, nproc: int,
+              linger: float | None = None) -> tuple[int, dict[int, int]]:
+    """Run torchrun's ``command``, relaying its output until torchrun reports a failed worker
+    (the worker has said what went wrong); (torchrun's status, each rank's recorded exit code).
+    Once all ``nproc`` workers have recorded theirs, torchrun has ``linger`` seconds to end; a
+    process still hanging then (a worker that never exits) is stopped with a warning, and the
+    run's status is the workers' codes."""
+    linger = LINGER_SECONDS if linger is None else linger
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    failed_worker = threading.Event()
+    relay = threading.Thread(target=_relay, args=(process.stderr, failed_worker), daemon=True)
+    relay.start()
+    done_at: float | None = None
+    while True:
+        try:
+            status = process.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if done_at is None and len(_recorded(exits)) >= nproc:
+            done_at = time.monotonic()
+        if done_at is not None and time.monotonic() - done_at > linger:
+            print(f"warning: every worker recorded its exit code, but torchrun was still "
+                  f"running {linger:.0f} s later; stopped it", file=sys.stderr)
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            status = 0
+            break
+    relay.join(timeout=5)  # the rest of the output; a lingering child may hold the pipe
+    codes = _recorded(exits)
+    if status and failed_worker.is_set() and not any(codes.values()):
+        print(f"error: torchrun failed (exit {status})", file=sys.stderr)
+    return status, codes
+
+
+def _relay(stream: Any, failed_worker: threading.Event) -> None:
+    """Copy torchrun's output to ours, up to its report of a failed worker; closes ``stream``
+    at its end."""
+    with stream:
+        for line in stream:
+            # Once torchrun reports a failed worker, the worker has said what went wrong.
+            if not failed_worker.is_set() and _TORCHRUN_TAIL.search(line):
+                failed_worker.set()
+            if not failed_worker.is_set():
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+
+def _recorded(exits: Path) -> dict[int, int]:
+    """The exit codes the workers have recorded so far, by rank."""
+    codes = {}
+    for path in exits.glob("rank-*"):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        codes[int(path.name.removeprefix("rank-"))] = int(text) if text.strip() else 1
+    return codes
 
 
 def torchrun_command(command: str, nproc: int, args: list[str]) -> list[str]:
