@@ -49,9 +49,10 @@ lane_venv() {  # lane_venv NAME REQUIREMENT...: create or update $CI_VENVS/NAME;
     LANE_PY=$venv/bin/python
 }
 
-lane_pytest() {  # pytest in the lane's virtualenv; collecting nothing (exit 5) is a failure
+lane_pytest() {  # pytest in the lane's virtualenv, one worker per core (as scripts/test.sh);
+    # collecting nothing (exit 5) is a failure
     local status=0
-    (cd "$CI_ROOT" && "$LANE_PY" -m pytest -p no:cacheprovider "$@") || status=$?
+    (cd "$CI_ROOT" && "$LANE_PY" -m pytest -p no:cacheprovider -n auto "$@") || status=$?
     if [ "$status" -eq 5 ]; then
         echo "ci: pytest collected no tests (exit 5): this lane would prove nothing" >&2
     fi

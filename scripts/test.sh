@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-"$VENV/bin/python" -m pytest -q "$@"
+# One pytest worker per core (pytest-xdist; PYTEST_WORKERS=N for another number, 0 for none).
+"$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-auto}" "$@"
 (cd examples/dpo-example-plugin && "../../$VENV/bin/python" -m pytest -q)
