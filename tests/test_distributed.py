@@ -219,6 +219,43 @@ def test_sft_on_two_ranks_matches_one_process(tmp_path, strategy):
     assert_weights_close(tmp_path / "single/final", tmp_path / "two/final")
 
 
+def write_unpaired_answers(path: Path, n: int = 16) -> Path:
+    """Sums with one shared completion, " 7.", labelled desirable where it is the answer
+    (about two in three: the policy raises " 7." on the whole, so the KL estimate rises above
+    0 and the reference point takes part)."""
+    with path.open("w") as fh:
+        for i in range(n):
+            a = i % 6 + 1 if i % 3 else i % 5 + 1
+            b = 7 - a if i % 3 else a + 1
+            fh.write(json.dumps({"prompt": f"What is {a} plus {b}?", "completion": " 7.",
+                                 "label": a + b == 7}) + "\n")
+    return path
+
+
+def test_kto_on_two_ranks_matches_one_process(tmp_path):
+    """KTO's reference point z is a mean over the micro-batch's mismatched rows (each prompt
+    with another example's completion), summed and counted over the ranks before dividing.
+    With one completion shared by every example the mismatched rows are the micro-batch's
+    examples whichever way they are split, and rank r's micro-batch k holds every other
+    example of one process's micro-batch k (BatchSampler): so z, the loss, every per-label
+    metric and the weights of 2 ranks x 2 examples match one process's 4, up to summation
+    order. 16 examples, no held-out share: 2 steps of 8 per epoch, 4 steps."""
+    write_unpaired_answers(tmp_path / "answers.jsonl")
+    kto = ["--model", "tiny", "--data", "answers.jsonl", "--loss", "kto", "--max-steps", "4",
+           "--lr", "1e-3", "--scheduler", "constant", "--grad-accum", "2", "--no-progress"]
+    done = dpo_run(*kto, "--batch-size", "4", "--output", "single", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = dpo_run(*kto, "--batch-size", "2", "--nproc", "2", "--output", "two", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = steps(tmp_path / "single")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["kl"] > 0  # the estimate moved off 0 as the policy left its reference
+    assert 0 < rows[0]["fraction/chosen"] < 1  # both labels in a step
+    print("kto metrics max diff", assert_metrics_close(tmp_path / "single", tmp_path / "two"))
+    print("kto weights max diff",
+          assert_weights_close(tmp_path / "single/final", tmp_path / "two/final"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "0"], "--nproc 0: give at least 1"),
     pytest.param(["--nproc", "2", "--backend", "cuda"], "backend 'cuda' is not available here",
