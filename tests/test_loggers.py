@@ -517,6 +517,25 @@ def test_dpo_plugins_lists_the_loggers():
     assert hooks["dpo.plugins.loggers.mlflow"] == {"dpo_register_loggers": ["mlflow"]}
 
 
+
+def test_unpaired_samples_reach_the_loggers_with_their_label(tmp_path):
+    """KTO (``--loss kto`` on pairs: each pair two labelled examples): the samples table has
+    the lines' ``label`` column too, and its rows are samples.jsonl's lines of each step."""
+    Recorder.calls.clear()
+    out = tmp_path / "out"
+    result = invoke()(*run_args(tmp_path, out, "--max-steps", "2", "--loss", "kto",
+                                "--sample-prompts", "2", "--sample-max-new-tokens", "3",
+                                "--log-to", "recorder"))
+    assert result.exit_code == 0, result.output
+    tables = [args for what, args in Recorder.calls if what == "log_table"]
+    lines = read_metrics(out / "samples.jsonl")
+    assert [step for *_, step in tables] == [0, 2]
+    for name, columns, rows, step in tables:
+        assert columns == ["index", "prompt", "chosen", "rejected", "completion", "label"]
+        assert rows == [[line[c] for c in columns] for line in lines if line["step"] == step]
+        assert all(isinstance(row[-1], bool) for row in rows)
+    Recorder.calls.clear()
+
 @pytest.mark.parametrize("command", ["run", "sft"])
 def test_help_names_the_extras(command, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # wide enough that rich cuts no word

@@ -590,8 +590,10 @@ class Loop:
             return
         samples = self.t.samples(self.t.policy, step)
         if samples:  # the loggers show them as a table (W&B, MLflow, TensorBoard's text)
-            self.reporter.table("samples", list(SAMPLE_COLUMNS),
-                                [[getattr(s, c) for c in SAMPLE_COLUMNS] for s in samples], step)
+            # Unpaired examples' lines also say their label, and so does their table.
+            columns = [*SAMPLE_COLUMNS, *(["label"] if samples[0].label is not None else [])]
+            self.reporter.table("samples", columns,
+                                [[getattr(s, c) for c in columns] for s in samples], step)
 
     def stop_between_steps(self) -> None:
         """A stop asked for between steps (e.g. during an evaluation), in one process: the
