@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -254,6 +257,46 @@ def test_kto_on_two_ranks_matches_one_process(tmp_path):
     print("kto metrics max diff", assert_metrics_close(tmp_path / "single", tmp_path / "two"))
     print("kto weights max diff",
           assert_weights_close(tmp_path / "single/final", tmp_path / "two/final"))
+
+
+def test_ctrl_c_under_nproc_checkpoints_says_where_and_resumes(tmp_path):
+    """Ctrl-C at the terminal (SIGINT to the launcher, torchrun and both workers, one process
+    group): the workers finish their step and rank 0 checkpoints it; the launcher waits for
+    that and relays the workers' two lines and nothing of torchrun's (no log lines, no
+    traceback), exit 130. The run record says where it stopped, and `--resume` with
+    `--nproc 2` goes on from there to the end."""
+    write_pairs(tmp_path / "pairs.jsonl")
+    args = ["--model", "tiny", "--data", "pairs.jsonl", "--batch-size", "2", "--nproc", "2",
+            "--no-progress", "--save-steps", "1000", "--output", "out"]
+    process = subprocess.Popen([sys.executable, "-m", "dpo", "run", *args, "--max-steps",
+                                "100000"], cwd=tmp_path, env=env(), stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "no steps"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        err = process.communicate(timeout=TIMEOUT)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err[-3000:]
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    step = int(re.search(r"stopped on request at step (\d+)", record["status"])[1])
+    assert (tmp_path / "out" / f"checkpoint-{step}").is_dir()
+    lines = err.splitlines()
+    assert lines[-2:] == [
+        "warning: stopping after this step, with a checkpoint; press Ctrl-C again to stop at once",
+        f"error: stopped on request at step {step}; resume with --resume out (from "
+        f"checkpoint-{step})"]
+    assert "Traceback" not in err and "torch/distributed" not in err
+
+    done = dpo_run("--resume", "out", "--nproc", "2", "--max-steps", str(step + 2), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "completed" and record["steps"] == step + 2
 
 
 @pytest.mark.parametrize("args, message", [

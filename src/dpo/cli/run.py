@@ -21,7 +21,7 @@ from dpo.cli.common import one_line_errors
 from dpo.cli.training_options import (COMMAND_OF, OBJECTIVE_OF, RUN, SFT, callback_for,
                                       fields_not_taken_by, options_of)
 from dpo.core.training import strategy as strat
-from dpo.core.interfaces.errors import DpoError, UsageError
+from dpo.core.interfaces.errors import DpoError, Interrupted, UsageError
 from dpo.core.training.config import ConfigFile, read_config_file, resolve_config, with_preset
 from dpo.core.interfaces.options import parse_assignments
 from dpo.core.interfaces.plugins import Catalog
@@ -32,6 +32,8 @@ from dpo.core.training.run import recorded_config, run
 EXIT_DIR_ENV = "DPO_EXIT_DIR"
 # torchrun's own report once a worker has failed (its log lines, then a traceback).
 _TORCHRUN_TAIL = re.compile(r"torch/distributed/(elastic|run\.py)")
+# One of torchrun's log lines ("W1206 23:31:32.781000 27152 torch/distributed/elastic/...").
+_TORCHRUN_LOG = re.compile(r"^[IWEF]\d{4} [\d:.]+ \d+ \S*torch/distributed/")
 
 _LAYERS = """Options come from defaults, then --config, then flags. The run directory gets
 run.json, metrics.jsonl, checkpoint-N/ and final/ (a Hugging Face model directory)."""
@@ -193,7 +195,7 @@ class _exit_code_recorded:
         directory = os.environ.get(EXIT_DIR_ENV)
         if directory and strat.launched_by_torchrun():
             Path(directory, f"rank-{rank}").write_text(f"{code}\n")
-        if isinstance(exc, UsageError) and rank != 0:
+        if isinstance(exc, (UsageError, Interrupted)) and rank != 0:  # rank 0 says it
             raise typer.Exit(code) from None
         return False
 
@@ -233,19 +235,27 @@ def supervise(command: list[str], env: dict[str, str], exits: Path, nproc: int,
     (the worker has said what went wrong); (torchrun's status, each rank's recorded exit code).
     Once all ``nproc`` workers have recorded theirs, torchrun has ``linger`` seconds to end; a
     process still hanging then (a worker that never exits) is stopped with a warning, and the
-    run's status is the workers' codes."""
+    run's status is the workers' codes. A first Ctrl-C waits for the workers' checkpoint."""
     linger = LINGER_SECONDS if linger is None else linger
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     failed_worker = threading.Event()
     relay = threading.Thread(target=_relay, args=(process.stderr, failed_worker), daemon=True)
     relay.start()
     done_at: float | None = None
+    interrupted = False
     while True:
         try:
             status = process.wait(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
             pass
+        except KeyboardInterrupt:
+            # Ctrl-C reached the workers too: each finishes its step and rank 0 checkpoints and
+            # says so; wait for that (relaying it). A second Ctrl-C stops them, and this, at once.
+            if interrupted:
+                raise
+            interrupted = True
+            continue
         if done_at is None and len(_recorded(exits)) >= nproc:
             done_at = time.monotonic()
         if done_at is not None and time.monotonic() - done_at > linger:
@@ -267,12 +277,17 @@ def supervise(command: list[str], env: dict[str, str], exits: Path, nproc: int,
 
 
 def _relay(stream: Any, failed_worker: threading.Event) -> None:
-    """Copy torchrun's output to ours, up to its report of a failed worker; closes ``stream``
-    at its end."""
+    """Copy the workers' output to ours, without torchrun's log lines, up to torchrun's
+    traceback once a worker has failed (the worker has said what went wrong); closes
+    ``stream`` at its end. After a Ctrl-C, torchrun logs first, then the workers say where
+    they stopped: that is relayed."""
+    logged = False
     with stream:
         for line in stream:
-            # Once torchrun reports a failed worker, the worker has said what went wrong.
-            if not failed_worker.is_set() and _TORCHRUN_TAIL.search(line):
+            if _TORCHRUN_LOG.match(line):
+                logged = True
+                continue
+            if (logged and line.startswith("Traceback")) or _TORCHRUN_TAIL.search(line):
                 failed_worker.set()
             if not failed_worker.is_set():
                 sys.stderr.write(line)

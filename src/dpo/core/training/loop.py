@@ -129,14 +129,22 @@ def _add(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to stop after the step in
     progress and checkpoint it; a second one stops at once. Only in the main thread (signal
-    handlers can be set nowhere else); elsewhere the signals keep their usual effect."""
+    handlers can be set nowhere else); elsewhere the signals keep their usual effect.
+
+    A torchrun worker gets one Ctrl-C twice: from the terminal, and passed on by torchrun a
+    moment later. There a second signal within ``REPEAT_SECONDS`` of the first is the same
+    request."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 2.0
 
-    def __init__(self, reporter: Reporter):
+    def __init__(self, reporter: Reporter, clock: Callable[[], float] = time.monotonic):
         self.requested = False
         self._reporter = reporter
         self._previous: dict[int, Any] = {}
+        self._clock = clock
+        self._at = 0.0
+        self._repeat = self.REPEAT_SECONDS if strat.launched_by_torchrun() else 0.0
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -150,8 +158,10 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            if self._clock() - self._at < self._repeat:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._at = True, self._clock()
         self._reporter.warn("stopping after this step, with a checkpoint; press Ctrl-C again to "
                             "stop at once")
 
