@@ -50,10 +50,6 @@ TIMING_KEYS = frozenset({"step_time", "tokens_per_second", "padded_tokens_per_se
                          "samples_per_second", "peak_memory_gb", "memory_gb", "tflops", "mfu"})
 
 
-# The columns of the generations table the loggers get (samples.jsonl has these and the step).
-SAMPLE_COLUMNS = ("index", "prompt", "chosen", "rejected", "completion")
-
-
 @dataclass
 class TrainState:
     """Where the run is: optimizer steps done and the position in the data."""
@@ -600,10 +596,11 @@ class Loop:
             return
         samples = self.t.samples(self.t.policy, step)
         if samples:  # the loggers show them as a table (W&B, MLflow, TensorBoard's text)
-            # Unpaired examples' lines also say their label, and so does their table.
-            columns = [*SAMPLE_COLUMNS, *(["label"] if samples[0].label is not None else [])]
+            # The columns of samples.jsonl's lines (``label`` where they have it), less the step.
+            lines = [s.as_dict() for s in samples]
+            columns = [key for key in lines[0] if key != "step"]
             self.reporter.table("samples", columns,
-                                [[getattr(s, c) for c in columns] for s in samples], step)
+                                [[line[c] for c in columns] for line in lines], step)
 
     def stop_between_steps(self) -> None:
         """A stop asked for between steps (e.g. during an evaluation), in one process: the
