@@ -30,7 +30,7 @@ from dpo.core.training.run import recorded_config, run
 
 # Set by the --nproc launcher for its workers: each writes its exit code to DIR/rank-N.
 EXIT_DIR_ENV = "DPO_EXIT_DIR"
-# torchrun's own report once a worker has failed (its log lines, then a traceback).
+# torchrun's traceback once a worker has failed (its frames name these files).
 _TORCHRUN_TAIL = re.compile(r"torch/distributed/(elastic|run\.py)")
 # One of torchrun's log lines ("W1206 23:31:32.781000 27152 torch/distributed/elastic/...").
 _TORCHRUN_LOG = re.compile(r"^[IWEF]\d{4} [\d:.]+ \d+ \S*torch/distributed/")
